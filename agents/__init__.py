@@ -1,0 +1,1 @@
+"""Thin adapters: paho-mqtt agents, face embedding, the command line."""

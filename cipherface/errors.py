@@ -1,0 +1,188 @@
+"""One exception hierarchy for the whole project.
+
+Every error raised on purpose derives from :class:`CipherFaceError` and is one of
+two kinds, in the spirit of h11's Local/RemoteProtocolError:
+
+* :class:`LocalError` -- *you misused it*: a bad argument, a missing key or weight
+  file, a photo with no face. Fix the call or the files.
+* :class:`RemoteError` -- *the peer sent garbage*: a malformed, oversized,
+  wrong-version or wrong-key message, or a result that fails validation. The
+  agent reports it to the peer and keeps serving.
+
+Each class carries a stable ``code`` string; the wire protocol puts it in error
+messages (see docs/protocol.md), so a client in another language can branch on it.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+
+class CipherFaceError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    code: str = "error"
+
+
+# --------------------------------------------------------------------------- local
+class LocalError(CipherFaceError):
+    """The caller misused the library or its local files are wrong."""
+
+    code = "local_error"
+
+
+class InvalidArgumentError(LocalError, ValueError):
+    """An argument has the wrong type, shape or value."""
+
+    code = "invalid_argument"
+
+
+class InsecureParametersError(LocalError, ValueError):
+    """Encryption parameters below the security level they claim."""
+
+    code = "insecure_parameters"
+
+
+class KeyFileError(LocalError):
+    """A key file is missing, unreadable, of the wrong kind or the wrong scheme."""
+
+    code = "key_file"
+
+
+class PublicKeyOnlyError(KeyFileError):
+    """A secret-key operation (decrypt, restore) was asked of a public-only key."""
+
+    code = "public_key_only"
+
+
+class MissingWeightsError(LocalError, FileNotFoundError):
+    """A face model's weight file is not on disk (we never download at run time)."""
+
+    code = "missing_weights"
+
+
+class FaceError(LocalError):
+    """The photo cannot give exactly one face embedding."""
+
+    code = "face_error"
+
+
+class ImageReadError(FaceError):
+    """The image file or bytes cannot be decoded."""
+
+    code = "image_unreadable"
+
+
+class NoFaceError(FaceError):
+    """No face was detected in the photo."""
+
+    code = "no_face"
+
+
+class MultipleFacesError(FaceError):
+    """More than one face was detected where exactly one is required."""
+
+    code = "multiple_faces"
+
+
+class GalleryError(LocalError):
+    """A gallery operation cannot be done (unknown identity, wrong dimension...)."""
+
+    code = "gallery_error"
+
+
+class UnknownIdentityError(GalleryError, KeyError):
+    """The identity is not enrolled in this site's gallery."""
+
+    code = "unknown_identity"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else self.code
+
+
+class StorageCorruptError(CipherFaceError):
+    """A file on disk (gallery, key) fails its integrity check."""
+
+    code = "storage_corrupt"
+
+
+# -------------------------------------------------------------------------- remote
+class RemoteError(CipherFaceError):
+    """The peer sent something we refuse: the fault is on the other side."""
+
+    code = "remote_error"
+
+
+class DecodeError(RemoteError):
+    """The bytes are not a well-formed message of the protocol."""
+
+    code = "malformed"
+
+
+class UnsupportedVersionError(RemoteError):
+    """The message's schema version is not one we speak."""
+
+    code = "unsupported_version"
+
+
+class UnknownMessageTypeError(RemoteError):
+    """The message type is not defined by the protocol."""
+
+    code = "unknown_type"
+
+
+class ValidationError(RemoteError):
+    """A field is missing, of the wrong type, or out of range."""
+
+    code = "invalid_field"
+
+
+class PayloadTooLargeError(RemoteError):
+    """The message or one of its fields exceeds the protocol's size limits."""
+
+    code = "too_large"
+
+
+class ExpiredError(RemoteError):
+    """The message arrived after its expiry time."""
+
+    code = "expired"
+
+
+class KeyMismatchError(RemoteError):
+    """The message was made for another key (key id / scheme / parameters differ)."""
+
+    code = "key_mismatch"
+
+
+class ResultRejectedError(RemoteError):
+    """A result fails the edge's checks (shape, count, scheme) and is never decrypted."""
+
+    code = "result_rejected"
+
+
+class PeerReportedError(RemoteError):
+    """The peer answered our request with an error message."""
+
+    code = "peer_error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.remote_code = code
+        self.message = message
+
+
+# ----------------------------------------------------------------- transport/time
+class RequestTimeoutError(CipherFaceError, builtins.TimeoutError):
+    """No answer arrived in time (after the configured retries)."""
+
+    code = "timeout"
+
+
+class BrokerConnectionError(CipherFaceError, ConnectionError):
+    """The MQTT broker refused us or cannot be reached."""
+
+    code = "broker_unreachable"
+
+
+__all__ = [name for name in dir() if name.endswith("Error")]

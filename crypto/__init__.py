@@ -1,0 +1,1 @@
+"""Homomorphic encryption schemes, key files and the encrypted gallery engine (no MQTT)."""

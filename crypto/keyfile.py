@@ -1,0 +1,191 @@
+"""Key files: a small self-describing container, written atomically.
+
+A key file is ``MAGIC`` followed by one msgpack map::
+
+    {"kind": "private" | "public", "scheme": str, "key_id": str,
+     "params": {...}, "material": {name: bytes | int | str ...}}
+
+No pickle, no eval: msgpack decodes only plain data. Private files are created
+with mode 0600 (never widened by the umask); loading a private file that others
+can read warns, because a secret key readable by other users is a leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgpack
+
+from cipherface.errors import KeyFileError
+
+MAGIC = b"CFKEY1\n"
+MAX_KEY_FILE_BYTES = 64 * 1024 * 1024
+
+KeyKind = Literal["private", "public"]
+
+
+class InsecurePermissionsWarning(UserWarning):
+    """A secret file is readable or writable by users other than its owner."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyFile:
+    """The decoded contents of a key file.
+
+    Args:
+        kind: ``"private"`` (holds a secret key) or ``"public"``.
+        scheme: ``"ckks"``, ``"paillier"``, ``"damgard-jurik"`` or ``"okamoto-uchiyama"``.
+        key_id: fingerprint of the public key (see :func:`fingerprint`).
+        params: scheme parameters, plain msgpack types.
+        material: the key material, plain msgpack types (bytes, ints as strings...).
+    """
+
+    kind: KeyKind
+    scheme: str
+    key_id: str
+    params: dict[str, Any] = field(default_factory=dict)
+    material: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(*parts: bytes) -> str:
+    """Return a short stable id for public key material (hex SHA-256, 32 chars)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "big"))
+        h.update(p)
+    return h.hexdigest()[:32]
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename), with ``mode``.
+
+    Args:
+        path: destination file.
+        data: the bytes to write.
+        mode: permission bits of the new file; 0600 by default.
+
+    Raises:
+        KeyFileError: the directory is not writable.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:
+            os.fchmod(fd, mode)  # mkstemp creates 0600; set exactly what was asked
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {target}: {exc}") from exc
+
+
+def save_key_file(path: str | os.PathLike[str], key: KeyFile) -> None:
+    """Save a key file; private ones 0600, public ones 0644.
+
+    Args:
+        path: destination.
+        key: what to write.
+
+    Raises:
+        KeyFileError: the file cannot be written.
+    """
+    body = msgpack.packb(
+        {
+            "kind": key.kind,
+            "scheme": key.scheme,
+            "key_id": key.key_id,
+            "params": key.params,
+            "material": key.material,
+        },
+        use_bin_type=True,
+    )
+    write_atomic(path, MAGIC + body, mode=0o600 if key.kind == "private" else 0o644)
+
+
+def check_private_permissions(path: str | os.PathLike[str]) -> None:
+    """Warn with :class:`InsecurePermissionsWarning` if group/others can access ``path``."""
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warnings.warn(
+            f"secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"run 'chmod 600 {path}' (only its owner may read a secret key)",
+            InsecurePermissionsWarning,
+            stacklevel=3,
+        )
+
+
+def load_key_file(
+    path: str | os.PathLike[str],
+    *,
+    expect_scheme: str | None = None,
+    expect_kind: KeyKind | None = None,
+) -> KeyFile:
+    """Load and check a key file written by :func:`save_key_file`.
+
+    Args:
+        path: the file.
+        expect_scheme: if given, the scheme the file must hold.
+        expect_kind: if given, the kind (``"private"`` / ``"public"``) it must be.
+
+    Returns:
+        The decoded :class:`KeyFile`.
+
+    Raises:
+        KeyFileError: missing, unreadable, not a key file, or of the wrong scheme/kind.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise KeyFileError(f"key file not found: {p}") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {p}: {exc}") from exc
+    if size > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{p} is {size} bytes: too large to be a key file")
+    data = p.read_bytes()
+    if not data.startswith(MAGIC):
+        raise KeyFileError(
+            f"{p} is not a cipherface key file (no {MAGIC!r} header); "
+            "create keys with 'cipherface keygen' or export_private_key/export_public_key"
+        )
+    try:
+        obj = msgpack.unpackb(data[len(MAGIC) :], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise KeyFileError(f"{p} is corrupt: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("kind") not in ("private", "public"):
+        raise KeyFileError(f"{p} is corrupt: no valid 'kind'")
+    for name, typ in (("scheme", str), ("key_id", str), ("params", dict), ("material", dict)):
+        if not isinstance(obj.get(name), typ):
+            raise KeyFileError(f"{p} is corrupt: field {name!r} missing or of the wrong type")
+    key = KeyFile(
+        kind=obj["kind"],
+        scheme=obj["scheme"],
+        key_id=obj["key_id"],
+        params=obj["params"],
+        material=obj["material"],
+    )
+    if expect_scheme is not None and key.scheme != expect_scheme:
+        raise KeyFileError(f"{p} holds a {key.scheme} key, not {expect_scheme}")
+    if expect_kind is not None and key.kind != expect_kind:
+        raise KeyFileError(f"{p} holds a {key.kind} key, a {expect_kind} one is needed")
+    if key.kind == "private":
+        check_private_permissions(p)
+    return key

@@ -1,0 +1,1 @@
+"""Sans-IO wire protocol: messages, msgpack codec, topics, validation, dedup (no sockets, no HE)."""
