@@ -1,0 +1,103 @@
+"""The scheme-independent contract of the encrypted gallery engine.
+
+Two roles, one per party:
+
+* :class:`EdgeCipher` lives on the edge and holds the secret key. It encrypts
+  templates (enrollment) and probes (verify / identify), and decrypts the cloud's
+  results after checking they are exactly what was asked for.
+* :class:`Gallery` lives in the cloud, one per site, with the public key only.
+  It stores encrypted templates, deletes them, and computes encrypted scores.
+
+Scores are *similarities* (dot products of L2-normalised embeddings, i.e. cosine
+similarity in [-1, 1]); the edge turns them into distances and decisions
+(:mod:`cipherface.crypto.thresholds`). Payloads and results are opaque bytes whose
+formats are specified in docs/crypto.md, so the protocol layer can carry them
+without knowing the scheme.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+ProbeOp = Literal["verify", "identify"]
+FloatArray = npt.NDArray[np.float64]
+
+
+@runtime_checkable
+class EdgeCipher(Protocol):
+    """Edge side of one scheme: encrypt with the secret key, validate and decrypt results."""
+
+    scheme: str
+    key_id: str
+    dim: int
+
+    def public_key_bytes(self) -> bytes:
+        """Return the public key file (what the cloud needs, nothing more)."""
+        ...
+
+    def encrypt_templates(self, vectors: npt.ArrayLike) -> bytes:
+        """Encrypt ``n`` L2-normalised templates (shape ``(n, dim)``) as one enrollment payload."""
+        ...
+
+    def encrypt_probe(self, vector: npt.ArrayLike, *, op: ProbeOp) -> bytes:
+        """Encrypt (or, for the Paillier family, encode) one probe for ``verify`` or ``identify``."""
+        ...
+
+    def decrypt_scores(self, result: bytes, *, op: ProbeOp, count: int) -> FloatArray:
+        """Check that ``result`` answers ``op`` with ``count`` scores under this key, then decrypt.
+
+        Raises:
+            ResultRejectedError: wrong scheme, key id, parameters or count.
+        """
+        ...
+
+
+@runtime_checkable
+class Gallery(Protocol):
+    """Cloud side: one site's encrypted gallery (public key only)."""
+
+    scheme: str
+    key_id: str
+    dim: int
+
+    @property
+    def count(self) -> int:
+        """Number of live (not deleted) templates."""
+        ...
+
+    @property
+    def ids_version(self) -> int:
+        """Increases whenever the slot -> identity mapping changes."""
+        ...
+
+    def ids(self) -> list[str | None]:
+        """Identity of every slot in score order; ``None`` for free or deleted slots."""
+        ...
+
+    def enroll(self, ids: Sequence[str], payload: bytes) -> int:
+        """Add templates for ``ids`` from an :meth:`EdgeCipher.encrypt_templates` payload.
+
+        An id already enrolled is replaced (its old slot is deleted). Returns the number
+        added. Durable on return.
+        """
+        ...
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Erase the given identities; returns how many existed. Durable on return."""
+        ...
+
+    def verify(self, identity: str, probe: bytes) -> bytes:
+        """Encrypted similarity of ``probe`` against one identity (a result of count 1)."""
+        ...
+
+    def identify(self, probe: bytes) -> tuple[bytes, int]:
+        """Encrypted similarities of ``probe`` against every slot; returns (result, count)."""
+        ...
+
+    def close(self) -> None:
+        """Release files and worker resources."""
+        ...
