@@ -44,7 +44,7 @@ class EdgeCipher(Protocol):
         ...
 
     def encrypt_probe(self, vector: npt.ArrayLike, *, op: ProbeOp) -> bytes:
-        """Encrypt (or, for the Paillier family, encode) one probe for ``verify`` or ``identify``."""
+        """Encrypt (Paillier family: encode) one probe for ``verify`` or ``identify``."""
         ...
 
     def decrypt_scores(self, result: bytes, *, op: ProbeOp, count: int) -> FloatArray:
