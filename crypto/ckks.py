@@ -314,6 +314,8 @@ class CkksEdgeCipher:
         self.dim = keys.public.dim
         self.key_id = keys.key_id
         self.per_pack = self.params.n // self.dim
+        self.model = keys.public.model
+        self.metric = keys.public.metric
         self._lwe_cache: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
 
     @property
