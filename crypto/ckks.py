@@ -296,6 +296,57 @@ def _decode(data: bytes, pub: CkksPublic, kind: str, err: type[Exception]) -> di
     return obj
 
 
+def finish_product(ring: rlwe.Ring, prod: U64) -> U64:
+    """Size-3 NTT product ``(3, k, N)`` -> flooded, rescaled coefficient form ``(3, 1, N)``.
+
+    The flooding noise (uniform, ``FLOOD_BITS`` bits) hides the template-dependent
+    part of the product's noise from the key holder (circuit privacy) and costs
+    under 1e-6 of precision.
+    """
+    coeff = ring.intt(prod)
+    flood = np.frombuffer(secrets.token_bytes(8 * ring.n), dtype="<i8") >> (63 - FLOOD_BITS)
+    coeff[0] = (coeff[0] + ring.to_rns(flood)) % ring.qcol
+    return ring.rescale(coeff)
+
+
+def lwe_result(pub: CkksPublic, x: U64, y: U64, offset: int) -> bytes:
+    """Multiply two size-2 NTT ciphertexts and return coefficient ``offset`` of the
+    product as a rescaled LWE sample (``result-verify``): the key holder learns that
+    one coefficient and nothing of the others."""
+    r = rlwe.ring_for(pub.params)
+    prod = np.stack(
+        [r.mul(x[0], y[0]), (r.mul(x[0], y[1]) + r.mul(x[1], y[0])) % r.qcol, r.mul(x[1], y[1])]
+    )
+    res = _shift_down(finish_product(r, prod), offset, int(r.q[0]))
+    return cast(
+        bytes,
+        msgpack.packb(
+            {
+                **_header(pub, "result-verify"),
+                "count": 1,
+                "b": int(res[0, 0, 0]),
+                "a": _pack32(res[1:]),
+            },
+            use_bin_type=True,
+        ),
+    )
+
+
+def encode_forward(fx: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+    """Template layout: coefficient ``i`` holds feature ``i``."""
+    out = np.zeros(n, dtype=np.int64)
+    out[: fx.shape[0]] = fx
+    return out
+
+
+def encode_reversed(fx: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+    """Probe layout ``p_0 - sum_i p_i X^(N-i)``: coefficient 0 of template x probe is the dot."""
+    out = np.zeros(n, dtype=np.int64)
+    out[0] = fx[0]
+    out[n - np.arange(1, fx.shape[0])] = -fx[1:]
+    return out
+
+
 # ---------------------------------------------------------------- edge side
 class CkksEdgeCipher:
     """Edge half of the CKKS engine (holds the secret key).
@@ -383,10 +434,7 @@ class CkksEdgeCipher:
         fx = _fixed(_normalise(vector, self.dim), self.params)[0]
         r, N = self.ring, self.params.n
         if op == "verify":
-            rev = np.zeros(N, dtype=np.int64)
-            rev[0] = fx[0]
-            rev[N - np.arange(1, self.dim)] = -fx[1:]
-            c0, seed = self._seal(r.ntt(r.to_rns(rev))[None])
+            c0, seed = self._seal(r.ntt(r.to_rns(encode_reversed(fx, N)))[None])
             kind = "probe-verify"
         elif op == "identify":
             # NTT of a constant polynomial is that constant in every position.
@@ -418,6 +466,12 @@ class CkksEdgeCipher:
             self._lwe_cache = (arrange(sk.s), arrange(s2))
         return self._lwe_cache
 
+    def _decrypt_lwe(self, b: int, a: npt.NDArray[np.int64]) -> int:
+        s1, s2 = self._lwe_secret()
+        q = int(self.ring.q[0])
+        m = (b + int(((a[0] * s1) % q).sum()) + int(((a[1] * s2) % q).sum())) % q
+        return m - q if m > q // 2 else m
+
     def decrypt_scores(self, result: bytes, *, op: ProbeOp, count: int) -> FloatArray:
         """Check and decrypt a result: similarities (cosine, in [-1, 1]).
 
@@ -445,11 +499,7 @@ class CkksEdgeCipher:
                 if not isinstance(b, int) or not 0 <= b < int(q0[0]):
                     raise ResultRejectedError("verify result: bad b")
                 a = _unpack32(obj["a"], (2, 1, N), "verify result", q0)[:, 0, :].astype(np.int64)
-                s1, s2 = self._lwe_secret()
-                q = int(q0[0])
-                m = (b + int(((a[0] * s1) % q).sum()) + int(((a[1] * s2) % q).sum())) % q
-                m = m - q if m > q // 2 else m
-                return np.array([m / scale])
+                return np.array([self._decrypt_lwe(b, a) / scale])
             blocks = obj["blocks"]
             if (
                 not isinstance(blocks, list)
@@ -687,16 +737,6 @@ class CkksGallery:
         c1 = rlwe.expand_c1(self.params, seed, count)
         return np.stack([c0, c1], axis=1).astype(np.uint32)
 
-    def _finish(self, prod: U64) -> U64:
-        """Size-3 NTT product (3, k, N) -> flooded, rescaled coefficient form (3, 1, N)."""
-        r = self.ring
-        coeff = r.intt(prod)
-        flood = np.frombuffer(secrets.token_bytes(8 * self.params.n), dtype="<i8") >> (
-            63 - FLOOD_BITS
-        )
-        coeff[0] = (coeff[0] + r.to_rns(flood)) % r.qcol
-        return r.rescale(coeff)
-
     def verify(self, identity: str, probe: bytes) -> bytes:
         """Encrypted similarity of ``probe`` against one identity, as a 32 KB LWE sample.
 
@@ -711,23 +751,7 @@ class CkksGallery:
                 raise UnknownIdentityError(f"identity {identity!r} is not enrolled at this site")
             b, o = divmod(slot, self.params.n)
             ct = self._block("pack", b)[o // self.per_pack].astype(np.uint64)
-        r = self.ring
-        prod = np.stack(
-            [
-                r.mul(ct[0], p[0]),
-                (r.mul(ct[0], p[1]) + r.mul(ct[1], p[0])) % r.qcol,
-                r.mul(ct[1], p[1]),
-            ]
-        )
-        res = _shift_down(self._finish(prod), (o % self.per_pack) * self.dim, int(r.q[0]))
-        b0 = int(res[0, 0, 0])
-        return cast(
-            bytes,
-            msgpack.packb(
-                {**_header(self.pub, "result-verify"), "count": 1, "b": b0, "a": _pack32(res[1:])},
-                use_bin_type=True,
-            ),
-        )
+        return lwe_result(self.pub, ct, p, (o % self.per_pack) * self.dim)
 
     def identify(self, probe: bytes) -> tuple[bytes, int]:
         """Encrypted similarities against every slot (free/deleted slots: random).
@@ -746,7 +770,7 @@ class CkksGallery:
         live = np.array([s is not None for s in slots], dtype=bool).reshape(nblocks, -1)
         for b, g in enumerate(blocks):
             _mac_block(np.asarray(g), p, self.ring.q, out)
-            res = self._finish(out)
+            res = finish_product(self.ring, out)
             dead = ~live[b]
             if dead.any():
                 res[0, 0, dead] = self.ring.uniform(())[0, dead] % np.uint64(q0)
