@@ -112,6 +112,9 @@ EOF
 fi
 
 # 4. Link the Dlib weights into deepface's weights folder (offline Dlib model + dlib detector).
-(cd "$REPO_ROOT" && "$PYTHON" -m cipherface.agents.faces --setup)
+if ! (cd "$REPO_ROOT" && "$PYTHON" -m cipherface.agents.faces --setup); then
+    log "linking the Dlib weights failed; is the project installed? pip install -e '.[edge]'" >&2
+    exit 1
+fi
 
 log "done: photos in $PHOTOS"

@@ -411,7 +411,7 @@ def test_fast_path_agrees_with_deepface_represent(
 
 
 @pytest.mark.faces
-@pytest.mark.skipif(not _installed("face_recognition_models"), reason="face-recognition-models")
+@needs_face_stack
 def test_setup_script_idempotent_from_cache(tmp_path: Path) -> None:
     # Re-run the script against a copy of the cached sdist: no network, no pip install.
     cached = faces.cache_home() / "downloads" / "face_recognition-1.3.0.tar.gz"
