@@ -17,6 +17,7 @@ map is read, the error carries the readable part of the header (see
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Final, NoReturn
 
 import msgpack
@@ -311,6 +312,11 @@ def _remote_field_error(exc: _FieldError) -> RemoteError:
     return ValidationError(str(exc))
 
 
+def _on_topic(header: Header | None, rt: RequestTopic) -> Header:
+    """``header`` with the site and gateway replaced by the (ACL-checked) topic's."""
+    return replace(header or Header(), site=rt.site, gw=rt.gateway)
+
+
 def decode_request(
     topic: str | RequestTopic,
     data: bytes,
@@ -342,27 +348,17 @@ def decode_request(
     rt = topic if isinstance(topic, RequestTopic) else parse_request_topic(topic)
     try:
         msg = decode(data, max_size=max_size, now_ms=now_ms)
-        if msg.TYPE != rt.message_type:
-            raise ValidationError(f"a {msg.TYPE} message on the {rt.op!r} request topic")
-        if msg.site != rt.site or msg.gw != rt.gateway:
-            raise ValidationError(
-                f"envelope site/gw {msg.site}/{msg.gw} differ from the topic's "
-                f"{rt.site}/{rt.gateway}"
-            )
     except RemoteError as exc:
-        base = error_header(exc) or Header()
-        header = Header(
-            version=base.version,
-            type=base.type,
-            id=base.id,
-            corr=base.corr,
-            site=rt.site,
-            gw=rt.gateway,
-            kid=base.kid,
-            ts=base.ts,
-            exp=base.exp,
+        raise _with_header(exc, _on_topic(error_header(exc), rt)) from None
+    problem = None
+    if msg.TYPE != rt.message_type:
+        problem = f"a {msg.TYPE} message on the {rt.op!r} request topic"
+    elif msg.site != rt.site or msg.gw != rt.gateway:
+        problem = (
+            f"envelope site/gw {msg.site}/{msg.gw} differ from the topic's {rt.site}/{rt.gateway}"
         )
-        raise _with_header(exc, header) from None
+    if problem is not None:
+        raise _with_header(ValidationError(problem), _on_topic(msg.header, rt))
     return msg  # its type was checked against the topic's request type
 
 
