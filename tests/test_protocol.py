@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -933,3 +934,31 @@ def test_pending_limits() -> None:
         pending.match(_reply_to(r))
     reasons = [pending.match(_reply_to(r)).reason for r in reqs]
     assert reasons == ["unknown", "answered", "answered"]
+
+
+# ----------------------------------------------------------------- test vector
+# The same bytes are printed in docs/protocol.md section 14.
+VECTOR_HEX = (
+    "8aa17601a174a6766572696679a26964d9203030313132323333343435353636373738383939"
+    "616162626363646465656666a4636f7272c0a473697465a7706c616e742d37a26777a6646f6f"
+    "725f31a36b6964d9203031323334353637383961626364656630313233343536373839616263"
+    "646566a27473cf0000018bcfe56800a3657870cf0000018bcfe5dd30a16282a86964656e7469"
+    "7479a5616c696365a570726f6265c403010203"
+)
+
+
+def test_documented_vector() -> None:
+    msg = Verify(
+        site="plant-7",
+        gw="door_1",
+        id="00112233445566778899aabbccddeeff",
+        kid="0123456789abcdef0123456789abcdef",
+        ts=1_700_000_000_000,
+        exp=1_700_000_030_000,
+        identity="alice",
+        probe=b"\x01\x02\x03",
+    )
+    assert encode(msg).hex() == VECTOR_HEX
+    assert decode(bytes.fromhex(VECTOR_HEX)) == msg
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    assert VECTOR_HEX in "".join(doc.split())
