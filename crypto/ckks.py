@@ -288,7 +288,9 @@ def _decode(data: bytes, pub: CkksPublic, kind: str, err: type[Exception]) -> di
     if obj.get("kind") != kind:
         raise err(f"expected a {kind}, got {obj.get('kind')!r}")
     if obj.get("kid") != pub.key_id:
-        raise KeyMismatchError(
+        # On the edge a result for another key is a rejected result; in the cloud a
+        # payload for another key is a key mismatch the requester must hear about.
+        raise (ResultRejectedError if err is ResultRejectedError else KeyMismatchError)(
             f"{kind} was made for key {obj.get('kid')!r}, this site's key is {pub.key_id}"
         )
     if obj.get("n") != pub.params.n or obj.get("dim") != pub.dim:
@@ -602,11 +604,19 @@ class CkksGallery:
 
     def ids(self) -> list[str | None]:
         with self._lock:
-            n = self._nblocks() * self.params.n
-            return list(self.store.slots) + [None] * (n - len(self.store.slots))
+            return self._ids_locked()
 
-    def _nblocks(self) -> int:
-        return -(-len(self.store.slots) // self.params.n)
+    def _live_blocks(self) -> list[int]:
+        """Block numbers with files, in slot order (fully deleted blocks are gone)."""
+        nblocks = -(-len(self.store.slots) // self.params.n)
+        return [b for b in range(nblocks) if f"col-{b:06d}" in self.store.blocks]
+
+    def _ids_locked(self) -> list[str | None]:
+        N, out = self.params.n, []
+        for b in self._live_blocks():
+            block = self.store.slots[b * N : (b + 1) * N]
+            out += block + [None] * (N - len(block))
+        return out
 
     def _block(self, kind: str, b: int) -> npt.NDArray[np.uint32]:
         name = f"{kind}-{b:06d}"
@@ -641,7 +651,7 @@ class CkksGallery:
         col = np.stack([col0, rlwe.expand_c1(self.params, obj["col_seed"], d)], axis=1)
         pack = np.stack([pack0, rlwe.expand_c1(self.params, obj["pack_seed"], npack)], axis=1)
         with self._lock:
-            self._delete_locked([i for i in ids if i in self._index], commit=False)
+            self._delete_locked([i for i in ids if i in self._index])
             start = len(self.store.slots)
             if count > 1 and (start % N) % self.per_pack:
                 start += self.per_pack - (start % N) % self.per_pack  # keep packs aligned
@@ -683,48 +693,33 @@ class CkksGallery:
     def delete(self, ids: Sequence[str]) -> int:
         """Erase identities: their coefficients get uniform one-time pads. Durable on return."""
         with self._lock:
-            return self._delete_locked([i for i in ids if i in self._index], commit=True)
+            return self._delete_locked([i for i in ids if i in self._index])
 
-    def _delete_locked(self, ids: list[str], *, commit: bool) -> int:
+    def _delete_locked(self, ids: list[str]) -> int:
+        """Unlink identities; drop a block's files once every slot of a full block is dead.
+
+        The ciphertext of a deleted template cannot be overwritten in place: any pad
+        large enough to hide it would swamp the noise of every other score of its
+        block. Its slot is masked with fresh randomness in every later result, and the
+        ciphertext itself is destroyed with its block (see docs/security.md).
+        """
         if not ids:
             return 0
-        N, d, r = self.params.n, self.dim, self.ring
-        by_block: dict[int, list[int]] = {}
-        for ident in ids:
-            slot = self._index[ident]
-            by_block.setdefault(slot // N, []).append(slot % N)
-        staged = []
-        for b, offs in by_block.items():
-            col = np.array(self._block("col", b), dtype=np.uint64)
-            pad = np.zeros((d, N), dtype=np.int64)
-            pack = np.array(self._block("pack", b), dtype=np.uint64)
-            ppad = np.zeros((self.npack, N), dtype=np.int64)
-            for o in offs:
-                # Uniform mod q, built from two CSPRNG words per prime via CRT-free RNS.
-                pad[:, o] = 1
-                po = (o % self.per_pack) * d
-                ppad[o // self.per_pack, po : po + d] = 1
-            col[:, 0] = (col[:, 0] + r.ntt(self._pad(pad))) % r.qcol
-            pack[:, 0] = (pack[:, 0] + r.ntt(self._pad(ppad))) % r.qcol
-            staged.append(self.store.stage_block(f"col-{b:06d}", col.astype(np.uint32)))
-            staged.append(self.store.stage_block(f"pack-{b:06d}", pack.astype(np.uint32)))
+        N = self.params.n
         slots: list[tuple[int, str | None]] = [(self._index[i], None) for i in ids]
-        if commit:
-            self.store.commit(blocks=staged, slots=slots)
-        else:
-            # Part of a replacing enrollment: commit the erasure now so that a crash
-            # between the two cannot leave a half-replaced identity.
-            self.store.commit(blocks=staged, slots=slots)
-        for name, _ in staged:
+        dead = {s for s, _ in slots}
+        drop = []
+        for b in {s // N for s in dead}:
+            block = self.store.slots[b * N : (b + 1) * N]
+            full = len(block) == N
+            if full and all(x is None or b * N + i in dead for i, x in enumerate(block)):
+                drop += [f"col-{b:06d}", f"pack-{b:06d}"]
+        self.store.commit(slots=slots, drop_blocks=drop)
+        for name in drop:
             self._cache.pop(name, None)
         for i in ids:
             del self._index[i]
         return len(ids)
-
-    def _pad(self, mask: npt.NDArray[np.int64]) -> U64:
-        """Uniform residues where ``mask`` is 1, else 0: shape ``mask.shape[:-1] + (k, N)``."""
-        u = self.ring.uniform(mask.shape[:-1])
-        return cast(U64, u * mask[..., None, :].astype(np.uint64))
 
     # --------------------------------------------------------------- queries
     def _probe(self, probe: bytes, kind: str, count: int) -> npt.NDArray[np.uint32]:
@@ -761,9 +756,10 @@ class CkksGallery:
         """
         p = self._probe(probe, "probe-identify", self.dim)
         with self._lock:
-            nblocks = self._nblocks()
-            blocks = [self._block("col", b) for b in range(nblocks)]
-            slots = self.ids()
+            live_blocks = self._live_blocks()
+            blocks = [self._block("col", b) for b in live_blocks]
+            slots = self._ids_locked()
+            nblocks = len(blocks)
         out = np.empty((3, self.ring.k, self.params.n), dtype=np.uint64)
         q0 = int(self.ring.q[0])
         results = []
