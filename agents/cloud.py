@@ -1,0 +1,598 @@
+"""The cloud agent: holds each site's encrypted gallery and answers the edges' requests.
+
+It never sees a face, an embedding, a score or a secret key: requests carry
+ciphertexts, results carry encrypted scores that only the site's edge can decrypt.
+
+Message flow (docs/agents.md):
+
+1. paho's network thread receives a request (QoS 1, shared subscription, persistent
+   session) and only puts it on a queue: a slow identify never starves keepalive.
+2. The worker thread decodes and validates it (:func:`cipherface.protocol.decode_request`),
+   answers a duplicate from the :class:`~cipherface.protocol.ReplyCache`, otherwise runs
+   the gallery engine and encodes a ``result`` -- or an ``error`` carrying the
+   exception's stable ``code``: one bad message never stops the agent.
+3. It publishes the reply (QoS 1) on the requester's ``res`` / ``err`` topic, derived
+   from the request *topic* (which the broker's ACL vouches for), never from a
+   ResponseTopic the sender chose, and waits for the broker's PUBACK.
+4. Only then does it acknowledge the request (``manual_ack``): a crash before that
+   makes the broker redeliver it, and the reply cache (plus replies of enroll and
+   delete persisted on disk) makes the redelivery harmless.
+
+Data directory (``--data DIR``)::
+
+    DIR/.lock                          one agent per directory
+    DIR/<site>/current                 key id of the site's latest key.publish
+    DIR/<site>/keys/<kid>/public.key   the site's public key (from key.publish)
+    DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (crypto/store.py layout)
+    DIR/<site>/replies/<gw>.<id>       replies of enroll/delete, for redeliveries after a restart
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+import paho.mqtt.client as paho
+
+from cipherface import __version__
+from cipherface.agents.mqtt import (
+    BrokerConfig,
+    Connection,
+    message_property,
+    publish_properties,
+    wait_published,
+)
+from cipherface.crypto import sites
+from cipherface.crypto.engine import Gallery
+from cipherface.crypto.keyfile import write_atomic
+from cipherface.errors import (
+    CipherFaceError,
+    KeyMismatchError,
+    LocalError,
+    PayloadTooLargeError,
+    RemoteError,
+    ValidationError,
+)
+from cipherface.protocol import (
+    CLOUD_SHARE_GROUP,
+    MAX_IDS,
+    MAX_MESSAGE_BYTES,
+    REQUEST_FILTER,
+    Delete,
+    Enroll,
+    Identify,
+    IdsGet,
+    KeyPublish,
+    ReplyCache,
+    Request,
+    Result,
+    Status,
+    Verify,
+    cloud_request_filter,
+    cloud_status_topic,
+    correlation_data,
+    decode_request,
+    dedup_key,
+    encode,
+    error_for,
+    error_header,
+    error_topic,
+    now_ms,
+    parse_request_topic,
+    result_for,
+    result_topic,
+    validate_id,
+)
+
+log = logging.getLogger(__name__)
+
+#: Identity sent for a free or deleted gallery slot in ``result.ids`` (the protocol's
+#: id lists hold strings only). The cloud refuses to enroll it, so it never names a person.
+FREE_SLOT: Final = "\u2205"
+DEFAULT_AGENT_ID: Final = "cloud-local"
+#: Replies of enroll/delete kept on disk this long, for redeliveries after a restart.
+PERSISTED_REPLY_TTL_S: Final = 24 * 3600.0
+_MUTATING: Final = (Enroll, Delete)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outgoing:
+    """A message the agent publishes.
+
+    Args:
+        topic: where.
+        payload: the encoded message.
+        correlation: MQTT 5 CorrelationData to echo, or None.
+        kind: ``result`` or ``error`` (for logs and tests).
+    """
+
+    topic: str
+    payload: bytes
+    correlation: bytes | None = None
+    kind: str = "result"
+
+
+class _SiteKeys:
+    """The galleries of one data directory, opened on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._open: dict[tuple[str, str], Gallery] = {}
+
+    def key_dir(self, site: str, kid: str) -> Path:
+        return self.root / site / "keys" / kid
+
+    def register(self, site: str, kid: str, public_key: bytes) -> Gallery:
+        d = self.key_dir(site, kid)
+        path = d / sites.PUBLIC_NAME
+        if not path.exists() or path.read_bytes() != public_key:
+            write_atomic(path, public_key, mode=0o644)
+        gallery = self.gallery(site, kid)
+        write_atomic(self.root / site / "current", kid.encode("ascii"), mode=0o644)
+        return gallery
+
+    def gallery(self, site: str, kid: str) -> Gallery:
+        found = self._open.get((site, kid))
+        if found is not None:
+            return found
+        path = self.key_dir(site, kid) / sites.PUBLIC_NAME
+        if not path.is_file():
+            raise KeyMismatchError(
+                f"site {site!r} has no key {kid}: the edge must publish it first (key.publish)"
+            )
+        gallery = sites.open_gallery(self.key_dir(site, kid) / "gallery", path.read_bytes())
+        if gallery.key_id != kid:
+            raise KeyMismatchError(f"stored key of site {site!r} is not {kid}")
+        self._open[(site, kid)] = gallery
+        return gallery
+
+    def current(self, site: str) -> str | None:
+        try:
+            kid = (self.root / site / "current").read_text(encoding="ascii").strip()
+        except OSError:
+            return None
+        return kid or None
+
+    def kids(self, site: str) -> list[str]:
+        base = self.root / site / "keys"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / sites.PUBLIC_NAME).is_file())
+
+    def close(self) -> None:
+        for gallery in self._open.values():
+            try:
+                gallery.close()
+            except Exception:  # closing is best effort on shutdown
+                log.exception("closing a gallery failed")
+        self._open.clear()
+
+
+def slot_ids(gallery: Gallery) -> list[str]:
+    """The gallery's slot -> identity list, with :data:`FREE_SLOT` for empty slots.
+
+    Raises:
+        PayloadTooLargeError: more slots than a protocol v1 id list may hold.
+    """
+    slots = gallery.ids()
+    if len(slots) > MAX_IDS:
+        raise PayloadTooLargeError(
+            f"the gallery has {len(slots)} slots; a protocol v1 result carries at most {MAX_IDS}"
+        )
+    return [FREE_SLOT if s is None else s for s in slots]
+
+
+class CloudAgent:
+    """Serve the edges' requests for the galleries under ``data_dir``.
+
+    Use as a context manager, or :meth:`start` / :meth:`stop`. :meth:`handle` is the
+    whole request -> reply logic without any I/O (the tests drive it directly too).
+
+    Args:
+        broker: broker settings.
+        data_dir: where keys, galleries and persisted replies live (created).
+        agent_id: the agent's id: MQTT client id (its persistent session) and status
+            topic level. Deployments use the broker username (``cloud-<name>``).
+        sites: serve only these sites (one subscription each, as the broker ACL of a
+            ``cloud-<name>`` account requires); None serves every site.
+        share_group: MQTT shared-subscription group; None subscribes without sharing.
+        max_message_bytes: refuse (``too_large``) requests longer than this.
+        publish_timeout: seconds to wait for the broker to acknowledge a reply before
+            giving up on acknowledging the request (it will then be redelivered).
+        reply_cache: the dedup cache (default: 10k entries, 256 MB, 15 min).
+
+    Raises:
+        InvalidArgumentError: a bad agent id, site or share group.
+        LocalError: another agent holds ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: BrokerConfig,
+        data_dir: str | os.PathLike[str],
+        agent_id: str = DEFAULT_AGENT_ID,
+        sites: Sequence[str] | None = None,
+        share_group: str | None = CLOUD_SHARE_GROUP,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        publish_timeout: float = 30.0,
+        reply_cache: ReplyCache | None = None,
+    ) -> None:
+        self.agent_id = validate_id(agent_id, what="agent id")
+        self.sites = None if sites is None else tuple(validate_id(s, what="site") for s in sites)
+        if share_group is not None:
+            validate_id(share_group, what="share group")
+        self.share_group = share_group
+        self.broker = broker
+        self.data_dir = Path(data_dir)
+        self.max_message_bytes = max_message_bytes
+        self.publish_timeout = publish_timeout
+        self.cache = reply_cache if reply_cache is not None else ReplyCache()
+        self.keys = _SiteKeys(self.data_dir)
+        self.status_topic = cloud_status_topic(self.agent_id)
+        #: Counters: ``requests``, ``results``, ``errors``, ``duplicates``.
+        self.stats: dict[str, int] = {"requests": 0, "results": 0, "errors": 0, "duplicates": 0}
+        self._inbox: queue.Queue[paho.MQTTMessage | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self._conn: Connection | None = None
+        self._idle = threading.Condition()
+        self._busy = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
+        return encode(
+            Status(site="cloud", gw=self.agent_id, state=state, role="cloud", version=__version__)
+        )
+
+    def filters(self) -> list[str]:
+        """The subscription filters this agent uses."""
+        if self.sites is None:
+            bases = [REQUEST_FILTER]
+        else:
+            bases = [REQUEST_FILTER.replace("/+/req/", f"/{s}/req/", 1) for s in self.sites]
+        if self.share_group is None:
+            return bases
+        if self.sites is None:
+            return [cloud_request_filter(self.share_group)]
+        return [f"$share/{self.share_group}/{b}" for b in bases]
+
+    def _on_connected(self, conn: Connection, session_present: bool) -> None:
+        conn.subscribe([(f, 1) for f in self.filters()])
+        conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        # Network thread: hand off and return.
+        with self._idle:
+            self._busy += 1
+        self._inbox.put(msg)
+
+    def _take_lock(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LocalError(f"another cloud agent is using {self.data_dir}") from None
+        self._lock_fd = fd
+
+    def start(self) -> None:
+        """Lock the data directory, connect, subscribe and start serving.
+
+        Raises:
+            LocalError: the data directory is in use.
+            BrokerConnectionError: the broker cannot be reached or refuses us.
+        """
+        if self._conn is not None:
+            return
+        self._take_lock()
+        self._prune_replies()
+        self._worker = threading.Thread(target=self._work, name=f"{self.agent_id}-worker")
+        self._worker.daemon = True
+        self._worker.start()
+        conn = Connection(
+            config=self.broker,
+            client_id=self.agent_id,
+            persistent=True,
+            manual_ack=True,
+            will=(self.status_topic, self._status("offline")),
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+        )
+        self._conn = conn
+        try:
+            conn.start()
+        except BaseException:
+            self._conn = None
+            self._stop_worker()
+            self._release_lock()
+            raise
+        log.info("cloud agent %s serving %s from %s", self.agent_id, self.filters(), self.data_dir)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every received request has been answered (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Stop serving. The persistent session stays on the broker, so requests sent
+        meanwhile are queued for the next start.
+
+        Args:
+            graceful: finish the queued requests and publish the retained ``offline``
+                status; False drops the connection like a crash (the broker then
+                publishes the last will, and unacknowledged requests are redelivered).
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        if graceful:
+            self.wait_idle(self.publish_timeout)
+            conn.stop(farewell=(self.status_topic, self._status("offline")))
+        else:
+            # Close the socket without DISCONNECT: the broker sees a dead client.
+            sock = conn.client.socket()
+            conn.client.loop_stop()
+            if sock is not None:
+                sock.close()
+        self._conn = None
+        self._stop_worker()
+        self.keys.close()
+        self._release_lock()
+        log.info("cloud agent %s stopped", self.agent_id)
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._inbox.put(None)
+            self._worker.join(timeout=self.publish_timeout + 5)
+            self._worker = None
+        # Requests not yet handled stay unacknowledged: the broker redelivers them.
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        with self._idle:
+            self._busy = 0
+            self._idle.notify_all()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Start, serve until ``stop`` is set, then stop gracefully."""
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+    def __enter__(self) -> CloudAgent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while True:
+            msg = self._inbox.get()
+            if msg is None:
+                return
+            try:
+                self._serve(msg)
+            except Exception:  # never let one message end the worker
+                log.exception("unexpected failure serving %s", msg.topic)
+            finally:
+                with self._idle:
+                    self._busy = max(0, self._busy - 1)
+                    self._idle.notify_all()
+
+    def _serve(self, msg: paho.MQTTMessage) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        outgoing = self.handle(
+            msg.topic, bytes(msg.payload), correlation=message_property(msg, "CorrelationData")
+        )
+        delivered = True
+        for out in outgoing:
+            info = conn.publish(
+                out.topic,
+                out.payload,
+                qos=1,
+                properties=publish_properties(correlation=out.correlation),
+            )
+            delivered = wait_published(info, self.publish_timeout) and delivered
+        if delivered:
+            conn.ack(msg.mid, msg.qos)
+        else:
+            log.warning(
+                "reply to %s not acknowledged by the broker; request left unacked", msg.topic
+            )
+
+    # ------------------------------------------------------------ request logic
+    def handle(
+        self, topic: str, payload: bytes, *, correlation: bytes | None = None
+    ) -> list[Outgoing]:
+        """Turn one received request into the replies to publish (no I/O but the gallery's).
+
+        Args:
+            topic: the topic it arrived on.
+            payload: the MQTT payload.
+            correlation: the MQTT 5 CorrelationData it carried, if any (echoed back).
+
+        Returns:
+            Zero or one :class:`Outgoing` (zero: the topic is not a request topic, so
+            there is nobody to answer).
+        """
+        self.stats["requests"] += 1
+        try:
+            rt = parse_request_topic(topic)
+        except ValidationError as exc:
+            log.warning("dropped a message on %r: %s", topic[:200], exc)
+            self.stats["errors"] += 1
+            return []
+        try:
+            req = decode_request(rt, payload, max_size=self.max_message_bytes, now_ms=now_ms())
+        except RemoteError as exc:
+            header = error_header(exc)
+            corr = header.id if header is not None else None
+            kid = header.kid if header is not None else None
+            log.info("refused a request from %s/%s: %s", rt.site, rt.gateway, exc)
+            return [self._error(exc, rt.site, rt.gateway, corr, kid, correlation)]
+        echo = correlation if correlation is not None else correlation_data(req.id)
+        key = dedup_key(req)
+        now = time.monotonic()
+        claim = self.cache.claim(key, now=now)
+        if claim.state == "done":
+            assert claim.reply is not None
+            self.stats["duplicates"] += 1
+            return [
+                Outgoing(
+                    topic=result_topic(req.site, req.gw), payload=claim.reply, correlation=echo
+                )
+            ]
+        if claim.state == "in_progress":
+            self.stats["duplicates"] += 1
+            return []  # the first copy is being served and will be answered
+        stored = self._persisted_reply(req) if isinstance(req, _MUTATING) else None
+        if stored is not None:
+            self.stats["duplicates"] += 1
+            self.cache.put(key, stored, now=time.monotonic())
+            return [
+                Outgoing(topic=result_topic(req.site, req.gw), payload=stored, correlation=echo)
+            ]
+        try:
+            result = self._execute(req)
+            reply = encode(result)
+        except Exception as exc:
+            # Not cached: a failed request changed nothing, so running it again is safe.
+            self.cache.release(key)
+            if not isinstance(exc, CipherFaceError):
+                log.exception("internal error on %s from %s/%s", req.TYPE, req.site, req.gw)
+            else:
+                log.info("%s from %s/%s failed: %s", req.TYPE, req.site, req.gw, exc)
+            return [self._error(exc, req.site, req.gw, req.id, req.kid, echo)]
+        self.cache.put(key, reply, now=time.monotonic())
+        if isinstance(req, _MUTATING):
+            self._persist_reply(req, reply)
+        self.stats["results"] += 1
+        return [Outgoing(topic=result_topic(req.site, req.gw), payload=reply, correlation=echo)]
+
+    def _error(
+        self,
+        exc: BaseException,
+        site: str,
+        gw: str,
+        corr: str | None,
+        kid: str | None,
+        correlation: bytes | None,
+    ) -> Outgoing:
+        self.stats["errors"] += 1
+        err = error_for(exc, site=site, gw=gw, corr=corr, kid=kid)
+        return Outgoing(
+            topic=error_topic(site, gw), payload=encode(err), correlation=correlation, kind="error"
+        )
+
+    def _execute(self, req: Request) -> Result:
+        if isinstance(req, KeyPublish):
+            return self._key_publish(req)
+        if isinstance(req, Delete):
+            return self._delete(req)
+        if isinstance(req, IdsGet):
+            kid = req.kid or self.keys.current(req.site)
+            if kid is None:
+                raise KeyMismatchError(f"site {req.site!r} has no key yet")
+            gallery = self.keys.gallery(req.site, kid)
+            ids = slot_ids(gallery)
+            return result_for(req, ids_version=gallery.ids_version, ids=ids, count=len(ids))
+        assert req.kid is not None  # the codec requires kid on the other requests
+        gallery = self.keys.gallery(req.site, req.kid)
+        if isinstance(req, Enroll):
+            if FREE_SLOT in req.ids:
+                raise ValidationError(f"ids: {FREE_SLOT!r} is reserved for free slots")
+            added = gallery.enroll(req.ids, req.payload)
+            return result_for(req, ids_version=gallery.ids_version, enrolled=added)
+        if isinstance(req, Verify):
+            scores = gallery.verify(req.identity, req.probe)
+            return result_for(req, ids_version=gallery.ids_version, scores=scores, count=1)
+        if isinstance(req, Identify):
+            scores, count = gallery.identify(req.probe)
+            ids: list[str] | None = None
+            if req.ids_version != gallery.ids_version:
+                ids = slot_ids(gallery)
+                if len(ids) != count:
+                    raise RuntimeError(f"gallery returned {count} scores for {len(ids)} slots")
+            elif count > MAX_IDS:
+                raise PayloadTooLargeError(f"{count} scores; a v1 result carries at most {MAX_IDS}")
+            return result_for(
+                req, ids_version=gallery.ids_version, scores=scores, count=count, ids=ids
+            )
+        raise ValidationError(f"unsupported request type {req.TYPE}")  # pragma: no cover
+
+    def _key_publish(self, req: KeyPublish) -> Result:
+        assert req.kid is not None
+        pub = sites.open_public(req.public_key)
+        if pub.key_id != req.kid or pub.scheme != req.scheme:
+            raise KeyMismatchError(
+                f"key.publish says {req.scheme}/{req.kid} but the key is {pub.scheme}/{pub.key_id}"
+            )
+        gallery = self.keys.register(req.site, req.kid, req.public_key)
+        log.info("site %s: key %s (%s) registered", req.site, req.kid, req.scheme)
+        return result_for(req, ids_version=gallery.ids_version)
+
+    def _delete(self, req: Delete) -> Result:
+        kids: Iterable[str] = [req.kid] if req.kid is not None else self.keys.kids(req.site)
+        deleted = 0
+        version = 0
+        for kid in kids:
+            gallery = self.keys.gallery(req.site, kid)
+            deleted += gallery.delete(req.ids)
+            if kid == (req.kid or self.keys.current(req.site)):
+                version = gallery.ids_version
+        return result_for(req, ids_version=version, deleted=min(deleted, MAX_IDS))
+
+    # ------------------------------------------------------- persisted replies
+    def _reply_path(self, req: Request) -> Path:
+        return self.data_dir / req.site / "replies" / f"{req.gw}.{req.id}"
+
+    def _persisted_reply(self, req: Request) -> bytes | None:
+        try:
+            return self._reply_path(req).read_bytes()
+        except OSError:
+            return None
+
+    def _persist_reply(self, req: Request, reply: bytes) -> None:
+        try:
+            write_atomic(self._reply_path(req), reply, mode=0o600)
+        except CipherFaceError as exc:  # the enrollment itself is durable already
+            log.warning("could not persist the reply to %s: %s", req.id, exc)
+
+    def _prune_replies(self) -> None:
+        cutoff = time.time() - PERSISTED_REPLY_TTL_S
+        for folder in self.data_dir.glob("*/replies"):
+            for path in folder.iterdir():
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                except OSError:
+                    continue
+
+
+__all__ = ["DEFAULT_AGENT_ID", "FREE_SLOT", "CloudAgent", "Outgoing", "slot_ids"]

@@ -1,0 +1,794 @@
+"""The edge agent: encrypt on premises, ask the cloud, decrypt, decide, publish decisions.
+
+:class:`EdgeClient` is a request/response client over MQTT. Each request is one
+protocol message published with QoS 1 on ``cipherface/v1/<site>/req/<gateway>/<op>``;
+its reply comes back on the gateway's ``res`` or ``err`` topic and is matched by the
+envelope's ``corr`` (MQTT 5 also gets ResponseTopic, CorrelationData and
+MessageExpiryInterval). A request that gets no answer in ``timeout`` seconds is
+published again with the *same* id and bytes, so the cloud answers it from its
+dedup cache instead of running it twice; after ``retries`` tries it raises
+:class:`~cipherface.errors.RequestTimeoutError`. An ``error`` reply raises
+:class:`~cipherface.errors.PeerReportedError` (its ``remote_code`` is the cloud's code).
+
+Every result is checked before it is decrypted (``cipher.decrypt_scores`` refuses
+anything but ``count`` scores for this key and operation), and only *decisions* ever
+leave the edge (``cipherface/v1/<site>/events/<gateway>``): never a score or a
+distance, because decrypted CKKS values can leak the secret key (IND-CPA-D).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as paho
+
+from cipherface import __version__
+from cipherface.agents.cloud import FREE_SLOT
+from cipherface.agents.mqtt import (
+    BrokerConfig,
+    Connection,
+    publish_properties,
+    wait_published,
+)
+from cipherface.crypto import thresholds
+from cipherface.crypto.engine import EdgeCipher
+from cipherface.errors import (
+    BrokerConnectionError,
+    CipherFaceError,
+    FaceError,
+    InvalidArgumentError,
+    LocalError,
+    PeerReportedError,
+    RemoteError,
+    RequestTimeoutError,
+    ResultRejectedError,
+)
+from cipherface.protocol import (
+    Decision,
+    Delete,
+    Enroll,
+    Error,
+    Identify,
+    IdsGet,
+    KeyPublish,
+    Matched,
+    PendingRequests,
+    Request,
+    Result,
+    Status,
+    Verify,
+    decode,
+    edge_reply_filters,
+    encode,
+    events_topic,
+    expiry_interval_s,
+    now_ms,
+    request_topic,
+    result_topic,
+    status_topic,
+    validate_id,
+    validate_identity,
+)
+
+log = logging.getLogger(__name__)
+
+PHOTO_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+#: Added to the total wait of a request to make its envelope expiry: a request that
+#: the edge gave up on is not run later, while modest clock skew is tolerated.
+EXPIRY_GRACE_S: Final = 60.0
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    reply: Result | Error | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchRecord:
+    """What the gateway daemon did with one photo.
+
+    Args:
+        photo: the file name.
+        decision: the decision, or None when the photo failed.
+        error_code: the error's code when it failed.
+        error: the error message when it failed.
+        moved_to: where the file went (``done/`` or ``failed/``), or None if left in place.
+    """
+
+    photo: str
+    decision: Decision | None = None
+    error_code: str | None = None
+    error: str | None = None
+    moved_to: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON line the daemon prints."""
+        if self.decision is not None:
+            return {**decision_json(self.decision), "moved_to": self.moved_to}
+        return {
+            "op": "identify",
+            "identity": None,
+            "match": False,
+            "latency_ms": None,
+            "photo": self.photo,
+            "error": {"code": self.error_code, "message": self.error},
+            "moved_to": self.moved_to,
+        }
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    """A decision as a JSON-ready dict (what ``--json`` prints and the events carry)."""
+    return {
+        "op": decision.op,
+        "identity": decision.identity,
+        "match": decision.match,
+        "latency_ms": round(decision.latency_ms, 3),
+        "photo": decision.photo,
+        "site": decision.site,
+        "gateway": decision.gw,
+        "id": decision.id,
+        "ts": decision.ts,
+    }
+
+
+def _as_matrix(vectors: npt.ArrayLike, dim: int, what: str) -> FloatArray:
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[None, :]
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise InvalidArgumentError(f"{what}: expected shape (n, {dim}), got {v.shape}")
+    if not np.isfinite(v).all():
+        raise InvalidArgumentError(f"{what}: not finite")
+    norms = np.linalg.norm(v, axis=1)
+    if (norms == 0).any():
+        raise InvalidArgumentError(f"{what}: a zero vector")
+    return v / norms[:, None]
+
+
+class EdgeClient:
+    """Edge side over MQTT: one site's key, one gateway.
+
+    Use as a context manager (or :meth:`start` / :meth:`close`). Thread-safe: several
+    threads may issue requests at once.
+
+    Args:
+        broker: broker settings.
+        cipher: the site's edge cipher (:func:`cipherface.crypto.sites.load_edge_cipher`).
+        site: site id.
+        gateway: gateway id.
+        timeout: seconds to wait for each attempt's reply.
+        retries: extra attempts after a timeout (same message id: the cloud dedups).
+        embedder: turns photos into embeddings (default: the key's face model, created
+            on the first photo).
+        client_id: MQTT client id (default ``<site>.<gateway>-<random>``; brokers with
+            ``use_username_as_clientid`` use the username instead).
+        publish_decisions: publish each decision on the events topic.
+        announce: keep a retained online/offline status (with a last will): daemons.
+
+    Raises:
+        InvalidArgumentError: a bad site or gateway id, or bad timeouts.
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: BrokerConfig,
+        cipher: EdgeCipher,
+        site: str,
+        gateway: str,
+        timeout: float = 15.0,
+        retries: int = 2,
+        embedder: Any | None = None,
+        client_id: str | None = None,
+        publish_decisions: bool = True,
+        announce: bool = False,
+    ) -> None:
+        self.site = validate_id(site, what="site")
+        self.gateway = validate_id(gateway, what="gateway")
+        if not timeout > 0 or retries < 0:
+            raise InvalidArgumentError("timeout must be > 0 and retries >= 0")
+        self.broker = broker
+        self.cipher = cipher
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.model: str = getattr(cipher, "model", "Dlib")
+        self.metric: str = getattr(cipher, "metric", "cosine")
+        self.publish_decisions = publish_decisions
+        self.announce = announce
+        self._embedder = embedder
+        self._client_id = client_id or f"{self.site}.{self.gateway}-{secrets.token_hex(4)}"
+        self._lock = threading.Lock()
+        self._pending = PendingRequests()
+        self._ids_cache: tuple[int, tuple[str | None, ...]] | None = None
+        self._key_published = False
+        self._subscribed = threading.Event()
+        self._conn: Connection | None = None
+        self._unconfirmed: list[paho.MQTTMessageInfo] = []
+        self._status_topic = status_topic(self.site, self.gateway)
+        self._events_topic = events_topic(self.site, self.gateway)
+
+    # ---------------------------------------------------------------- lifecycle
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
+        return encode(
+            Status(site=self.site, gw=self.gateway, state=state, role="edge", version=__version__)
+        )
+
+    def _on_connected(self, conn: Connection, session_present: bool) -> None:
+        self._subscribed.clear()
+        conn.subscribe([(t, 1) for t in edge_reply_filters(self.site, self.gateway)])
+        if self.announce:
+            conn.publish(self._status_topic, self._status("online"), qos=1, retain=True)
+
+    def _on_subscribe(self, *args: Any) -> None:
+        self._subscribed.set()
+
+    def start(self) -> None:
+        """Connect and subscribe to the gateway's result and error topics.
+
+        Raises:
+            BrokerConnectionError: the broker cannot be reached or refuses us.
+        """
+        if self._conn is not None:
+            return
+        conn = Connection(
+            config=self.broker,
+            client_id=self._client_id,
+            persistent=False,
+            will=(self._status_topic, self._status("offline")) if self.announce else None,
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+        )
+        conn.client.on_subscribe = self._on_subscribe
+        conn.start()
+        # A reply published before our SUBACK would be lost: wait for it.
+        if not self._subscribed.wait(self.broker.connect_timeout):
+            conn.stop()
+            raise BrokerConnectionError(f"no SUBACK from {self.broker.url}")
+        self._conn = conn
+
+    def close(self) -> None:
+        """Wait (briefly) for queued decisions, then disconnect."""
+        conn = self._conn
+        if conn is None:
+            return
+        with self._lock:
+            infos, self._unconfirmed = self._unconfirmed, []
+        for info in infos:
+            wait_published(info, 5.0)
+        conn.stop(farewell=(self._status_topic, self._status("offline")) if self.announce else None)
+        self._conn = None
+
+    def __enter__(self) -> EdgeClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- transport
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        # Network thread: decoding a reply is bounded and fast; matching is a dict lookup.
+        try:
+            reply = decode(bytes(msg.payload))
+        except RemoteError as exc:
+            log.warning("undecodable message on %s: %s", msg.topic, exc)
+            return
+        if not isinstance(reply, Result | Error):
+            log.warning("unexpected %s message on %s", reply.TYPE, msg.topic)
+            return
+        with self._lock:
+            found = self._pending.match(reply)
+        if isinstance(found, Matched):
+            waiter = found.pending.context
+            waiter.reply = reply
+            waiter.event.set()
+        else:
+            log.debug("reply %s matched nothing (%s)", reply.corr, found.reason)
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise LocalError("the edge client is not started (use it as a context manager)")
+        return self._conn
+
+    def request(self, msg: Request, *, timeout: float | None = None) -> Result:
+        """Send one request and wait for its result.
+
+        Args:
+            msg: the request (its ``exp`` should cover every attempt).
+            timeout: seconds per attempt (default: the client's).
+
+        Returns:
+            The :class:`~cipherface.protocol.Result`.
+
+        Raises:
+            PeerReportedError: the cloud answered with an error.
+            RequestTimeoutError: no answer after every attempt.
+            LocalError: the client is not started.
+        """
+        conn = self._connection()
+        per_try = self.timeout if timeout is None else timeout
+        data = encode(msg)
+        topic = request_topic(msg.site, msg.gw, msg.TYPE)
+        waiter = _Waiter()
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            with self._lock:
+                self._pending.register(
+                    msg, deadline=time.monotonic() + per_try, attempt=attempt, context=waiter
+                )
+            try:
+                props = publish_properties(
+                    response_topic=result_topic(msg.site, msg.gw),
+                    correlation=msg.id.encode("ascii"),
+                    expiry_s=expiry_interval_s(msg.exp, now_ms()),
+                )
+                info = conn.publish(topic, data, qos=1, properties=props)
+                # Big payloads take a while to send: the reply clock starts at the PUBACK.
+                if wait_published(info, per_try):
+                    waiter.event.wait(per_try)
+                else:
+                    waiter.event.wait(max(0.0, per_try / 2))
+            finally:
+                with self._lock:
+                    self._pending.cancel(msg.id)
+            if waiter.event.is_set():
+                break
+            log.info("%s %s: no reply (attempt %d/%d)", msg.TYPE, msg.id, attempt, attempts)
+        reply = waiter.reply
+        if reply is None:
+            raise RequestTimeoutError(
+                f"no reply to {msg.TYPE} {msg.id} from the cloud after {attempts} attempt(s) "
+                f"of {per_try:g} s (is a cloud agent running on {self.broker.url}?)"
+            )
+        if isinstance(reply, Error):
+            raise PeerReportedError(reply.code, reply.message)
+        return reply
+
+    def _expiry(self, timeout: float | None = None) -> int:
+        per_try = self.timeout if timeout is None else timeout
+        return now_ms() + int(1000 * (per_try * (self.retries + 1) + EXPIRY_GRACE_S))
+
+    def _header(self, *, kid: str | Literal[False] | None = False) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "gw": self.gateway,
+            "kid": self.cipher.key_id if kid is False else kid,
+            "exp": self._expiry(),
+        }
+
+    # -------------------------------------------------------------- operations
+    def publish_key(self) -> Result:
+        """Register the site's public key with the cloud (idempotent).
+
+        Raises:
+            PeerReportedError / RequestTimeoutError: see :meth:`request`.
+        """
+        result = self.request(
+            KeyPublish(
+                **self._header(),
+                scheme=self.cipher.scheme,
+                public_key=self.cipher.public_key_bytes(),
+            )
+        )
+        self._key_published = True
+        return result
+
+    def ensure_key(self) -> None:
+        """Publish the key once per client (every enrollment path calls this)."""
+        if not self._key_published:
+            self.publish_key()
+
+    @property
+    def embedder(self) -> Any:
+        """The face embedder (created on first use, for the key's face model)."""
+        if self._embedder is None:
+            from cipherface.agents.faces import Embedder
+
+            self._embedder = Embedder(model_name=self.model)
+        return self._embedder
+
+    def embed(self, photo: Any, *, label: str | None = None) -> FloatArray:
+        """The L2-normalised embedding of the one face in ``photo``.
+
+        Raises:
+            FaceError: no face, several faces, unreadable image.
+            MissingWeightsError: the face model's weights are not installed.
+        """
+        vec = self.embedder.represent(photo, name=label)
+        return _as_matrix(vec, self.cipher.dim, "embedding")[0]
+
+    def _probe_vector(
+        self, photo: Any, vector: npt.ArrayLike | None, label: str | None
+    ) -> FloatArray:
+        if (photo is None) == (vector is None):
+            raise InvalidArgumentError("give exactly one of a photo or a vector")
+        if vector is not None:
+            return _as_matrix(vector, self.cipher.dim, "probe vector")[0]
+        return self.embed(photo, label=label)
+
+    def enroll(
+        self,
+        identity: str,
+        photos: Iterable[Any] = (),
+        *,
+        embeddings: npt.ArrayLike | None = None,
+    ) -> Result:
+        """Enroll (or replace) one identity from photos or embeddings.
+
+        Several photos or embeddings are averaged into one template (the mean of the
+        unit vectors, renormalised), which is steadier than any single photo.
+
+        Args:
+            identity: the name.
+            photos: photo files (or bytes/arrays) of this person.
+            embeddings: instead of photos, one ``(dim,)`` or several ``(k, dim)`` vectors.
+
+        Returns:
+            The cloud's result (``enrolled`` = 1).
+
+        Raises:
+            InvalidArgumentError: no photo and no embedding, or both.
+            FaceError: a photo without exactly one face.
+            PeerReportedError / RequestTimeoutError: see :meth:`request`.
+        """
+        validate_identity(identity)
+        photos = list(photos)
+        if bool(photos) == (embeddings is not None):
+            raise InvalidArgumentError("give photos or embeddings (exactly one of them)")
+        if embeddings is not None:
+            vecs = _as_matrix(embeddings, self.cipher.dim, "embeddings")
+        else:
+            vecs = np.stack([self.embed(p) for p in photos])
+        template = vecs.mean(axis=0)
+        self.ensure_key()
+        payload = self.cipher.encrypt_templates(template[None, :])
+        return self.request(Enroll(**self._header(), ids=(identity,), payload=payload))
+
+    def enroll_bulk(
+        self,
+        ids: Sequence[str],
+        vectors: npt.ArrayLike,
+        *,
+        progress: bool = True,
+        chunk: int | None = None,
+    ) -> int:
+        """Enroll many identities from embeddings, a payload per chunk, with a progress bar.
+
+        The next chunk is encrypted while the cloud stores the previous one.
+
+        Args:
+            ids: unique names, one per row of ``vectors``.
+            vectors: ``(n, dim)`` embeddings.
+            progress: show a tqdm progress bar (on stderr).
+            chunk: templates per payload (default and maximum:
+                ``cipher.max_templates_per_payload``).
+
+        Returns:
+            The number of templates the cloud stored.
+
+        Raises:
+            InvalidArgumentError: shapes differ, ids repeat or are invalid.
+            PeerReportedError / RequestTimeoutError: see :meth:`request`.
+        """
+        from tqdm import tqdm
+
+        names = [validate_identity(i) for i in ids]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError("ids must be unique")
+        vecs = _as_matrix(vectors, self.cipher.dim, "embeddings")
+        if vecs.shape[0] != len(names):
+            raise InvalidArgumentError(f"{len(names)} ids for {vecs.shape[0]} embeddings")
+        limit = int(getattr(self.cipher, "max_templates_per_payload", 1024))
+        size = min(limit, chunk or limit)
+        if size < 1:
+            raise InvalidArgumentError("chunk must be >= 1")
+        self.ensure_key()
+        spans = [(s, min(len(names), s + size)) for s in range(0, len(names), size)]
+        stored = 0
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="encrypt") as pool,
+            tqdm(total=len(names), unit="face", desc="enroll", disable=not progress) as bar,
+        ):
+            nxt: Future[bytes] | None = None
+            if spans:
+                nxt = pool.submit(self.cipher.encrypt_templates, vecs[spans[0][0] : spans[0][1]])
+            for i, (lo, hi) in enumerate(spans):
+                assert nxt is not None
+                payload = nxt.result()
+                if i + 1 < len(spans):
+                    a, b = spans[i + 1]
+                    nxt = pool.submit(self.cipher.encrypt_templates, vecs[a:b])
+                result = self.request(
+                    Enroll(**self._header(), ids=tuple(names[lo:hi]), payload=payload)
+                )
+                stored += result.enrolled or 0
+                bar.update(hi - lo)
+        return stored
+
+    def delete(self, ids: str | Sequence[str], *, all_keys: bool = False) -> int:
+        """Erase identities from the site's gallery.
+
+        Args:
+            ids: one name or several.
+            all_keys: erase them from the galleries of every key of the site (not
+                just this key's).
+
+        Returns:
+            How many were enrolled (and are now erased).
+
+        Raises:
+            PeerReportedError / RequestTimeoutError: see :meth:`request`.
+        """
+        names = (ids,) if isinstance(ids, str) else tuple(ids)
+        header = self._header(kid=None) if all_keys else self._header()
+        result = self.request(Delete(**header, ids=names))
+        return result.deleted or 0
+
+    def ids(self) -> list[str | None]:
+        """The gallery's slot -> identity list (None for free slots); refreshes the cache."""
+        result = self.request(IdsGet(**self._header()))
+        slots = self._slots(result.ids or ())
+        with self._lock:
+            self._ids_cache = (result.ids_version, slots)
+        return list(slots)
+
+    @staticmethod
+    def _slots(ids: Iterable[str]) -> tuple[str | None, ...]:
+        return tuple(None if s == FREE_SLOT else s for s in ids)
+
+    def _decide(
+        self,
+        op: Literal["verify", "identify"],
+        identity: str | None,
+        match: bool,
+        t0: float,
+        label: str | None,
+    ) -> Decision:
+        decision = Decision(
+            site=self.site,
+            gw=self.gateway,
+            op=op,
+            identity=identity,
+            match=match,
+            latency_ms=(time.perf_counter() - t0) * 1000.0,
+            photo=label,
+        )
+        if self.publish_decisions and self._conn is not None:
+            info = self._conn.publish(self._events_topic, encode(decision), qos=1)
+            with self._lock:
+                self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
+                self._unconfirmed.append(info)
+        return decision
+
+    def verify(
+        self,
+        identity: str,
+        photo: Any = None,
+        *,
+        vector: npt.ArrayLike | None = None,
+        label: str | None = None,
+    ) -> Decision:
+        """1:1: is the person in ``photo`` (or ``vector``) ``identity``?
+
+        Args:
+            identity: the claimed identity.
+            photo: a photo (path, bytes or array), or None with ``vector``.
+            vector: an embedding instead of a photo.
+            label: how to name the probe in the decision (default: the file name).
+
+        Returns:
+            The :class:`~cipherface.protocol.Decision` (also published as an event).
+
+        Raises:
+            PeerReportedError: e.g. ``unknown_identity``.
+            ResultRejectedError: the cloud's result fails the checks.
+            FaceError / RequestTimeoutError: see :meth:`embed`, :meth:`request`.
+        """
+        t0 = time.perf_counter()
+        validate_identity(identity)
+        label = label or _label(photo)
+        vec = self._probe_vector(photo, vector, label)
+        probe = self.cipher.encrypt_probe(vec, op="verify")
+        result = self.request(Verify(**self._header(), identity=identity, probe=probe))
+        if result.scores is None or result.count != 1:
+            raise ResultRejectedError(f"a verify result must carry 1 score, got {result.count}")
+        score = float(self.cipher.decrypt_scores(result.scores, op="verify", count=1)[0])
+        if not np.isfinite(score):
+            raise ResultRejectedError("verify result decrypts to a non-finite score")
+        match = thresholds.is_match(score, self.model, self.metric)
+        return self._decide("verify", identity, match, t0, label)
+
+    def identify(
+        self,
+        photo: Any = None,
+        *,
+        vector: npt.ArrayLike | None = None,
+        label: str | None = None,
+    ) -> Decision:
+        """1:N: who, among the enrolled, is the person in ``photo`` (or ``vector``)?
+
+        The decision names the best-scoring identity when it is within the model's
+        threshold, and nobody otherwise.
+
+        Args:
+            photo: a photo (path, bytes or array), or None with ``vector``.
+            vector: an embedding instead of a photo.
+            label: how to name the probe in the decision (default: the file name).
+
+        Returns:
+            The :class:`~cipherface.protocol.Decision` (also published as an event).
+
+        Raises:
+            ResultRejectedError: the cloud's result fails the checks.
+            FaceError / PeerReportedError / RequestTimeoutError: see :meth:`verify`.
+        """
+        t0 = time.perf_counter()
+        label = label or _label(photo)
+        vec = self._probe_vector(photo, vector, label)
+        probe = self.cipher.encrypt_probe(vec, op="identify")
+        for _ in range(2):
+            with self._lock:
+                cache = self._ids_cache
+            version = cache[0] if cache is not None else None
+            result = self.request(Identify(**self._header(), probe=probe, ids_version=version))
+            slots = self._result_slots(result)
+            if slots is not None:
+                break
+        else:
+            raise ResultRejectedError("the gallery keeps changing under identify; try again")
+        if result.scores is None:
+            raise ResultRejectedError("an identify result without scores")
+        scores = self.cipher.decrypt_scores(result.scores, op="identify", count=result.count)
+        if scores.shape != (result.count,):
+            raise ResultRejectedError(f"identify result decrypts to shape {scores.shape}")
+        live = np.array([s is not None for s in slots], dtype=bool)
+        match, who = False, None
+        if live.any():
+            masked = np.where(live, scores, -np.inf)
+            best = int(np.argmax(masked))
+            if not np.isfinite(masked[best]):
+                raise ResultRejectedError("identify result decrypts to non-finite scores")
+            match = thresholds.is_match(float(masked[best]), self.model, self.metric)
+            who = slots[best] if match else None
+        return self._decide("identify", who, match, t0, label)
+
+    def _result_slots(self, result: Result) -> tuple[str | None, ...] | None:
+        """The slot list the scores of ``result`` refer to, or None if it cannot be known."""
+        if result.ids is not None:
+            slots = self._slots(result.ids)
+            with self._lock:
+                self._ids_cache = (result.ids_version, slots)
+            return slots
+        with self._lock:
+            cache = self._ids_cache
+        if cache is None or cache[0] != result.ids_version:
+            self.ids()  # the cloud thought our list was current: refresh it
+            with self._lock:
+                cache = self._ids_cache
+        if cache is None or cache[0] != result.ids_version:
+            return None
+        if len(cache[1]) != result.count:
+            raise ResultRejectedError(
+                f"identify result has {result.count} scores for {len(cache[1])} known slots"
+            )
+        return cache[1]
+
+    # ------------------------------------------------------------ gateway mode
+    def watch(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        poll: float = 0.5,
+        settle: float = 0.3,
+        stop: threading.Event | None = None,
+        on_record: Callable[[WatchRecord], None] | None = None,
+        max_photos: int | None = None,
+    ) -> int:
+        """Gateway daemon: identify each new photo that appears in ``folder``.
+
+        Each photo becomes a decision (published as an event), then moves to
+        ``folder/done/``; a photo that cannot be processed (no face, unreadable,
+        refused by the cloud) moves to ``folder/failed/`` and the daemon carries on.
+        Photos are picked up once unchanged for ``settle`` seconds (writers should
+        still write to a dot-file and rename it into place). On a timeout or a lost
+        broker the photo stays for the next round.
+
+        Args:
+            folder: the folder to watch (created).
+            poll: seconds between scans.
+            settle: minimum age (mtime) of a file before it is read.
+            stop: set it to end the loop (default: run until interrupted).
+            on_record: called with each :class:`WatchRecord`.
+            max_photos: return after this many photos (tests, batch runs).
+
+        Returns:
+            The number of photos processed.
+        """
+        base = Path(folder)
+        done, failed = base / "done", base / "failed"
+        for d in (base, done, failed):
+            d.mkdir(parents=True, exist_ok=True)
+        stop = stop or threading.Event()
+        processed = 0
+        while not stop.is_set():
+            now = time.time()
+            for path in sorted(base.iterdir()):
+                if stop.is_set() or (max_photos is not None and processed >= max_photos):
+                    break
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                if (
+                    not path.is_file()
+                    or path.name.startswith(".")
+                    or path.suffix.lower() not in PHOTO_SUFFIXES
+                    or now - st.st_mtime < settle
+                ):
+                    continue
+                record = self._watch_one(path, done, failed)
+                if record is None:
+                    continue
+                processed += 1
+                if on_record is not None:
+                    on_record(record)
+            if max_photos is not None and processed >= max_photos:
+                break
+            stop.wait(poll)
+        return processed
+
+    def _watch_one(self, path: Path, done: Path, failed: Path) -> WatchRecord | None:
+        try:
+            decision = self.identify(path, label=path.name)
+        except (RequestTimeoutError, BrokerConnectionError) as exc:
+            log.warning("%s: %s; will retry", path.name, exc)
+            return None
+        except CipherFaceError as exc:
+            dest = _move(path, failed)
+            code = exc.remote_code if isinstance(exc, PeerReportedError) else exc.code
+            message = exc.message if isinstance(exc, PeerReportedError) else str(exc)
+            if not isinstance(exc, FaceError):
+                log.warning("%s failed: %s", path.name, exc)
+            return WatchRecord(photo=path.name, error_code=code, error=message, moved_to=dest)
+        dest = _move(path, done)
+        return WatchRecord(photo=path.name, decision=decision, moved_to=dest)
+
+
+def _label(photo: Any) -> str | None:
+    if isinstance(photo, str | os.PathLike):
+        return Path(photo).name
+    return None
+
+
+def _move(path: Path, folder: Path) -> str | None:
+    target = folder / path.name
+    if target.exists():
+        target = folder / f"{path.stem}-{secrets.token_hex(3)}{path.suffix}"
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        log.warning("cannot move %s to %s: %s", path, folder, exc)
+        return None
+    return str(target)
+
+
+__all__ = [
+    "PHOTO_SUFFIXES",
+    "EdgeClient",
+    "WatchRecord",
+    "decision_json",
+]
