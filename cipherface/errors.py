@@ -108,9 +108,14 @@ class StorageCorruptError(CipherFaceError):
 
 # -------------------------------------------------------------------------- remote
 class RemoteError(CipherFaceError):
-    """The peer sent something we refuse: the fault is on the other side."""
+    """The peer sent something we refuse: the fault is on the other side.
+
+    ``header`` holds the readable envelope fields of the offending message (set by the
+    protocol codec) so that the receiver can answer on the sender's error topic.
+    """
 
     code = "remote_error"
+    header: object | None = None
 
 
 class DecodeError(RemoteError):

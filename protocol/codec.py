@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 import msgpack
 
@@ -199,7 +199,7 @@ def _partial_header(obj: dict[str, Any]) -> Header:
 
 
 def _with_header(exc: RemoteError, header: Header | None) -> RemoteError:
-    exc.header = header  # type: ignore[attr-defined]
+    exc.header = header
     return exc
 
 
@@ -294,7 +294,7 @@ def decode(
         fields = {name: obj[name] for name in HEADER_FIELDS}
         fields.update(obj["b"])
         try:
-            msg: Message = cls(**fields)
+            msg = cast(Message, cls(**fields))
         except _FieldError as exc:
             raise _remote_field_error(exc) from None
         if now_ms is not None and msg.exp is not None and now_ms >= msg.exp:
@@ -359,7 +359,7 @@ def decode_request(
         )
     if problem is not None:
         raise _with_header(ValidationError(problem), _on_topic(msg.header, rt))
-    return msg  # its type was checked against the topic's request type
+    return cast(Request, msg)  # its type was checked against the topic's request type
 
 
 # --------------------------------------------------------------- MQTT 5 helpers
