@@ -1,0 +1,520 @@
+"""The ``cipherface`` command line.
+
+Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the reference):
+
+=============  ==============================================================
+``keygen``     make a site's key pair (private.key 0600 + public.key)
+``cloud``      run the cloud agent (encrypted galleries under ``--data``)
+``enroll``     enroll one identity from photos, or many from an ``.npz``
+``verify``     1:1 against a claimed identity
+``identify``   1:N against the site's gallery
+``delete``     erase identities
+``ids``        list the enrolled identities
+``edge``       gateway daemon: identify every photo dropped in ``--watch DIR``
+``demo``       the whole system on this machine with real photos
+``creds``      broker credentials: CA, certificates, accounts, ACL
+=============  ==============================================================
+
+Exit status: 0 for a successful command (a "no match" decision is a success),
+2 for a usage error, 3 for any :class:`~cipherface.errors.CipherFaceError` (its
+message is printed, never a traceback), 130 when interrupted.
+Environment variables (:data:`cipherface.agents.deploy.ENV_VARS`) give the defaults
+of ``--broker``, ``--username``, ``--password``, ``--ca-file``, ``--keys``,
+``--data``, ``--site`` and ``--gateway``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from cipherface import __version__
+from cipherface.agents.deploy import ENV_HELP, register_cli
+from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
+from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+EXIT_ERROR: Final = 3
+EXIT_INTERRUPTED: Final = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+# ------------------------------------------------------------------ parser parts
+def _broker_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument(
+        "--broker",
+        default=_env("CIPHERFACE_BROKER"),
+        metavar="URL",
+        help=f"mqtt://host:port or mqtts://host:port (env CIPHERFACE_BROKER; "
+        f"default {DEFAULT_BROKER})",
+    )
+    g.add_argument("--username", default=_env("CIPHERFACE_USERNAME"), help="broker account")
+    g.add_argument("--password", default=_env("CIPHERFACE_PASSWORD"), help="its password")
+    g.add_argument(
+        "--ca-file",
+        default=_env("CIPHERFACE_CA"),
+        metavar="PEM",
+        help="CA certificate of the broker (mqtts://)",
+    )
+    g.add_argument("--cert", metavar="PEM", help="client certificate (mutual TLS)")
+    g.add_argument("--key", metavar="PEM", help="client certificate's private key")
+    g.add_argument(
+        "--mqtt-version", choices=MQTT_VERSIONS, default="5", help="MQTT protocol (default 5)"
+    )
+
+
+def _edge_options(p: argparse.ArgumentParser) -> None:
+    _broker_options(p)
+    g = p.add_argument_group("edge")
+    g.add_argument(
+        "--keys",
+        default=_env("CIPHERFACE_KEYS"),
+        metavar="DIR",
+        help="key directory made by keygen (env CIPHERFACE_KEYS)",
+    )
+    g.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (env CIPHERFACE_SITE)")
+    g.add_argument(
+        "--gateway", default=_env("CIPHERFACE_GATEWAY"), help="gateway id (env CIPHERFACE_GATEWAY)"
+    )
+    g.add_argument("--timeout", type=float, default=15.0, help="seconds per attempt (default 15)")
+    g.add_argument("--retries", type=int, default=2, help="extra attempts (default 2)")
+
+
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cipherface`` argument parser (every sub-command)."""
+    parser = argparse.ArgumentParser(
+        prog="cipherface",
+        description="Privacy-preserving face verification over MQTT (homomorphic encryption).",
+        epilog="Environment: " + "; ".join(f"{k}: {v}" for k, v in ENV_HELP.items()),
+    )
+    parser.add_argument("--version", action="version", version=f"cipherface {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="create a site's key pair", description=_cmd_keygen.__doc__)
+    p.add_argument(
+        "--out", default=_env("CIPHERFACE_KEYS"), metavar="DIR", help="key directory to create"
+    )
+    p.add_argument(
+        "--scheme",
+        default="ckks",
+        choices=("ckks", "paillier", "damgard-jurik", "okamoto-uchiyama"),
+        help="HE scheme (default ckks)",
+    )
+    p.add_argument("--model", default="Dlib", help="face model (default Dlib, 128-d)")
+    p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
+    p.add_argument("--security-level", type=int, default=128, choices=(112, 128, 192, 256))
+    _json_option(p)
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("cloud", help="run the cloud agent", description=_cmd_cloud.__doc__)
+    _broker_options(p)
+    p.add_argument(
+        "--data",
+        default=_env("CIPHERFACE_DATA"),
+        metavar="DIR",
+        help="galleries directory (env CIPHERFACE_DATA)",
+    )
+    p.add_argument(
+        "--agent-id",
+        default=None,
+        help="client id / status id (default: the username, else cloud-local)",
+    )
+    p.add_argument(
+        "--sites",
+        action="append",
+        default=[],
+        help="serve only these sites (comma-separated, repeatable): one subscription each, "
+        "as a cloud-<name> account's ACL requires",
+    )
+    p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
+    p.set_defaults(func=_cmd_cloud)
+
+    p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
+    _edge_options(p)
+    p.add_argument("--id", dest="identity", metavar="NAME", help="identity to enroll")
+    p.add_argument("photos", nargs="*", metavar="PHOTO", help="photos of NAME (averaged)")
+    p.add_argument("--embedding", metavar="FILE.npy", help="NAME's embedding(s), instead of photos")
+    p.add_argument(
+        "--embeddings",
+        metavar="FILE.npz",
+        help="bulk: arrays 'ids' (n strings) and 'embeddings' (n x d)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _json_option(p)
+    p.set_defaults(func=_cmd_enroll)
+
+    p = sub.add_parser("verify", help="1:1 verification", description=_cmd_verify.__doc__)
+    _edge_options(p)
+    p.add_argument("--id", dest="identity", metavar="NAME", required=True, help="claimed identity")
+    p.add_argument("photo", nargs="?", metavar="PHOTO")
+    p.add_argument("--embedding", metavar="FILE.npy", help="probe embedding instead of a photo")
+    _json_option(p)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("identify", help="1:N identification", description=_cmd_identify.__doc__)
+    _edge_options(p)
+    p.add_argument("photo", nargs="?", metavar="PHOTO")
+    p.add_argument("--embedding", metavar="FILE.npy", help="probe embedding instead of a photo")
+    _json_option(p)
+    p.set_defaults(func=_cmd_identify)
+
+    p = sub.add_parser("delete", help="erase identities", description=_cmd_delete.__doc__)
+    _edge_options(p)
+    p.add_argument(
+        "--id", dest="ids", metavar="NAME", action="append", required=True, help="repeatable"
+    )
+    p.add_argument(
+        "--all-keys", action="store_true", help="also from galleries of the site's older keys"
+    )
+    _json_option(p)
+    p.set_defaults(func=_cmd_delete)
+
+    p = sub.add_parser("ids", help="list enrolled identities", description=_cmd_ids.__doc__)
+    _edge_options(p)
+    _json_option(p)
+    p.set_defaults(func=_cmd_ids)
+
+    p = sub.add_parser("edge", help="gateway daemon", description=_cmd_edge.__doc__)
+    _edge_options(p)
+    p.add_argument("--watch", metavar="DIR", required=True, help="folder of incoming photos")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between scans (default 0.5)")
+    p.add_argument("--max-photos", type=int, default=None, help="exit after this many photos")
+    p.set_defaults(func=_cmd_edge)
+
+    p = sub.add_parser("demo", help="run everything locally", description=_cmd_demo.__doc__)
+    p.add_argument(
+        "--broker",
+        default=None,
+        metavar="URL",
+        help="use this broker instead of starting a local Mosquitto",
+    )
+    p.add_argument("--keep", metavar="DIR", default=None, help="keep keys and galleries in DIR")
+    _json_option(p)
+    p.set_defaults(func=_cmd_demo)
+
+    register_cli(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------- helpers
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [n for n in names if not getattr(args, n, None)]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise _Usage(f"missing {flags} (or its environment variable)")
+
+
+class _Usage(Exception):
+    """A usage error found after parsing (exit status 2)."""
+
+
+def broker_config(args: argparse.Namespace) -> BrokerConfig:
+    """The :class:`BrokerConfig` the common options describe."""
+    return BrokerConfig(
+        url=args.broker or DEFAULT_BROKER,
+        username=args.username,
+        password=args.password,
+        ca_file=args.ca_file,
+        cert_file=args.cert,
+        key_file=args.key,
+        mqtt_version=args.mqtt_version,
+    )
+
+
+def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
+    from cipherface.agents.edge import EdgeClient
+    from cipherface.crypto.sites import load_edge_cipher
+
+    _require(args, "keys", "site", "gateway")
+    cipher = load_edge_cipher(args.keys)
+    return EdgeClient(
+        broker=broker_config(args),
+        cipher=cipher,
+        site=args.site,
+        gateway=args.gateway,
+        timeout=args.timeout,
+        retries=args.retries,
+        **kwargs,
+    )
+
+
+def _load_npy(path: str) -> np.ndarray[Any, Any]:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot read embedding file {path}: {exc}") from exc
+    if not isinstance(arr, np.ndarray):
+        raise InvalidArgumentError(f"{path}: expected a .npy array")
+    return arr
+
+
+def _probe(args: argparse.Namespace) -> tuple[Any, np.ndarray[Any, Any] | None]:
+    if (args.photo is None) == (args.embedding is None):
+        raise _Usage("give a PHOTO or --embedding FILE.npy (exactly one)")
+    if args.embedding is not None:
+        return None, _load_npy(args.embedding)
+    return args.photo, None
+
+
+def _print_decision(args: argparse.Namespace, decision: Any) -> None:
+    from cipherface.agents.edge import decision_json
+
+    if args.json:
+        print(json.dumps(decision_json(decision)), flush=True)
+        return
+    verdict = "MATCH" if decision.match else "no match"
+    who = decision.identity if decision.identity is not None else "nobody"
+    what = f"{decision.op} {who}" if decision.op == "verify" else f"identify -> {who}"
+    print(f"{what}: {verdict} ({decision.latency_ms:.1f} ms)", flush=True)
+
+
+# --------------------------------------------------------------------- commands
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    """Create a key pair in --out DIR: private.key (0600, stays on the edge) and
+    public.key (what the cloud receives)."""
+    from cipherface.crypto import sites, thresholds
+
+    _require(args, "out")
+    dim = thresholds.dim(args.model)
+    kid = sites.generate_key_dir(
+        args.out,
+        scheme=args.scheme,
+        dim=dim,
+        model=args.model,
+        metric=args.metric,
+        security_level=args.security_level,
+    )
+    info = {
+        "key_id": kid,
+        "scheme": args.scheme,
+        "model": args.model,
+        "metric": args.metric,
+        "dim": dim,
+        "security_level": args.security_level,
+        "dir": str(Path(args.out)),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"key {kid} ({args.scheme}, {args.model} {dim}-d, {args.metric}) in {args.out}")
+    return EXIT_OK
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _cmd_cloud(args: argparse.Namespace) -> int:
+    """Run the cloud agent until SIGINT/SIGTERM: it stores each site's encrypted
+    gallery under --data and answers the edges' requests."""
+    from cipherface.agents.cloud import DEFAULT_AGENT_ID, CloudAgent
+
+    _require(args, "data")
+    sites = [s.strip() for v in args.sites for s in v.split(",") if s.strip()] or None
+    agent_id = args.agent_id or args.username or DEFAULT_AGENT_ID
+    agent = CloudAgent(
+        broker=broker_config(args),
+        data_dir=args.data,
+        agent_id=agent_id,
+        sites=sites,
+        share_group=None if args.no_share else "cipherface-cloud",
+    )
+    stop = _stop_on_signals()
+    agent.start()
+    print(
+        f"cloud agent {agent_id} serving {', '.join(agent.filters())} on "
+        f"{agent.broker.url} (data: {args.data}); Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        stop.wait()
+    finally:
+        agent.stop()
+    return EXIT_OK
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings'). Publishes the site's
+    public key first (idempotent)."""
+    bulk = args.embeddings is not None
+    single = args.identity is not None
+    if bulk == single:
+        raise _Usage("give --id NAME (with PHOTOs or --embedding) or --embeddings FILE.npz")
+    if single and bool(args.photos) == (args.embedding is not None):
+        raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
+    if bulk and (args.photos or args.embedding):
+        raise _Usage("--embeddings takes no PHOTO or --embedding")
+    with _edge_client(args, publish_decisions=False) as edge:
+        if bulk:
+            try:
+                data = np.load(args.embeddings, allow_pickle=False)
+                ids = [str(i) for i in data["ids"].tolist()]
+                vectors = np.asarray(data["embeddings"], dtype=np.float64)
+            except (OSError, ValueError, KeyError) as exc:
+                raise InvalidArgumentError(
+                    f"cannot read {args.embeddings}: {exc} (expected arrays 'ids' and "
+                    "'embeddings', saved with numpy.savez)"
+                ) from exc
+            stored = edge.enroll_bulk(ids, vectors, progress=not args.no_progress)
+            out = {"enrolled": stored, "ids": len(ids), "site": args.site}
+        else:
+            if args.embedding is not None:
+                result = edge.enroll(args.identity, embeddings=_load_npy(args.embedding))
+            else:
+                result = edge.enroll(args.identity, args.photos)
+            stored = result.enrolled or 0
+            out = {"enrolled": stored, "identity": args.identity, "site": args.site}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"enrolled {stored} template(s) at site {args.site}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """1:1: is the person in PHOTO (or --embedding) the identity --id NAME?"""
+    photo, vector = _probe(args)
+    with _edge_client(args) as edge:
+        decision = edge.verify(args.identity, photo, vector=vector)
+    _print_decision(args, decision)
+    return EXIT_OK
+
+
+def _cmd_identify(args: argparse.Namespace) -> int:
+    """1:N: who, among the site's enrolled identities, is in PHOTO (or --embedding)?"""
+    photo, vector = _probe(args)
+    with _edge_client(args) as edge:
+        decision = edge.identify(photo, vector=vector)
+    _print_decision(args, decision)
+    return EXIT_OK
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    """Erase identities from the site's encrypted gallery."""
+    with _edge_client(args, publish_decisions=False) as edge:
+        deleted = edge.delete(args.ids, all_keys=args.all_keys)
+    if args.json:
+        print(json.dumps({"deleted": deleted, "ids": args.ids, "site": args.site}))
+    else:
+        print(f"deleted {deleted} of {len(args.ids)} identit{'y' if len(args.ids) == 1 else 'ies'}")
+    return EXIT_OK
+
+
+def _cmd_ids(args: argparse.Namespace) -> int:
+    """List the identities enrolled under this key at this site."""
+    with _edge_client(args, publish_decisions=False) as edge:
+        ids = sorted({i for i in edge.ids() if i is not None})
+    if args.json:
+        print(json.dumps({"ids": ids, "count": len(ids), "site": args.site}))
+    else:
+        for name in ids:
+            print(name)
+    return EXIT_OK
+
+
+def _cmd_edge(args: argparse.Namespace) -> int:
+    """Gateway daemon: identify every photo that appears in --watch DIR, publish each
+    decision, print it as a JSON line, and move the photo to DIR/done/ (or DIR/failed/
+    when it has no usable face). Runs until SIGINT/SIGTERM."""
+    from cipherface.agents.edge import WatchRecord
+
+    stop = _stop_on_signals()
+
+    def emit(record: WatchRecord) -> None:
+        print(json.dumps(record.to_json()), flush=True)
+
+    with _edge_client(args, announce=True) as edge:
+        edge.embedder.warmup()  # pay the model load (and see missing weights) now
+        edge.ensure_key()
+        print(
+            f"watching {args.watch} for site {args.site}, gateway {args.gateway}; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        edge.watch(
+            args.watch, poll=args.poll, stop=stop, on_record=emit, max_photos=args.max_photos
+        )
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Start a local broker, a cloud agent and an edge agent, enroll people from real
+    photos, then verify and identify probes, printing each decision and its latency."""
+    from cipherface.agents.demo import run_demo
+
+    return run_demo(broker_url=args.broker, keep=args.keep, as_json=args.json)
+
+
+# ------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cipherface`` console script.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (see the module docstring).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.verbose < 2:
+        logging.getLogger("cipherface.agents.paho").setLevel(logging.WARNING)
+    func: Handler = args.func
+    try:
+        return int(func(args))
+    except _Usage as exc:
+        parser.print_usage(sys.stderr)
+        print(f"cipherface {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PeerReportedError as exc:
+        print(f"error [{exc.remote_code}] from the cloud: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except CipherFaceError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
