@@ -166,7 +166,7 @@ class Probe:
     def subscribe(self, topic: str, qos: int = 1) -> list[int]:
         """Subscribe and return the SUBACK reason codes."""
         rc, mid = self.client.subscribe(topic, qos=qos)
-        assert rc == mqtt.MQTT_ERR_SUCCESS
+        assert rc == mqtt.MQTT_ERR_SUCCESS and mid is not None
         return list(self._wait_ack(mid))
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
@@ -827,7 +827,15 @@ def test_client_id_takeover_is_impossible(
     secure_broker: LocalBroker, secure_deployment: Deployment, probes: list[Probe]
 ) -> None:
     dep = secure_deployment
-    cloud = login(probes, secure_broker, dep, "cloud-b", clean_start=False, session_expiry=5)
+    cloud = login(
+        probes,
+        secure_broker,
+        dep,
+        "cloud-b",
+        client_id="cloud-b",
+        clean_start=False,
+        session_expiry=5,
+    )
     cloud.subscribe(cloud_request_filter("takeover"))
     # Site A's gateway connects with the cloud's client id, asking for its session.
     # Without use_username_as_clientid Mosquitto 2.0 hands it over and drops the cloud.
@@ -844,7 +852,7 @@ def _die(probe: Probe) -> None:
     """Drop the TCP connection without DISCONNECT, so the broker fires the will."""
     probe.client.loop_stop()
     sock = probe.client.socket()
-    assert sock is not None
+    assert isinstance(sock, socket.socket)
     sock.shutdown(socket.SHUT_RDWR)
     sock.close()
 
