@@ -507,7 +507,10 @@ def test_creds_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(line.split("=")[0] for line in env.splitlines()) <= set(ENV_VARS)
     assert run("add-site", "shop1", "--gateway", "door")["created"] == []  # idempotent
     out = run("add-cloud", "w1", "--sites", "shop1,shop2")
-    assert out["account"]["sites"] == ["shop1", "shop2"]
+    assert out["account"]["sites"] == ["shop1", "shop2"] and out["warnings"] == []
+    assert "cloud-w1" in run("add-cloud", "w2", "--sites", "shop1")["warnings"][0]  # share group
+    assert run("add-cloud", "w2", "--sites", "shop2")["warnings"] == []  # now the same sites
+    run("remove", "cloud-w2")
     old = Deployment.open(d).password("shop1.door")
     run("rotate", "shop1.door")
     assert Deployment.open(d).password("shop1.door") != old
