@@ -873,6 +873,24 @@ class Deployment:
             self._sync({})
         return merged
 
+    def mismatched_clouds(self, username: str) -> list[str]:
+        """Cloud workers that serve other sites than ``username`` does.
+
+        Mosquitto hands a shared-subscription message to the next member of the
+        group and only then checks that member's ACL: a worker that does not serve
+        the site drops the request. Workers that serve different sites need
+        different share groups (the cloud agent's ``share_group``).
+
+        Returns:
+            Their usernames (empty when every cloud worker serves the same sites).
+        """
+        sites = self.account(username).sites
+        return [
+            a.username
+            for a in self.accounts
+            if a.role == "cloud" and a.username != username and a.sites != sites
+        ]
+
     def rotate(self, username: str) -> Account:
         """Give an account a new password and client certificate (old ones stop working
         once the broker reloads).
@@ -1094,10 +1112,22 @@ def _cmd_add_site(args: argparse.Namespace) -> int:
 def _cmd_add_cloud(args: argparse.Namespace) -> int:
     dep = Deployment.open(args.dir)
     acct = dep.add_cloud(args.name, sites=_split_sites(args.sites))
+    others = dep.mismatched_clouds(acct.username)
+    warnings = (
+        [
+            f"warning: {', '.join(others)} serve(s) other sites than {acct.username}: give them "
+            "different share groups, or a worker will swallow requests of sites it does not serve"
+        ]
+        if others
+        else []
+    )
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     payload = {
         "dir": str(dep.directory),
         "account": _describe(dep, [acct])[0],
         "reload": RELOAD_HINT,
+        "warnings": warnings,
     }
     _emit(args, payload, f"{_accounts_text(dep, [acct])}\n{RELOAD_HINT}")
     return 0
