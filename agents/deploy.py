@@ -1156,7 +1156,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_renew_server(args: argparse.Namespace) -> int:
     dep = Deployment.open(args.dir)
     dep.renew_server_cert(args.hostname or None)
-    hint = "restart the broker to load it: docker compose restart mosquitto"
+    hint = RELOAD_HINT  # Mosquitto reloads certfile/keyfile on SIGHUP
     payload = {"dir": str(dep.directory), "hostnames": list(dep.hostnames), "reload": hint}
     _emit(args, payload, f"new broker certificate in {dep.broker_dir}\n{hint}")
     return 0

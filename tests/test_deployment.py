@@ -916,11 +916,40 @@ def test_rotated_password_stops_working_after_reload(
     secure_broker.reload()
     time.sleep(0.3)
     assert attempt(first) == 0
+    live = login(probes, secure_broker, dep, user)
+    live.client.reconnect_delay_set(min_delay=60)  # see the cut, not paho's retries
     dep.rotate(user)
     secure_broker.reload()
-    time.sleep(0.3)
+    # Mosquitto re-checks connected clients on reload: the old password is cut off now.
+    assert live.disconnected.wait(3)
     assert attempt(first) in (0x86, 0x87)
     assert attempt(dep.password(user)) == 0
+
+
+def test_server_certificate_renewal_on_reload(
+    secure_broker: LocalBroker, secure_deployment: Deployment
+) -> None:
+    assert secure_broker.tls_port is not None
+
+    def served_serial() -> int:
+        ctx = ssl.create_default_context(cafile=str(secure_deployment.ca_cert_path))
+        with (
+            socket.create_connection(("127.0.0.1", secure_broker.tls_port or 0), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der).serial_number
+
+    before = served_serial()
+    secure_deployment.renew_server_cert()
+    secure_broker.reload()
+    time.sleep(0.3)
+    after = served_serial()
+    assert after != before
+    certfile = secure_deployment.broker_files.certfile
+    assert certfile is not None
+    assert after == x509.load_pem_x509_certificate(certfile.read_bytes()).serial_number
 
 
 def _mqtt5_publish_raw(port: int, username: str, password: str, topic: str, size: int) -> bytes:
