@@ -897,11 +897,11 @@ def test_shared_group_must_not_mix_site_sets(
     assert 0 < delivered < 6
 
 
-def test_rotated_password_stops_working_after_reload(
+def test_rotated_or_removed_account_is_cut_off_on_reload(
     secure_broker: LocalBroker, secure_deployment: Deployment, probes: list[Probe]
 ) -> None:
     dep = secure_deployment
-    (new,) = dep.add_site("site-r", gateways=["gw1"])
+    new, gone = dep.add_site("site-r", gateways=["gw1", "gw2"])
     user = new.username
 
     def attempt(password: str) -> int:
@@ -917,11 +917,18 @@ def test_rotated_password_stops_working_after_reload(
     time.sleep(0.3)
     assert attempt(first) == 0
     live = login(probes, secure_broker, dep, user)
-    live.client.reconnect_delay_set(min_delay=60)  # see the cut, not paho's retries
+    doomed = login(probes, secure_broker, dep, gone.username)
+    for p in (live, doomed):
+        p.client.reconnect_delay_set(min_delay=60)  # see the cut, not paho's retries
+    gone_password = dep.password(gone.username)
     dep.rotate(user)
+    dep.remove(gone.username)
     secure_broker.reload()
-    # Mosquitto re-checks connected clients on reload: the old password is cut off now.
-    assert live.disconnected.wait(3)
+    # Mosquitto re-checks connected clients on reload: both are cut off at once.
+    assert live.disconnected.wait(3) and doomed.disconnected.wait(3)
+    probe = Probe(port=secure_broker.port, username=gone.username, password=gone_password)
+    probes.append(probe)
+    assert probe.connect() in (0x86, 0x87)
     assert attempt(first) in (0x86, 0x87)
     assert attempt(dep.password(user)) == 0
 
