@@ -329,7 +329,7 @@ class CloudAgent:
                 self._idle.wait(left)
         return True
 
-    def stop(self, *, graceful: bool = True) -> None:
+    def stop(self, *, graceful: bool = True, retire: bool = False) -> None:
         """Stop serving. The persistent session stays on the broker, so requests sent
         meanwhile are queued for the next start.
 
@@ -337,13 +337,16 @@ class CloudAgent:
             graceful: finish the queued requests and publish the retained ``offline``
                 status; False drops the connection like a crash (the broker then
                 publishes the last will, and unacknowledged requests are redelivered).
+            retire: also end the persistent session: this agent id will not come
+                back, so the broker must stop queueing its share of the requests
+                (Mosquitto keeps giving an absent member of a share group its turn).
         """
         conn = self._conn
         if conn is None:
             return
         if graceful:
             self.wait_idle(self.publish_timeout)
-            conn.stop(farewell=(self.status_topic, self._status("offline")))
+            conn.stop(farewell=(self.status_topic, self._status("offline")), expire_session=retire)
         else:
             # Close the socket without DISCONNECT: the broker sees a dead client.
             sock = conn.client.socket()
@@ -520,8 +523,8 @@ class CloudAgent:
             if kid is None:
                 raise KeyMismatchError(f"site {req.site!r} has no key yet")
             gallery = self.keys.gallery(req.site, kid)
-            ids = slot_ids(gallery)
-            return result_for(req, ids_version=gallery.ids_version, ids=ids, count=len(ids))
+            slots = slot_ids(gallery)
+            return result_for(req, ids_version=gallery.ids_version, ids=slots, count=len(slots))
         assert req.kid is not None  # the codec requires kid on the other requests
         gallery = self.keys.gallery(req.site, req.kid)
         if isinstance(req, Enroll):

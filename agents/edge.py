@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -38,6 +38,7 @@ from cipherface.agents.cloud import FREE_SLOT
 from cipherface.agents.mqtt import (
     BrokerConfig,
     Connection,
+    message_property,
     publish_properties,
     wait_published,
 )
@@ -73,6 +74,7 @@ from cipherface.protocol import (
     encode,
     events_topic,
     expiry_interval_s,
+    is_hex_id,
     now_ms,
     request_topic,
     result_topic,
@@ -290,6 +292,12 @@ class EdgeClient:
         if not isinstance(reply, Result | Error):
             log.warning("unexpected %s message on %s", reply.TYPE, msg.topic)
             return
+        if isinstance(reply, Error) and reply.corr is None:
+            # The cloud could not read the envelope (e.g. too large), but MQTT 5 echoed
+            # our CorrelationData: enough to fail the request now instead of timing out.
+            cd = message_property(msg, "CorrelationData")
+            if isinstance(cd, bytes) and is_hex_id(cd.decode("ascii", "replace")):
+                reply = replace(reply, corr=cd.decode("ascii"))
         with self._lock:
             found = self._pending.match(reply)
         if isinstance(found, Matched):

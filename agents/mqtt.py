@@ -45,6 +45,18 @@ DEFAULT_BROKER: Final = "mqtt://127.0.0.1:1883"
 #: the client goes away: a week, well past any planned maintenance.
 DEFAULT_SESSION_EXPIRY_S: Final = 7 * 24 * 3600
 
+
+class _QuietShutdown(logging.Filter):
+    """Drop paho's ERROR "Client is not connected" logged by its loop thread after a
+    clean ``disconnect()`` (a race inside paho 2.2: harmless, but alarming in a CLI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+PAHO_LOGGER: Final = logging.getLogger("cipherface.agents.paho")
+PAHO_LOGGER.addFilter(_QuietShutdown())
+
 MessageHandler = Callable[[paho.MQTTMessage], None]
 ConnectedHook = Callable[["Connection", bool], None]
 
@@ -223,6 +235,7 @@ class Connection:
         self._connected = threading.Event()
         self._refused: str | None = None
         self._started = False
+        self._ever_connected = False
         v5 = config.mqtt_version == "5"
         kwargs: dict[str, Any] = {}
         if not v5:
@@ -234,7 +247,7 @@ class Connection:
             manual_ack=manual_ack,
             **kwargs,
         )
-        client.enable_logger(logging.getLogger("cipherface.agents.paho"))
+        client.enable_logger(PAHO_LOGGER)
         # Reconnect quickly: the agents have requests waiting.
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         if config.username:
@@ -245,11 +258,11 @@ class Connection:
                 certfile=config.cert_file,
                 keyfile=config.key_file,
                 cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = self._socket_open
+        client.on_connect_fail = self._connect_fail_cb
         client.on_connect = self._connect_cb
         client.on_disconnect = self._disconnect_cb
         client.on_message = self._message_cb
@@ -273,6 +286,7 @@ class Connection:
             self._connack.set()
             return
         self._refused = None
+        self._ever_connected = True
         self._connected.set()
         session_present = bool(getattr(flags, "session_present", False))
         log.info("%s: connected (session present: %s)", self.client_id, session_present)
@@ -282,6 +296,14 @@ class Connection:
             except Exception:  # a failing hook must not kill paho's thread
                 log.exception("%s: on_connected hook failed", self.client_id)
         self._connack.set()
+
+    def _connect_fail_cb(self, client: paho.Client, userdata: Any) -> None:
+        if not self._ever_connected:
+            # First attempt: fail start() now rather than retry against a wrong address.
+            self._refused = "connection failed (refused or unreachable)"
+            self._connack.set()
+        else:
+            log.info("%s: reconnect failed; retrying", self.client_id)
 
     def _disconnect_cb(
         self,
@@ -370,13 +392,22 @@ class Connection:
         """Acknowledge a message received with ``manual_ack`` (thread-safe)."""
         self.client.ack(mid, qos)
 
-    def stop(self, *, farewell: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+    def stop(
+        self,
+        *,
+        farewell: tuple[str, bytes] | None = None,
+        timeout: float = 5.0,
+        expire_session: bool = False,
+    ) -> None:
         """Disconnect cleanly (no last will) and stop the network thread.
 
         Args:
             farewell: a retained QoS 1 ``(topic, payload)`` to publish first (an
                 "offline" status), or None.
             timeout: seconds to wait for the farewell to be acknowledged.
+            expire_session: also end a persistent session on the broker (a client
+                retired for good: Mosquitto would otherwise keep queueing its share
+                of a shared subscription for it).
         """
         if not self._started:
             return
@@ -387,9 +418,45 @@ class Connection:
             except (RuntimeError, ValueError) as exc:
                 log.debug("%s: farewell not sent: %s", self.client_id, exc)
         self._started = False
-        self.client.disconnect()
+        v5 = self.config.mqtt_version == "5"
+        if expire_session and v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            self.client.disconnect(properties=props)
+        else:
+            self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
+        if expire_session and self.persistent and not v5:
+            self._clean_session_v311()
+
+    def _clean_session_v311(self) -> None:
+        # MQTT 3.1.1 has no session expiry: connecting once with clean_session=True
+        # under the same client id discards the stored session.
+        done = threading.Event()
+        wiper = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        wiper.on_connect = lambda *a: done.set()
+        if self.config.username:
+            wiper.username_pw_set(self.config.username, self.config.password)
+        if self.config.tls:
+            wiper.tls_set(
+                ca_certs=self.config.ca_file,
+                certfile=self.config.cert_file,
+                keyfile=self.config.key_file,
+            )
+        try:
+            wiper.connect(self.config.host, self.config.port, self.config.keepalive)
+            wiper.loop_start()
+            done.wait(self.config.connect_timeout)
+            wiper.disconnect()
+            wiper.loop_stop()
+        except OSError as exc:
+            log.warning("%s: could not discard the session: %s", self.client_id, exc)
 
 
 def wait_published(info: paho.MQTTMessageInfo, timeout: float) -> bool:
