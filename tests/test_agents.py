@@ -151,7 +151,7 @@ def make_cloud(broker: Any, tmp_path: Path, site: str) -> Iterator[CloudFactory]
         kw.setdefault("data_dir", tmp_path / "cloud")
         kw.setdefault("agent_id", agent_id)
         agent = CloudAgent(
-            broker=BrokerConfig(url=broker.url, mqtt_version=version),  # type: ignore[arg-type]
+            broker=BrokerConfig(url=broker.url, mqtt_version=version),
             share_group=group,
             **kw,
         )
@@ -196,7 +196,7 @@ def make_edge(broker: Any, cipher: EdgeCipher, site: str) -> Iterator[Callable[.
         kw.setdefault("gateway", GW)
         kw.setdefault("timeout", 10.0)
         edge = EdgeClient(
-            broker=BrokerConfig(url=broker.url, mqtt_version=version),  # type: ignore[arg-type]
+            broker=BrokerConfig(url=broker.url, mqtt_version=version),
             **kw,
         )
         edge.start()
@@ -263,7 +263,7 @@ def test_enroll_verify_identify_delete(
         # Every decision went out as an event, and an event carries no score.
         seen = [decode(events.next(timeout=5).payload) for _ in range(5)]
         assert all(isinstance(d, Decision) for d in seen)
-        assert [d.match for d in seen] == [True, False, True, False, False]  # type: ignore[union-attr]
+        assert [d.match for d in seen] == [True, False, True, False, False]
         assert set(seen[0].body()) == {"op", "identity", "match", "latency_ms", "photo"}
         assert cloud.stats["errors"] == 1  # the unknown identity
     finally:
@@ -285,10 +285,12 @@ def test_mqtt5_properties(
         got = decode(res.payload)
         assert isinstance(sent, KeyPublish) and isinstance(got, Result)
         assert got.corr == sent.id
-        assert req.properties.ResponseTopic == result_topic(site, GW)
-        assert req.properties.CorrelationData == sent.id.encode()
-        assert 0 < req.properties.MessageExpiryInterval <= 200
-        assert res.properties.CorrelationData == sent.id.encode()
+        rprops: Any = req.properties
+        sprops: Any = res.properties
+        assert rprops.ResponseTopic == result_topic(site, GW)
+        assert rprops.CorrelationData == sent.id.encode()
+        assert 0 < rprops.MessageExpiryInterval <= 200
+        assert sprops.CorrelationData == sent.id.encode()
     finally:
         sniff.close()
 
@@ -304,9 +306,9 @@ def test_status_retained_and_last_will(broker: Any, make_cloud: CloudFactory) ->
         will = decode(sniff.next(timeout=10).payload)
         assert isinstance(will, Status) and will.state == "offline"
         again = make_cloud()
-        assert decode(sniff.next(timeout=5).payload).state == "online"  # type: ignore[union-attr]
+        assert decode(sniff.next(timeout=5).payload).state == "online"
         again.stop()
-        assert decode(sniff.next(timeout=5).payload).state == "offline"  # type: ignore[union-attr]
+        assert decode(sniff.next(timeout=5).payload).state == "offline"
     finally:
         sniff.close()
 
@@ -374,7 +376,7 @@ def test_duplicate_request_is_answered_once(
         assert restarted.stats["duplicates"] == 1
         slots = edge.ids()
         assert [i for i in slots if i is not None] == ["carol"]
-        ids_version = decode(third.payload).ids_version  # type: ignore[union-attr]
+        ids_version = decode(third.payload).ids_version
         assert edge.request(IdsGet(site=site, gw=GW, kid=cipher.key_id)).ids_version == ids_version
     finally:
         sniff.close()
@@ -591,8 +593,8 @@ def test_gateway_watch_folder(
         count = edge.watch(inbox, poll=0.05, settle=0.0, on_record=records.append, max_photos=3)
         assert count == 3
         by_photo = {r.photo: r for r in records}
-        assert by_photo["alice-door.jpg"].decision.identity == "alice"  # type: ignore[union-attr]
-        assert by_photo["stranger.png"].decision.match is False  # type: ignore[union-attr]
+        assert by_photo["alice-door.jpg"].decision.identity == "alice"
+        assert by_photo["stranger.png"].decision.match is False
         assert by_photo["no-face.jpg"].decision is None
         assert by_photo["no-face.jpg"].error_code == "no_face"
         assert by_photo["no-face.jpg"].to_json()["error"]["code"] == "no_face"
@@ -603,6 +605,6 @@ def test_gateway_watch_folder(
         assert [p.name for p in (inbox / "failed").iterdir()] == ["no-face.jpg"]
         assert (inbox / "notes.txt").exists() and (inbox / ".partial.jpg").exists()
         published = [decode(m.payload) for m in events.drain(0.5)]
-        assert sorted(d.photo for d in published) == ["alice-door.jpg", "stranger.png"]  # type: ignore[union-attr]
+        assert sorted(d.photo for d in published) == ["alice-door.jpg", "stranger.png"]
     finally:
         events.close()
