@@ -19,7 +19,9 @@ queued QoS 1 messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +43,8 @@ PROJECT_CONFIG: Final = Path(__file__).resolve().parents[1] / "mosquitto.conf"
 #: Image the Docker fallback runs (same as docker-compose.yml).
 MOSQUITTO_IMAGE: Final = "eclipse-mosquitto:2"
 LOOPBACK: Final = "127.0.0.1"
+
+_RUNNING: Final = re.compile(rb"mosquitto version \S+ running")
 
 HOW_TO_GET_A_BROKER: Final = (
     "no MQTT broker available: install Mosquitto 2 (Debian/Ubuntu: "
@@ -328,6 +332,7 @@ def render_config(
         out.append(line)
     out.append(f"persistence_location {data_dir}/")
     out.append(f"log_dest file {workdir / 'mosquitto.log'}")
+    out.append("log_type information")  # LocalBroker waits for the "running" line
     if profile == "dev":
         out.append("allow_anonymous true")
     else:
@@ -451,6 +456,7 @@ class LocalBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._container: Any = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._started_once = False
         self._write_config()
 
     # -------------------------------------------------------------- properties
@@ -512,11 +518,26 @@ class LocalBroker:
         """
         if self.running:
             return
-        if self.backend == "docker":
-            self._start_docker()
-        else:
-            self._start_binary()
-        self._wait_ready()
+        for attempt in range(3):
+            log_offset = self._log_size()
+            if self.backend == "docker":
+                self._start_docker()
+            else:
+                self._start_binary()
+            try:
+                self._wait_ready(log_offset)
+            except BrokerUnavailableError as exc:
+                # free_port() is racy: another process may take the port before
+                # Mosquitto binds it. Only a first start may move (restart keeps ports).
+                if self._started_once or attempt == 2 or "already in use" not in str(exc):
+                    raise
+                self.stop()
+                self.port = free_port()
+                self.tls_port = free_port() if self.tls_port is not None else None
+                self._write_config()
+                continue
+            self._started_once = True
+            return
 
     def _start_binary(self) -> None:
         assert self._binary is not None
@@ -549,27 +570,43 @@ class LocalBroker:
             container = container.with_bind_ports(self.tls_port, self.tls_port)
         self._container = container.start()
 
-    def _wait_ready(self) -> None:
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _wait_ready(self, log_offset: int) -> None:
+        # Ready = Mosquitto logged "running" (every listener bound: a port that some
+        # other process holds would fool a bare TCP probe) and the ports accept.
         deadline = time.monotonic() + self.startup_timeout
-        pending = [p for p in (self.port, self.tls_port) if p is not None]
-        while pending:
+        while True:
             if self._proc is not None and self._proc.poll() is not None:
                 raise BrokerUnavailableError(
                     f"mosquitto exited with status {self._proc.returncode}: {self.log_tail()}"
                 )
-            try:
-                with socket.create_connection((self.host, pending[0]), timeout=0.2):
-                    pending.pop(0)
-                    continue
-            except OSError:
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                with self.log_path.open("rb") as fh:
+                    fh.seek(log_offset)
+                    if _RUNNING.search(fh.read()):
+                        break
             if time.monotonic() > deadline:
                 self.stop()
                 raise BrokerUnavailableError(
-                    f"mosquitto did not listen on port {pending[0]} within "
-                    f"{self.startup_timeout} s: {self.log_tail()}"
+                    f"mosquitto did not start within {self.startup_timeout} s: {self.log_tail()}"
                 )
             time.sleep(0.02)
+        for port in (self.port, self.tls_port):
+            if port is None:
+                continue
+            try:
+                with socket.create_connection((self.host, port), timeout=2):
+                    pass
+            except OSError as exc:
+                self.stop()
+                raise BrokerUnavailableError(
+                    f"mosquitto runs but port {port} refuses connections ({exc}): {self.log_tail()}"
+                ) from exc
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of the broker's log and stderr (for error messages)."""
@@ -621,6 +658,9 @@ class LocalBroker:
         Raises:
             BrokerUnavailableError: the broker is not running.
         """
+        if self._container is not None:
+            self._container.get_wrapped_container().kill(signal="SIGHUP")
+            return
         if self._proc is None or self._proc.poll() is not None:
             raise BrokerUnavailableError("the broker is not running")
         self._proc.send_signal(signal.SIGHUP)

@@ -1053,6 +1053,24 @@ def test_dev_broker_fixture(broker: Any, probes: list[Probe]) -> None:
     assert p.wait_for("dev/echo") == b"hi"
 
 
+def test_local_broker_moves_off_a_taken_port() -> None:
+    if broker_mod.mosquitto_binary() is None:
+        pytest.skip(broker_mod.HOW_TO_GET_A_BROKER)
+    b = LocalBroker()
+    try:
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", b.port))  # someone takes the port meanwhile
+            squatter.listen()
+            taken = b.port
+            b.start()
+            assert b.running and b.port != taken
+        b.restart()
+        assert b.running
+    finally:
+        b.close()
+    assert not b.workdir.exists()
+
+
 def test_local_broker_reports_a_failed_start(tmp_path: Path) -> None:
     if broker_mod.mosquitto_binary() is None:
         pytest.skip(broker_mod.HOW_TO_GET_A_BROKER)
