@@ -456,7 +456,10 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     def emit(record: WatchRecord) -> None:
         print(json.dumps(record.to_json()), flush=True)
 
-    with _edge_client(args, announce=True) as edge:
+    # A stable client id and a persistent session: results published while the daemon
+    # reconnects are queued for it.
+    client_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
+    with _edge_client(args, announce=True, persistent=True, client_id=client_id) as edge:
         edge.embedder.warmup()  # pay the model load (and see missing weights) now
         edge.ensure_key()
         print(

@@ -55,6 +55,8 @@ from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import (
     CipherFaceError,
+    GalleryError,
+    InvalidArgumentError,
     KeyMismatchError,
     LocalError,
     PayloadTooLargeError,
@@ -101,6 +103,16 @@ DEFAULT_AGENT_ID: Final = "cloud-local"
 #: Replies of enroll/delete kept on disk this long, for redeliveries after a restart.
 PERSISTED_REPLY_TTL_S: Final = 24 * 3600.0
 _MUTATING: Final = (Enroll, Delete)
+# Reply-cache entries are tagged with the topic they go to (results vs errors).
+_RESULT_TAG: Final = b"R"
+_ERROR_TAG: Final = b"E"
+
+
+def _as_remote(exc: BaseException) -> BaseException:
+    """Engine argument errors about a peer's payload are gallery errors on the wire."""
+    if type(exc) is InvalidArgumentError:
+        return GalleryError(str(exc))
+    return exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -466,18 +478,14 @@ class CloudAgent:
         if claim.state == "done":
             assert claim.reply is not None
             self.stats["duplicates"] += 1
-            return [
-                Outgoing(
-                    topic=result_topic(req.site, req.gw), payload=claim.reply, correlation=echo
-                )
-            ]
+            return [self._cached(req, claim.reply, echo)]
         if claim.state == "in_progress":
             self.stats["duplicates"] += 1
             return []  # the first copy is being served and will be answered
         stored = self._persisted_reply(req) if isinstance(req, _MUTATING) else None
         if stored is not None:
             self.stats["duplicates"] += 1
-            self.cache.put(key, stored, now=time.monotonic())
+            self.cache.put(key, _RESULT_TAG + stored, now=time.monotonic())
             return [
                 Outgoing(topic=result_topic(req.site, req.gw), payload=stored, correlation=echo)
             ]
@@ -485,18 +493,30 @@ class CloudAgent:
             result = self._execute(req)
             reply = encode(result)
         except Exception as exc:
-            # Not cached: a failed request changed nothing, so running it again is safe.
-            self.cache.release(key)
             if not isinstance(exc, CipherFaceError):
                 log.exception("internal error on %s from %s/%s", req.TYPE, req.site, req.gw)
             else:
                 log.info("%s from %s/%s failed: %s", req.TYPE, req.site, req.gw, exc)
-            return [self._error(exc, req.site, req.gw, req.id, req.kid, echo)]
-        self.cache.put(key, reply, now=time.monotonic())
+            out, retry = self._error_retry(_as_remote(exc), req.site, req.gw, req.id, req.kid, echo)
+            if not retry:
+                # Final: a duplicate gets the same answer (docs/protocol.md section 10).
+                self.cache.put(key, _ERROR_TAG + out.payload, now=time.monotonic())
+            else:
+                self.cache.release(key)  # transient: a later copy runs afresh
+            return [out]
+        self.cache.put(key, _RESULT_TAG + reply, now=time.monotonic())
         if isinstance(req, _MUTATING):
             self._persist_reply(req, reply)
         self.stats["results"] += 1
         return [Outgoing(topic=result_topic(req.site, req.gw), payload=reply, correlation=echo)]
+
+    def _cached(self, req: Request, tagged: bytes, echo: bytes | None) -> Outgoing:
+        payload = tagged[1:]
+        if tagged[:1] == _ERROR_TAG:
+            return Outgoing(
+                topic=error_topic(req.site, req.gw), payload=payload, correlation=echo, kind="error"
+            )
+        return Outgoing(topic=result_topic(req.site, req.gw), payload=payload, correlation=echo)
 
     def _error(
         self,
@@ -507,11 +527,23 @@ class CloudAgent:
         kid: str | None,
         correlation: bytes | None,
     ) -> Outgoing:
+        return self._error_retry(exc, site, gw, corr, kid, correlation)[0]
+
+    def _error_retry(
+        self,
+        exc: BaseException,
+        site: str,
+        gw: str,
+        corr: str | None,
+        kid: str | None,
+        correlation: bytes | None,
+    ) -> tuple[Outgoing, bool]:
         self.stats["errors"] += 1
         err = error_for(exc, site=site, gw=gw, corr=corr, kid=kid)
-        return Outgoing(
+        out = Outgoing(
             topic=error_topic(site, gw), payload=encode(err), correlation=correlation, kind="error"
         )
+        return out, err.retry
 
     def _execute(self, req: Request) -> Result:
         if isinstance(req, KeyPublish):
@@ -536,6 +568,9 @@ class CloudAgent:
             scores = gallery.verify(req.identity, req.probe)
             return result_for(req, ids_version=gallery.ids_version, scores=scores, count=1)
         if isinstance(req, Identify):
+            if not gallery.ids():
+                # Nothing enrolled yet: nobody to score (and no probe to decrypt).
+                return result_for(req, ids_version=gallery.ids_version, ids=[], count=0)
             scores, count = gallery.identify(req.probe)
             ids: list[str] | None = None
             if req.ids_version != gallery.ids_version:

@@ -86,9 +86,10 @@ from cipherface.protocol import (
 log = logging.getLogger(__name__)
 
 PHOTO_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
-#: Added to the total wait of a request to make its envelope expiry: a request that
-#: the edge gave up on is not run later, while modest clock skew is tolerated.
-EXPIRY_GRACE_S: Final = 60.0
+#: Added to the total wait of a request (attempts x timeout) to make its envelope
+#: ``exp``: a request the edge gave up on is not run later, yet a cloud clock a few
+#: seconds ahead does not refuse fresh requests.
+EXPIRY_GRACE_S: Final = 5.0
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -180,6 +181,8 @@ class EdgeClient:
             ``use_username_as_clientid`` use the username instead).
         publish_decisions: publish each decision on the events topic.
         announce: keep a retained online/offline status (with a last will): daemons.
+        persistent: keep an MQTT persistent session (a stable ``client_id`` is then
+            needed), so results published while reconnecting are queued: daemons.
 
     Raises:
         InvalidArgumentError: a bad site or gateway id, or bad timeouts.
@@ -198,6 +201,7 @@ class EdgeClient:
         client_id: str | None = None,
         publish_decisions: bool = True,
         announce: bool = False,
+        persistent: bool = False,
     ) -> None:
         self.site = validate_id(site, what="site")
         self.gateway = validate_id(gateway, what="gateway")
@@ -211,10 +215,13 @@ class EdgeClient:
         self.metric: str = getattr(cipher, "metric", "cosine")
         self.publish_decisions = publish_decisions
         self.announce = announce
+        self.persistent = persistent
         self._embedder = embedder
         self._client_id = client_id or f"{self.site}.{self.gateway}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()
         self._pending = PendingRequests()
+        #: Replies that answered nothing pending (duplicates, late ones), for monitoring.
+        self.unmatched = 0
         self._ids_cache: tuple[int, tuple[str | None, ...]] | None = None
         self._key_published = False
         self._subscribed = threading.Event()
@@ -249,7 +256,7 @@ class EdgeClient:
         conn = Connection(
             config=self.broker,
             client_id=self._client_id,
-            persistent=False,
+            persistent=self.persistent,
             will=(self._status_topic, self._status("offline")) if self.announce else None,
             on_message=self._on_message,
             on_connected=self._on_connected,
@@ -305,7 +312,8 @@ class EdgeClient:
             waiter.reply = reply
             waiter.event.set()
         else:
-            log.debug("reply %s matched nothing (%s)", reply.corr, found.reason)
+            self.unmatched += 1
+            log.info("reply %s matched no pending request (%s)", reply.corr, found.reason)
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -365,6 +373,18 @@ class EdgeClient:
         if isinstance(reply, Error):
             raise PeerReportedError(reply.code, reply.message)
         return reply
+
+    def _ask(self, make: Callable[[], Request]) -> Result:
+        """Send ``make()``; after a ``key_mismatch`` (the cloud lost or never got our
+        key) publish the key and send a new request once (docs/protocol.md section 10)."""
+        try:
+            return self.request(make())
+        except PeerReportedError as exc:
+            if exc.remote_code != "key_mismatch":
+                raise
+            log.info("cloud does not know key %s: publishing it again", self.cipher.key_id)
+        self.publish_key()
+        return self.request(make())
 
     def _expiry(self, timeout: float | None = None) -> int:
         per_try = self.timeout if timeout is None else timeout
@@ -464,7 +484,7 @@ class EdgeClient:
         template = vecs.mean(axis=0)
         self.ensure_key()
         payload = self.cipher.encrypt_templates(template[None, :])
-        return self.request(Enroll(**self._header(), ids=(identity,), payload=payload))
+        return self._ask(lambda: Enroll(**self._header(), ids=(identity,), payload=payload))
 
     def enroll_bulk(
         self,
@@ -520,8 +540,9 @@ class EdgeClient:
                 if i + 1 < len(spans):
                     a, b = spans[i + 1]
                     nxt = pool.submit(self.cipher.encrypt_templates, vecs[a:b])
-                result = self.request(
-                    Enroll(**self._header(), ids=tuple(names[lo:hi]), payload=payload)
+                chunk_ids = tuple(names[lo:hi])
+                result = self._ask(
+                    lambda: Enroll(**self._header(), ids=chunk_ids, payload=payload)  # noqa: B023
                 )
                 stored += result.enrolled or 0
                 bar.update(hi - lo)
@@ -542,13 +563,13 @@ class EdgeClient:
             PeerReportedError / RequestTimeoutError: see :meth:`request`.
         """
         names = (ids,) if isinstance(ids, str) else tuple(ids)
-        header = self._header(kid=None) if all_keys else self._header()
-        result = self.request(Delete(**header, ids=names))
+        kid: str | None = None if all_keys else self.cipher.key_id
+        result = self._ask(lambda: Delete(**self._header(kid=kid), ids=names))
         return result.deleted or 0
 
     def ids(self) -> list[str | None]:
         """The gallery's slot -> identity list (None for free slots); refreshes the cache."""
-        result = self.request(IdsGet(**self._header()))
+        result = self._ask(lambda: IdsGet(**self._header()))
         slots = self._slots(result.ids or ())
         with self._lock:
             self._ids_cache = (result.ids_version, slots)
@@ -611,7 +632,7 @@ class EdgeClient:
         label = label or _label(photo)
         vec = self._probe_vector(photo, vector, label)
         probe = self.cipher.encrypt_probe(vec, op="verify")
-        result = self.request(Verify(**self._header(), identity=identity, probe=probe))
+        result = self._ask(lambda: Verify(**self._header(), identity=identity, probe=probe))
         if result.scores is None or result.count != 1:
             raise ResultRejectedError(f"a verify result must carry 1 score, got {result.count}")
         score = float(self.cipher.decrypt_scores(result.scores, op="verify", count=1)[0])
@@ -652,12 +673,16 @@ class EdgeClient:
             with self._lock:
                 cache = self._ids_cache
             version = cache[0] if cache is not None else None
-            result = self.request(Identify(**self._header(), probe=probe, ids_version=version))
+            result = self._ask(
+                lambda: Identify(**self._header(), probe=probe, ids_version=version)  # noqa: B023
+            )
             slots = self._result_slots(result)
             if slots is not None:
                 break
         else:
             raise ResultRejectedError("the gallery keeps changing under identify; try again")
+        if result.count == 0:
+            return self._decide("identify", None, False, t0, label)  # empty gallery
         if result.scores is None:
             raise ResultRejectedError("an identify result without scores")
         scores = self.cipher.decrypt_scores(result.scores, op="identify", count=result.count)

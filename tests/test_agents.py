@@ -239,6 +239,9 @@ def test_enroll_verify_identify_delete(
     people = unit(rng, 6)
     names = [f"person {i}" for i in range(6)]
     try:
+        edge.publish_key()
+        empty = edge.identify(vector=people[0])  # nothing enrolled yet
+        assert not empty.match and empty.identity is None
         assert edge.enroll_bulk(names[:5], people[:5], progress=False) == 5
         assert edge.enroll(names[5], embeddings=np.stack([people[5], near(people[5], rng)]))
         assert sorted(i for i in edge.ids() if i is not None) == sorted(names)
@@ -261,10 +264,10 @@ def test_enroll_verify_identify_delete(
         assert info.value.remote_code == "unknown_identity"
 
         # Every decision went out as an event, and an event carries no score.
-        seen = [decode(events.next(timeout=5).payload) for _ in range(5)]
+        seen = [decode(events.next(timeout=5).payload) for _ in range(6)]
         assert all(isinstance(d, Decision) for d in seen)
-        assert [d.match for d in seen] == [True, False, True, False, False]
-        assert set(seen[0].body()) == {"op", "identity", "match", "latency_ms", "photo"}
+        assert [d.match for d in seen] == [False, True, False, True, False, False]
+        assert set(seen[1].body()) == {"op", "identity", "match", "latency_ms", "photo"}
         assert cloud.stats["errors"] == 1  # the unknown identity
     finally:
         events.close()
@@ -380,6 +383,57 @@ def test_duplicate_request_is_answered_once(
         assert edge.request(IdsGet(site=site, gw=GW, kid=cipher.key_id)).ids_version == ids_version
     finally:
         sniff.close()
+
+
+def test_duplicate_of_a_failed_request_gets_the_same_error(
+    broker: Any,
+    make_cloud: CloudFactory,
+    make_edge: Callable[..., EdgeClient],
+    site: str,
+    cipher: EdgeCipher,
+    rng: np.random.Generator,
+) -> None:
+    make_cloud()
+    edge = make_edge()
+    edge.publish_key()
+    dan = unit(rng, 1)[0]
+    sniff = Sniffer(broker.url, [error_topic(site, GW), result_topic(site, GW)])
+    try:
+        msg = Verify(
+            site=site,
+            gw=GW,
+            kid=cipher.key_id,
+            identity="dan",
+            probe=cipher.encrypt_probe(dan, op="verify"),
+        )
+        sniff.publish(request_topic(site, GW, "verify"), encode(msg))
+        first = sniff.reply_to(msg.id)
+        assert first.topic == error_topic(site, GW)
+        edge.enroll("dan", embeddings=dan)
+        # The same request id again: answered from the cache, not re-run.
+        sniff.publish(request_topic(site, GW, "verify"), encode(msg))
+        again = sniff.reply_to(msg.id)
+        assert (again.topic, again.payload) == (first.topic, first.payload)
+        err = decode(again.payload)
+        assert isinstance(err, Error) and err.code == "unknown_identity" and not err.retry
+        assert edge.verify("dan", vector=dan).match  # a new request does see the enrollment
+    finally:
+        sniff.close()
+
+
+def test_edge_republishes_its_key_after_key_mismatch(
+    make_cloud: CloudFactory, make_edge: Callable[..., EdgeClient], rng: np.random.Generator
+) -> None:
+    cloud = make_cloud()
+    edge = make_edge()
+    eve = unit(rng, 1)[0]
+    # The cloud has never seen this key: identify gets key_mismatch, the edge publishes
+    # its key and asks again.
+    decision = edge.identify(vector=eve)
+    assert not decision.match
+    assert cloud.stats["errors"] == 1 and cloud.stats["results"] == 2
+    edge.enroll("eve", embeddings=eve)
+    assert edge.identify(vector=eve).identity == "eve"
 
 
 def test_bad_messages_get_error_codes_and_agent_keeps_serving(
