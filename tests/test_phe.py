@@ -490,3 +490,31 @@ def test_cipherface_lite_readme_flow(tmp_path: Path, algorithm: str) -> None:
         CipherFaceLite(algorithm_name=algorithm, security_level=112).encrypted_compare(
             source_encrypted, same
         )
+
+
+def test_empty_gallery_and_dropped_blocks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    key = key_for(phe.OKAMOTO_UCHIYAMA)
+    edge = phe_gallery.PheEdgeCipher(key=key)
+    k = edge.packing.slots
+    gal = phe_gallery.PheGallery(path=tmp_path, public=key.public, workers=0)
+    q = unit_rows(rng, 1, 128)[0]
+    res, count = gal.identify(edge.encrypt_probe(q, op="identify"))
+    assert count == 0 and gal.ids() == []
+    assert edge.decrypt_scores(res, op="identify", count=0).shape == (0,)
+
+    x = unit_rows(rng, 3 * k, 128)
+    names = [f"d{i}" for i in range(3 * k)]
+    gal.enroll(names, edge.encrypt_templates(x))
+    assert len(gal.store.blocks) == 3
+    assert gal.delete(names[k : 2 * k]) == k  # the middle block empties: dropped
+    assert len(gal.store.blocks) == 2
+    res, count = gal.identify(edge.encrypt_probe(q, op="identify"))
+    got = edge.decrypt_scores(res, op="identify", count=count)
+    assert count == 3 * k and np.isnan(got[k : 2 * k]).all()
+    ref = x @ q
+    live = [i for i in range(3 * k) if not k <= i < 2 * k]
+    assert np.abs(got[live] - ref[live]).max() <= TOL
+    gal.enroll(["new"], edge.encrypt_templates(q))  # reuses the dropped block's place
+    assert gal.ids().index("new") // k == 1
+    gal.close()
