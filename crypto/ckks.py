@@ -25,7 +25,6 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import msgpack
@@ -35,7 +34,14 @@ import numpy.typing as npt
 
 from cipherface.crypto import rlwe
 from cipherface.crypto.engine import FloatArray, ProbeOp
-from cipherface.crypto.keyfile import KeyFile, fingerprint, load_key_file, save_key_file
+from cipherface.crypto.keyfile import (
+    KeyFile,
+    fingerprint,
+    key_file_bytes,
+    load_key_file,
+    parse_key_bytes,
+    save_key_file,
+)
 from cipherface.crypto.store import GalleryStore
 from cipherface.errors import (
     DecodeError,
@@ -245,32 +251,16 @@ class CkksKeys:
         Raises:
             KeyMismatchError: the bytes are not a valid public CKKS key file.
         """
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as td:
-            p = Path(td) / "pub.key"
-            p.write_bytes(data)
-            try:
-                kf = load_key_file(p, expect_scheme=SCHEME, expect_kind="public")
-                return cls.from_key_file(kf, source="received public key")
-            except KeyFileError as exc:
-                raise KeyMismatchError(str(exc)) from exc
+        try:
+            kf = parse_key_bytes(data, source="received public key")
+            if kf.kind != "public":
+                raise KeyFileError("received key bytes do not hold a public key")
+            return cls.from_key_file(kf, source="received public key")
+        except KeyFileError as exc:
+            raise KeyMismatchError(str(exc)) from exc
 
     def public_key_bytes(self) -> bytes:
-        from cipherface.crypto.keyfile import MAGIC
-
-        kf = self.public.key_file()
-        body = msgpack.packb(
-            {
-                "kind": kf.kind,
-                "scheme": kf.scheme,
-                "key_id": kf.key_id,
-                "params": kf.params,
-                "material": kf.material,
-            },
-            use_bin_type=True,
-        )
-        return MAGIC + body
+        return key_file_bytes(self.public.key_file())
 
 
 # ---------------------------------------------------------------- wire helpers

@@ -107,17 +107,7 @@ def save_key_file(path: str | os.PathLike[str], key: KeyFile) -> None:
     Raises:
         KeyFileError: the file cannot be written.
     """
-    body = msgpack.packb(
-        {
-            "kind": key.kind,
-            "scheme": key.scheme,
-            "key_id": key.key_id,
-            "params": key.params,
-            "material": key.material,
-        },
-        use_bin_type=True,
-    )
-    write_atomic(path, MAGIC + body, mode=0o600 if key.kind == "private" else 0o644)
+    write_atomic(path, key_file_bytes(key), mode=0o600 if key.kind == "private" else 0o644)
 
 
 def check_private_permissions(path: str | os.PathLike[str]) -> None:
@@ -130,6 +120,59 @@ def check_private_permissions(path: str | os.PathLike[str]) -> None:
             InsecurePermissionsWarning,
             stacklevel=3,
         )
+
+
+def parse_key_bytes(data: bytes, *, source: str = "key bytes") -> KeyFile:
+    """Decode key-file bytes (from disk or from a ``key.publish`` message), checking every field.
+
+    Args:
+        data: the bytes, starting with :data:`MAGIC`.
+        source: how to name the origin in error messages.
+
+    Returns:
+        The decoded :class:`KeyFile` (its key material is not interpreted here).
+
+    Raises:
+        KeyFileError: not a key file, too large, or corrupt.
+    """
+    if not isinstance(data, bytes | bytearray) or not bytes(data).startswith(MAGIC):
+        raise KeyFileError(
+            f"{source} is not a cipherface key file (no {MAGIC!r} header); "
+            "create keys with 'cipherface keygen' or export_private_key/export_public_key"
+        )
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{source} is {len(data)} bytes: too large to be a key file")
+    try:
+        obj = msgpack.unpackb(bytes(data)[len(MAGIC) :], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise KeyFileError(f"{source} is corrupt: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("kind") not in ("private", "public"):
+        raise KeyFileError(f"{source} is corrupt: no valid 'kind'")
+    for name, typ in (("scheme", str), ("key_id", str), ("params", dict), ("material", dict)):
+        if not isinstance(obj.get(name), typ):
+            raise KeyFileError(f"{source} is corrupt: field {name!r} missing or of the wrong type")
+    return KeyFile(
+        kind=obj["kind"],
+        scheme=obj["scheme"],
+        key_id=obj["key_id"],
+        params=obj["params"],
+        material=obj["material"],
+    )
+
+
+def key_file_bytes(key: KeyFile) -> bytes:
+    """The bytes :func:`save_key_file` writes (also what ``key.publish`` carries)."""
+    body = msgpack.packb(
+        {
+            "kind": key.kind,
+            "scheme": key.scheme,
+            "key_id": key.key_id,
+            "params": key.params,
+            "material": key.material,
+        },
+        use_bin_type=True,
+    )
+    return MAGIC + body
 
 
 def load_key_file(
@@ -160,28 +203,7 @@ def load_key_file(
         raise KeyFileError(f"cannot read key file {p}: {exc}") from exc
     if size > MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"{p} is {size} bytes: too large to be a key file")
-    data = p.read_bytes()
-    if not data.startswith(MAGIC):
-        raise KeyFileError(
-            f"{p} is not a cipherface key file (no {MAGIC!r} header); "
-            "create keys with 'cipherface keygen' or export_private_key/export_public_key"
-        )
-    try:
-        obj = msgpack.unpackb(data[len(MAGIC) :], raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise KeyFileError(f"{p} is corrupt: {exc}") from exc
-    if not isinstance(obj, dict) or obj.get("kind") not in ("private", "public"):
-        raise KeyFileError(f"{p} is corrupt: no valid 'kind'")
-    for name, typ in (("scheme", str), ("key_id", str), ("params", dict), ("material", dict)):
-        if not isinstance(obj.get(name), typ):
-            raise KeyFileError(f"{p} is corrupt: field {name!r} missing or of the wrong type")
-    key = KeyFile(
-        kind=obj["kind"],
-        scheme=obj["scheme"],
-        key_id=obj["key_id"],
-        params=obj["params"],
-        material=obj["material"],
-    )
+    key = parse_key_bytes(p.read_bytes(), source=str(p))
     if expect_scheme is not None and key.scheme != expect_scheme:
         raise KeyFileError(f"{p} holds a {key.scheme} key, not {expect_scheme}")
     if expect_kind is not None and key.kind != expect_kind:

@@ -54,17 +54,16 @@ from pathlib import Path
 from typing import Any, Final
 
 import gmpy2
-import msgpack
 import numpy as np
 import numpy.typing as npt
 from gmpy2 import mpz
 
 from cipherface.crypto.keyfile import (
-    MAGIC,
-    MAX_KEY_FILE_BYTES,
     KeyFile,
     fingerprint,
+    key_file_bytes,
     load_key_file,
+    parse_key_bytes,
     save_key_file,
 )
 from cipherface.errors import (
@@ -475,18 +474,7 @@ class PhePublicKey:
 
     def to_bytes(self) -> bytes:
         """The public key file as bytes (what the edge publishes to the cloud)."""
-        kf = self.key_file()
-        body = msgpack.packb(
-            {
-                "kind": kf.kind,
-                "scheme": kf.scheme,
-                "key_id": kf.key_id,
-                "params": kf.params,
-                "material": kf.material,
-            },
-            use_bin_type=True,
-        )
-        return MAGIC + body
+        return key_file_bytes(self.key_file())
 
     @classmethod
     def from_key_file(cls, kf: KeyFile, *, source: str = "key file") -> PhePublicKey:
@@ -499,10 +487,12 @@ class PhePublicKey:
         if kf.scheme not in SCHEMES:
             raise KeyFileError(f"{source}: {kf.scheme!r} is not a Paillier-family scheme")
         p, m = kf.params, kf.material
-        ints = {k: p.get(k) for k in ("bits", "s", "pbits", "dim", "precision", "mask_bits")}
-        for k, v in ints.items():
+        ints: dict[str, int] = {}
+        for k in ("bits", "s", "pbits", "dim", "precision", "mask_bits"):
+            v = p.get(k)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise KeyFileError(f"{source}: parameter {k!r} is missing or not an int")
+            ints[k] = v
         bits = ints["bits"]
         try:
             _check_bits(bits)
@@ -902,27 +892,10 @@ def public_key_from_bytes(data: bytes) -> PhePublicKey:
         KeyMismatchError: not a well-formed Paillier-family public key.
         InsecureParametersError: a modulus below 2048 bits.
     """
-    if not isinstance(data, bytes | bytearray) or not bytes(data).startswith(MAGIC):
-        raise KeyMismatchError("public key bytes are not a cipherface key file")
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyMismatchError("public key bytes are too large")
     try:
-        obj = msgpack.unpackb(bytes(data)[len(MAGIC) :], raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise KeyMismatchError(f"public key bytes are malformed: {exc}") from exc
-    if not isinstance(obj, dict) or obj.get("kind") != "public":
-        raise KeyMismatchError("public key bytes do not hold a public key")
-    try:
-        for name, typ in (("scheme", str), ("key_id", str), ("params", dict), ("material", dict)):
-            if not isinstance(obj.get(name), typ):
-                raise KeyFileError(f"field {name!r} missing or of the wrong type")
-        kf = KeyFile(
-            kind="public",
-            scheme=obj["scheme"],
-            key_id=obj["key_id"],
-            params=obj["params"],
-            material=obj["material"],
-        )
+        kf = parse_key_bytes(bytes(data), source="received public key")
+        if kf.kind != "public":
+            raise KeyFileError("received key bytes do not hold a public key")
         return PhePublicKey.from_key_file(kf, source="received public key")
     except KeyFileError as exc:
         raise KeyMismatchError(str(exc)) from exc
