@@ -35,7 +35,9 @@ def _ms(t: float) -> str:
     return f"{t * 1e3:8.1f} ms"
 
 
-def bench(scheme: str, bits: int, templates: int, distinct: int, workers: int, dim: int) -> None:
+def bench(
+    scheme: str, bits: int, templates: int, distinct: int, workers: int, dim: int
+) -> dict[str, float]:
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     key = phe.generate_private_key(scheme, bits=bits, dim=dim)
@@ -160,6 +162,26 @@ def bench(scheme: str, bits: int, templates: int, distinct: int, workers: int, d
         print(f"decrypt one score (edge)       {_ms(vdec)}")
         sub_gal.store.close()
         gal.close()
+    return {
+        "scheme": scheme,
+        "bits": bits,
+        "templates": float(count),
+        "encrypt_ms": single * 1e3,
+        "encrypt_precomputed_ms": pooled * 1e3,
+        "encrypt_batched_ms_per_template": full / k * 1e3,
+        "comparisons_per_s": best,
+        "comparisons_per_s_one_core": one_core,
+        "decrypt_identify_s": dec,
+        "verify_ms": ver * 1e3,
+        "decrypt_one_ms": vdec * 1e3,
+        "public_key_bytes": float(pub_size),
+        "ciphertext_bytes": float(pub.ct_bytes),
+    }
+
+
+def measure(size: int, scheme: str = phe.PAILLIER, bits: int = 2048) -> dict[str, float]:
+    """One scheme at one key size, for bench/bench_engine.py's table."""
+    return bench(scheme, bits, size, 8, os.cpu_count() or 1, 128)
 
 
 def main() -> None:
