@@ -63,3 +63,32 @@ def test_no_face_and_missing_weights_through_the_api(
     with pytest.raises(MissingWeightsError, match=r"vgg_face_weights") as err:
         vgg.represent(str(photos["obama"]))
     assert "weights" in str(err.value)
+
+
+def test_lite_readme_flow_with_real_faces(photos: dict[str, Path], tmp_path: Path) -> None:
+    """cipherface 0.0.2 README's PHE flow as written (Dlib instead of Facenet: offline)."""
+    from cipherface import CipherFaceLite
+
+    # build a cryptosystem
+    onprem = CipherFaceLite(model_name="Dlib", algorithm_name="Paillier")
+    # export keys of built cryptosystem
+    onprem.export_private_key(str(tmp_path / "private.txt"))
+    onprem.export_public_key(str(tmp_path / "public.txt"))
+    # create vector embedding for 1st image and encrypt in one shot
+    source_embedding_encrypted = onprem.securely_embed(img_path=str(photos["obama"]))[0]
+
+    # cloud loads cryptosystem with public key
+    cloud = CipherFaceLite(
+        model_name="Dlib", algorithm_name="Paillier", cryptosystem=str(tmp_path / "public.txt")
+    )
+    verdicts = {}
+    for name in ("obama2", "biden"):
+        target_embedding = cloud.represent(img_path=str(photos[name]))[0]
+        encrypted_similarity = cloud.encrypted_compare(source_embedding_encrypted, target_embedding)
+        # on prem loads cryptosystem with private key
+        onprem = CipherFaceLite(
+            model_name="Dlib", algorithm_name="Paillier", cryptosystem=str(tmp_path / "private.txt")
+        )
+        decrypted_similarity = onprem.restore(encrypted_similarity)
+        verdicts[name] = onprem.verify(decrypted_similarity)
+    assert verdicts == {"obama2": True, "biden": False}
