@@ -568,17 +568,21 @@ class CloudAgent:
             scores = gallery.verify(req.identity, req.probe)
             return result_for(req, ids_version=gallery.ids_version, scores=scores, count=1)
         if isinstance(req, Identify):
-            if not gallery.ids():
+            slots = gallery.ids()
+            if not slots:
                 # Nothing enrolled yet: nobody to score (and no probe to decrypt).
                 return result_for(req, ids_version=gallery.ids_version, ids=[], count=0)
+            if len(slots) > MAX_IDS:  # refuse before spending the compute
+                raise PayloadTooLargeError(
+                    f"the gallery has {len(slots)} slots; a protocol v1 result carries at "
+                    f"most {MAX_IDS}"
+                )
             scores, count = gallery.identify(req.probe)
-            ids: list[str] | None = None
+            if count != len(slots):
+                raise RuntimeError(f"gallery returned {count} scores for {len(slots)} slots")
+            ids = None
             if req.ids_version != gallery.ids_version:
-                ids = slot_ids(gallery)
-                if len(ids) != count:
-                    raise RuntimeError(f"gallery returned {count} scores for {len(ids)} slots")
-            elif count > MAX_IDS:
-                raise PayloadTooLargeError(f"{count} scores; a v1 result carries at most {MAX_IDS}")
+                ids = [FREE_SLOT if s is None else s for s in slots]
             return result_for(
                 req, ids_version=gallery.ids_version, scores=scores, count=count, ids=ids
             )

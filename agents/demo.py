@@ -126,7 +126,10 @@ def run_demo(
         ms = (time.perf_counter() - t) * 1000
         say(f"keys       CKKS key {kid} ({ms:.0f} ms) in {keys}", step="keygen", key_id=kid)
 
-        stack.enter_context(CloudAgent(broker=config, data_dir=work / "cloud"))
+        cloud = CloudAgent(broker=config, data_dir=work / "cloud", agent_id="cloud-demo")
+        cloud.start()
+        # The demo's agent will not come back: end its persistent session on the way out.
+        stack.callback(cloud.stop, retire=True)
         say("cloud      agent online (it only ever sees ciphertexts)", step="cloud")
 
         t = time.perf_counter()
