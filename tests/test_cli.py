@@ -306,14 +306,26 @@ def test_unreachable_broker_exits_3(setup: Setup, tmp_path: Path) -> None:
     assert "broker_unreachable" in out.stderr and "Traceback" not in out.stderr
 
 
+def _need_faces(*names: str) -> dict[str, Path]:
+    """The photos, or skip when the edge extra, its weights or the photos are missing."""
+    import importlib.util
+
+    from cipherface.agents.faces import Embedder, find_photos
+    from cipherface.errors import LocalError
+
+    for module in ("deepface", "dlib", "cv2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the edge extra ({module} missing)")
+    try:
+        Embedder().check_weights()
+        return find_photos(names)
+    except LocalError as exc:
+        pytest.skip(f"needs the photos and weights of .ci/setup_data.sh: {exc}")
+
+
 @pytest.mark.faces
 def test_demo_runs_with_real_photos(broker: Any) -> None:
-    try:
-        from cipherface.agents.faces import find_photos
-
-        find_photos(["obama", "obama2", "obama3", "biden", "astronaut"])
-    except Exception as exc:  # photos or face extra missing
-        pytest.skip(f"demo needs the photos: {exc}")
+    _need_faces("obama", "obama2", "obama3", "biden", "astronaut")
     t0 = time.monotonic()
     out = run("demo", "--json", timeout=120)
     assert out.returncode == 0, out.stderr
@@ -327,12 +339,7 @@ def test_demo_runs_with_real_photos(broker: Any) -> None:
 
 @pytest.mark.faces
 def test_edge_daemon_with_real_photos(setup: Setup) -> None:
-    try:
-        from cipherface.agents.faces import find_photos
-
-        photos = find_photos(["obama", "obama2", "astronaut"])
-    except Exception as exc:
-        pytest.skip(f"needs the photos: {exc}")
+    photos = _need_faces("obama", "obama2", "astronaut")
     enrolled = run("enroll", *setup.edge("--id", "obama", str(photos["obama"])))
     assert enrolled.returncode == 0, enrolled.stderr
     inbox = setup.work / "inbox"
