@@ -339,6 +339,56 @@ def test_request_sent_while_cloud_is_down_is_served_on_start(
     assert edge.identify(vector=near(people[1], rng)).identity == "bob"
 
 
+class _StallingCloud(CloudAgent):
+    """A cloud agent whose worker stalls on the first request until ``gate`` opens."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def handle(self, topic: str, payload: bytes, **kw: Any) -> Any:
+        self.entered.set()
+        self.gate.wait(10)
+        return super().handle(topic, payload, **kw)
+
+
+def test_request_accepted_by_a_crashing_cloud_is_not_lost(
+    broker: Any,
+    tmp_path: Path,
+    site: str,
+    make_cloud: CloudFactory,
+    make_edge: Callable[..., EdgeClient],
+    rng: np.random.Generator,
+) -> None:
+    """manual_ack: a request is acknowledged only after its reply is out, so one that a
+    crashing agent had received is redelivered to the agent's next incarnation."""
+    first = make_cloud()
+    edge = make_edge(timeout=30.0, retries=0)
+    frank = unit(rng, 1)[0]
+    edge.enroll("frank", embeddings=frank)
+    first.stop()
+    stalling = _StallingCloud(
+        broker=BrokerConfig(url=broker.url),
+        data_dir=tmp_path / "cloud",
+        agent_id=first.agent_id,
+        sites=[site],
+        share_group=first.share_group,
+        publish_timeout=1.0,
+    )
+    stalling.start()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(edge.verify, "frank", vector=near(frank, rng))
+        assert stalling.entered.wait(10)
+        # Crash while the request is in hand (received, not yet answered or acked).
+        threading.Timer(2.0, stalling.gate.set).start()  # after the crash below
+        stalling.stop(graceful=False)
+        assert not pending.done()
+        make_cloud()  # the next incarnation gets the unacknowledged request again
+        decision = pending.result(timeout=30)
+    assert decision.match and decision.identity == "frank"
+
+
 def test_duplicate_request_is_answered_once(
     broker: Any,
     make_cloud: CloudFactory,
