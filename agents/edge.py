@@ -211,8 +211,8 @@ class EdgeClient:
         self.cipher = cipher
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.model: str = getattr(cipher, "model", "Dlib")
-        self.metric: str = getattr(cipher, "metric", "cosine")
+        self.model: str = _key_attr(cipher, "model", "Dlib")
+        self.metric: str = _key_attr(cipher, "metric", "cosine")
         self.publish_decisions = publish_decisions
         self.announce = announce
         self.persistent = persistent
@@ -799,6 +799,15 @@ class EdgeClient:
             return WatchRecord(photo=path.name, error_code=code, error=message, moved_to=dest)
         dest = _move(path, done)
         return WatchRecord(photo=path.name, decision=decision, moved_to=dest)
+
+
+def _key_attr(cipher: EdgeCipher, name: str, default: str) -> str:
+    """The face model / metric recorded with the key (on the cipher or its public key)."""
+    for owner in (cipher, getattr(cipher, "public", None), getattr(cipher, "pub", None)):
+        value = getattr(owner, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return default
 
 
 def _label(photo: Any) -> str | None:

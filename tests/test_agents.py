@@ -273,6 +273,27 @@ def test_enroll_verify_identify_delete(
         events.close()
 
 
+@pytest.mark.parametrize("scheme", ["paillier", "damgard-jurik", "okamoto-uchiyama"])
+def test_paillier_family_through_the_agents(
+    make_cloud: CloudFactory,
+    make_edge: Callable[..., EdgeClient],
+    tmp_path: Path,
+    rng: np.random.Generator,
+    scheme: str,
+) -> None:
+    """The agents only use crypto.sites: the Paillier-family engines work unchanged."""
+    sites.generate_key_dir(tmp_path / "keys", dim=DIM, scheme=scheme)
+    make_cloud()
+    edge = make_edge(cipher=sites.load_edge_cipher(tmp_path / "keys"), timeout=60.0)
+    people = unit(rng, 4)
+    assert edge.enroll_bulk(["a", "b", "c", "d"], people, progress=False) == 4
+    assert edge.verify("b", vector=near(people[1], rng)).match
+    assert not edge.verify("b", vector=people[2]).match
+    assert edge.identify(vector=near(people[3], rng)).identity == "d"
+    assert edge.delete("d") == 1
+    assert edge.identify(vector=near(people[3], rng)).identity is None
+
+
 def test_mqtt5_properties(
     broker: Any, make_cloud: CloudFactory, make_edge: Callable[..., EdgeClient], site: str
 ) -> None:
