@@ -501,6 +501,8 @@ class CkksEdgeCipher:
                 raise ResultRejectedError(
                     f"identify result has a wrong number of blocks for {count}"
                 )
+            if not blocks:
+                return np.zeros(0, dtype=np.float64)
             c = np.stack([_unpack32(x, (3, 1, N), "identify result", q0) for x in blocks])
         except (DecodeError, KeyError, TypeError) as exc:
             raise ResultRejectedError(f"{kind} is malformed: {exc}") from exc
@@ -753,7 +755,7 @@ class CkksGallery:
         out = np.empty((3, self.ring.k, self.params.n), dtype=np.uint64)
         q0 = int(self.ring.q[0])
         results = []
-        live = np.array([s is not None for s in slots], dtype=bool).reshape(nblocks, -1)
+        live = np.array([s is not None for s in slots], dtype=bool).reshape(nblocks, self.params.n)
         for b, g in enumerate(blocks):
             _mac_block(np.asarray(g), p, self.ring.q, out)
             res = finish_product(self.ring, out)

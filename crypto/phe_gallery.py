@@ -338,6 +338,10 @@ class PheEdgeCipher:
         self.key_id = key.public.key_id
         self.dim = key.public.dim
         self.packing = Packing.for_key(key.public)
+        self.model = key.public.model
+        self.metric = key.public.metric
+        # One payload stays well inside a protocol message (60 MiB payload limit).
+        self.max_templates_per_payload = 4096
         self._pool: list[Any] = []
         self._lock = threading.Lock()
 

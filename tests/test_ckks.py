@@ -350,3 +350,12 @@ def test_wire_sizes(keys128: CkksKeys) -> None:
     assert len(edge.encrypt_probe(v, op="verify")) <= 64 * 1024
     assert len(keys128.public_key_bytes()) <= 2 * 1024 * 1024
     assert ckks.FLOOD_BITS < 2 * keys128.public.params.delta_bits - 20
+
+
+def test_identify_on_an_empty_gallery(keys128: CkksKeys, tmp_path: Path) -> None:
+    edge = CkksEdgeCipher(keys=keys128)
+    gal = CkksGallery(path=tmp_path, public=keys128.public)
+    res, count = gal.identify(edge.encrypt_probe(np.ones(128), op="identify"))
+    assert count == 0 and gal.ids() == []
+    assert edge.decrypt_scores(res, op="identify", count=0).shape == (0,)
+    gal.close()
