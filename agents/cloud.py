@@ -67,6 +67,8 @@ from cipherface.protocol import (
     CLOUD_SHARE_GROUP,
     MAX_IDS,
     MAX_MESSAGE_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MAX_SLOTS,
     REQUEST_FILTER,
     Delete,
     Enroll,
@@ -96,9 +98,6 @@ from cipherface.protocol import (
 
 log = logging.getLogger(__name__)
 
-#: Identity sent for a free or deleted gallery slot in ``result.ids`` (the protocol's
-#: id lists hold strings only). The cloud refuses to enroll it, so it never names a person.
-FREE_SLOT: Final = "\u2205"
 DEFAULT_AGENT_ID: Final = "cloud-local"
 #: Replies of enroll/delete kept on disk this long, for redeliveries after a restart.
 PERSISTED_REPLY_TTL_S: Final = 24 * 3600.0
@@ -188,18 +187,37 @@ class _SiteKeys:
         self._open.clear()
 
 
-def slot_ids(gallery: Gallery) -> list[str]:
-    """The gallery's slot -> identity list, with :data:`FREE_SLOT` for empty slots.
+def ids_page(
+    slots: Sequence[str | None], offset: int, limit: int | None
+) -> tuple[int, list[str | None]]:
+    """One page of a slot list, as ``ids.get`` serves it (docs/protocol.md 6.6).
 
-    Raises:
-        PayloadTooLargeError: more slots than a protocol v1 id list may hold.
+    Args:
+        slots: the gallery's slot -> identity list (None for a free slot).
+        offset: the first slot asked for; past the end gives the empty last page.
+        limit: the most ids in the page (None: :data:`MAX_IDS`).
+
+    Returns:
+        ``(offset, ids)``: the page's first slot (``offset`` clamped to the list's
+        length) and its ``min(limit, total - offset)`` ids.
     """
-    slots = gallery.ids()
-    if len(slots) > MAX_IDS:
+    start = min(offset, len(slots))
+    size = MAX_IDS if limit is None else limit
+    return start, list(slots[start : start + size])
+
+
+def _check_slots(n: int) -> None:
+    if n > MAX_SLOTS:
         raise PayloadTooLargeError(
-            f"the gallery has {len(slots)} slots; a protocol v1 result carries at most {MAX_IDS}"
+            f"the gallery has {n} slots; a protocol v1 result describes at most {MAX_SLOTS}"
         )
-    return [FREE_SLOT if s is None else s for s in slots]
+
+
+def _encoded_size(msg: Result) -> int:
+    try:
+        return len(encode(msg))
+    except InvalidArgumentError:  # encode() refuses anything over MAX_MESSAGE_BYTES
+        return MAX_MESSAGE_BYTES + 1
 
 
 class CloudAgent:
@@ -217,6 +235,10 @@ class CloudAgent:
             ``cloud-<name>`` account requires); None serves every site.
         share_group: MQTT shared-subscription group; None subscribes without sharing.
         max_message_bytes: refuse (``too_large``) requests longer than this.
+        max_reply_bytes: the largest reply to publish (at most the protocol's 64 MiB;
+            lower it to the broker's ``message_size_limit``): an identify result that
+            would exceed it with the slot list goes without it (the edge pages the list
+            with ids.get), and without it is refused with ``too_large``.
         publish_timeout: seconds to wait for the broker to acknowledge a reply before
             giving up on acknowledging the request (it will then be redelivered).
         reply_cache: the dedup cache (default: 10k entries, 256 MB, 15 min).
@@ -235,6 +257,7 @@ class CloudAgent:
         sites: Sequence[str] | None = None,
         share_group: str | None = CLOUD_SHARE_GROUP,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_reply_bytes: int = MAX_MESSAGE_BYTES,
         publish_timeout: float = 30.0,
         reply_cache: ReplyCache | None = None,
     ) -> None:
@@ -246,6 +269,9 @@ class CloudAgent:
         self.broker = broker
         self.data_dir = Path(data_dir)
         self.max_message_bytes = max_message_bytes
+        if not 0 < max_reply_bytes <= MAX_MESSAGE_BYTES:
+            raise InvalidArgumentError(f"max_reply_bytes must be in 1..{MAX_MESSAGE_BYTES}")
+        self.max_reply_bytes = max_reply_bytes
         self.publish_timeout = publish_timeout
         self.cache = reply_cache if reply_cache is not None else ReplyCache()
         self.keys = _SiteKeys(self.data_dir)
@@ -555,38 +581,65 @@ class CloudAgent:
             if kid is None:
                 raise KeyMismatchError(f"site {req.site!r} has no key yet")
             gallery = self.keys.gallery(req.site, kid)
-            slots = slot_ids(gallery)
-            return result_for(req, ids_version=gallery.ids_version, ids=slots, count=len(slots))
+            slots = gallery.ids()
+            _check_slots(len(slots))
+            offset, page = ids_page(slots, req.offset, req.limit)
+            while True:
+                result = result_for(
+                    req,
+                    ids_version=gallery.ids_version,
+                    ids=page,
+                    count=len(page),
+                    offset=offset,
+                    total=len(slots),
+                )
+                if len(page) <= 1 or _encoded_size(result) <= self.max_reply_bytes:
+                    return result
+                # Long names under a lowered reply limit: a shorter page still progresses.
+                page = page[: len(page) // 2]
         assert req.kid is not None  # the codec requires kid on the other requests
         gallery = self.keys.gallery(req.site, req.kid)
         if isinstance(req, Enroll):
-            if FREE_SLOT in req.ids:
-                raise ValidationError(f"ids: {FREE_SLOT!r} is reserved for free slots")
             added = gallery.enroll(req.ids, req.payload)
             return result_for(req, ids_version=gallery.ids_version, enrolled=added)
         if isinstance(req, Verify):
             scores = gallery.verify(req.identity, req.probe)
             return result_for(req, ids_version=gallery.ids_version, scores=scores, count=1)
         if isinstance(req, Identify):
-            slots = gallery.ids()
-            if not slots:
-                # Nothing enrolled yet: nobody to score (and no probe to decrypt).
-                return result_for(req, ids_version=gallery.ids_version, ids=[], count=0)
-            if len(slots) > MAX_IDS:  # refuse before spending the compute
-                raise PayloadTooLargeError(
-                    f"the gallery has {len(slots)} slots; a protocol v1 result carries at "
-                    f"most {MAX_IDS}"
-                )
-            scores, count = gallery.identify(req.probe)
-            if count != len(slots):
-                raise RuntimeError(f"gallery returned {count} scores for {len(slots)} slots")
-            ids = None
-            if req.ids_version != gallery.ids_version:
-                ids = [FREE_SLOT if s is None else s for s in slots]
-            return result_for(
-                req, ids_version=gallery.ids_version, scores=scores, count=count, ids=ids
-            )
+            return self._identify(req, gallery)
         raise ValidationError(f"unsupported request type {req.TYPE}")  # pragma: no cover
+
+    def _identify(self, req: Identify, gallery: Gallery) -> Result:
+        # One worker thread per agent and a single writer per gallery: the slot list,
+        # the version and the scores below all describe the same gallery state.
+        slots = gallery.ids()
+        version = gallery.ids_version
+        stale = req.ids_version != version
+        if not slots:
+            # Nothing enrolled yet: nobody to score (and no probe to decrypt).
+            return result_for(req, ids_version=version, ids=[] if stale else None, count=0)
+        _check_slots(len(slots))  # refuse before spending the compute
+        scores, count = gallery.identify(req.probe)
+        if count != len(slots):
+            raise RuntimeError(f"gallery returned {count} scores for {len(slots)} slots")
+        if len(scores) > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLargeError(
+                f"the scores of {count} slots take {len(scores)} bytes, more than a result "
+                f"carries ({MAX_PAYLOAD_BYTES})"
+            )
+        # The slot list rides along only when the edge's copy is stale and the whole
+        # list fits in one message; otherwise the edge pages it with ids.get.
+        if stale and count <= MAX_IDS:
+            with_ids = result_for(req, ids_version=version, scores=scores, count=count, ids=slots)
+            if _encoded_size(with_ids) <= self.max_reply_bytes:
+                return with_ids
+        result = result_for(req, ids_version=version, scores=scores, count=count)
+        if _encoded_size(result) > self.max_reply_bytes:
+            raise PayloadTooLargeError(
+                f"the identify result over {count} slots is larger than "
+                f"{self.max_reply_bytes} bytes"
+            )
+        return result
 
     def _key_publish(self, req: KeyPublish) -> Result:
         assert req.kid is not None
@@ -637,4 +690,4 @@ class CloudAgent:
                     continue
 
 
-__all__ = ["DEFAULT_AGENT_ID", "FREE_SLOT", "CloudAgent", "Outgoing", "slot_ids"]
+__all__ = ["DEFAULT_AGENT_ID", "CloudAgent", "Outgoing", "ids_page"]

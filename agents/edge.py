@@ -34,7 +34,6 @@ import numpy.typing as npt
 import paho.mqtt.client as paho
 
 from cipherface import __version__
-from cipherface.agents.cloud import FREE_SLOT
 from cipherface.agents.mqtt import (
     BrokerConfig,
     Connection,
@@ -56,6 +55,7 @@ from cipherface.errors import (
     ResultRejectedError,
 )
 from cipherface.protocol import (
+    MAX_IDS,
     Decision,
     Delete,
     Enroll,
@@ -90,6 +90,9 @@ PHOTO_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 #: ``exp``: a request the edge gave up on is not run later, yet a cloud clock a few
 #: seconds ahead does not refuse fresh requests.
 EXPIRY_GRACE_S: Final = 5.0
+#: How many times :meth:`EdgeClient.ids` starts a listing over when the gallery changes
+#: between two of its pages.
+IDS_RESTARTS: Final = 3
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -567,17 +570,61 @@ class EdgeClient:
         result = self._ask(lambda: Delete(**self._header(kid=kid), ids=names))
         return result.deleted or 0
 
-    def ids(self) -> list[str | None]:
-        """The gallery's slot -> identity list (None for free slots); refreshes the cache."""
-        result = self._ask(lambda: IdsGet(**self._header()))
-        slots = self._slots(result.ids or ())
-        with self._lock:
-            self._ids_cache = (result.ids_version, slots)
-        return list(slots)
+    def ids(self, *, page_size: int = MAX_IDS) -> list[str | None]:
+        """The gallery's slot -> identity list (None for free slots); refreshes the cache.
 
-    @staticmethod
-    def _slots(ids: Iterable[str]) -> tuple[str | None, ...]:
-        return tuple(None if s == FREE_SLOT else s for s in ids)
+        The list is fetched in pages of ``page_size`` (``ids.get``). Every page must come
+        from the same gallery version: if the gallery changes while paging, the listing
+        starts over (at most :data:`IDS_RESTARTS` times).
+
+        Args:
+            page_size: ids per page, 1..100000.
+
+        Returns:
+            One entry per slot, in score order.
+
+        Raises:
+            InvalidArgumentError: a bad page size.
+            ResultRejectedError: inconsistent pages, or the gallery kept changing.
+            PeerReportedError / RequestTimeoutError: see :meth:`request`.
+        """
+        if not 1 <= page_size <= MAX_IDS:
+            raise InvalidArgumentError(f"page_size must be in 1..{MAX_IDS}")
+        for _ in range(IDS_RESTARTS + 1):
+            listed = self._list_ids(page_size)
+            if listed is not None:
+                version, slots = listed
+                with self._lock:
+                    self._ids_cache = (version, slots)
+                return list(slots)
+            log.info("the gallery changed while its id list was paged: starting over")
+        raise ResultRejectedError(
+            f"the gallery changed during {IDS_RESTARTS + 1} listings of its ids; try again"
+        )
+
+    def _list_ids(self, page_size: int) -> tuple[int, tuple[str | None, ...]] | None:
+        """All pages of one gallery version, or None when the version moved meanwhile."""
+        slots: list[str | None] = []
+        version: int | None = None
+        total: int | None = None
+        while True:
+            offset = len(slots)
+            res = self._ask(lambda: IdsGet(**self._header(), offset=offset, limit=page_size))  # noqa: B023
+            if version is None:
+                version, total = res.ids_version, res.total
+            elif res.ids_version != version:
+                return None
+            page = res.ids if res.ids is not None else ()
+            if res.total != total or res.offset != offset or len(page) > page_size:
+                # Same version, different list: the cloud is inconsistent, not us.
+                raise ResultRejectedError(
+                    f"ids.get page at {offset} of version {version} does not fit the listing "
+                    f"(offset {res.offset}, {len(page)} ids, total {res.total} vs {total})"
+                )
+            slots.extend(page)
+            assert total is not None  # a validated ids.get result always has it
+            if len(slots) >= total:  # the codec rules out empty pages before the end
+                return version, tuple(slots)
 
     def _decide(
         self,
@@ -702,14 +749,14 @@ class EdgeClient:
     def _result_slots(self, result: Result) -> tuple[str | None, ...] | None:
         """The slot list the scores of ``result`` refer to, or None if it cannot be known."""
         if result.ids is not None:
-            slots = self._slots(result.ids)
+            slots = result.ids
             with self._lock:
                 self._ids_cache = (result.ids_version, slots)
             return slots
         with self._lock:
             cache = self._ids_cache
         if cache is None or cache[0] != result.ids_version:
-            self.ids()  # the cloud thought our list was current: refresh it
+            self.ids()  # a large gallery's list comes apart (or our cache is stale): page it
             with self._lock:
                 cache = self._ids_cache
         if cache is None or cache[0] != result.ids_version:
@@ -829,6 +876,7 @@ def _move(path: Path, folder: Path) -> str | None:
 
 
 __all__ = [
+    "IDS_RESTARTS",
     "PHOTO_SUFFIXES",
     "EdgeClient",
     "WatchRecord",

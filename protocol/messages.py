@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal, cast
 
 from cipherface.errors import CipherFaceError, InvalidArgumentError
 from cipherface.protocol.topics import OP_FOR_TYPE, RESERVED_SITES, is_valid_id
@@ -28,7 +28,11 @@ from cipherface.protocol.topics import OP_FOR_TYPE, RESERVED_SITES, is_valid_id
 SCHEMA_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 MAX_PAYLOAD_BYTES: Final = 60 * 1024 * 1024
+#: Longest id list in any message: enroll/delete requests, one page of ``ids.get``.
 MAX_IDS: Final = 100_000
+#: Most score slots one result may announce (``Result.count`` with ``scores``), and
+#: the largest gallery (``Result.total``) an id list may be paged from.
+MAX_SLOTS: Final = 1 << 24
 MAX_IDENTITY_CHARS: Final = 128
 MAX_TEXT_CHARS: Final = 1024
 MAX_VERSION_CHARS: Final = 64
@@ -153,7 +157,9 @@ def _identity(name: str, value: object) -> str:
     return value
 
 
-def _identities(name: str, value: object, *, unique: bool) -> tuple[str, ...]:
+def _identities(
+    name: str, value: object, *, unique: bool, allow_none: bool = False
+) -> tuple[str | None, ...]:
     # Lists are accepted for convenience and stored as tuples (hashable, immutable).
     if isinstance(value, list):
         value = tuple(value)
@@ -162,10 +168,22 @@ def _identities(name: str, value: object, *, unique: bool) -> tuple[str, ...]:
     if len(value) > MAX_IDS:
         raise _FieldSizeError(f"{name}: {len(value)} ids, at most {MAX_IDS}")
     for i, item in enumerate(value):
-        _identity(f"{name}[{i}]", item)
-    if unique and len(set(value)) != len(value):
-        raise _FieldError(f"{name}: ids must be unique")
+        # nil marks a free slot in a result's slot list; a request never names one.
+        if not (allow_none and item is None):
+            _identity(f"{name}[{i}]", item)
+    if unique:
+        named = [item for item in value if item is not None]
+        if len(set(named)) != len(named):
+            raise _FieldError(f"{name}: ids must be unique")
     return value
+
+
+def _request_ids(name: str, value: object) -> tuple[str, ...]:
+    """1..MAX_IDS unique identities (enroll, delete): no nil, no repeat, not empty."""
+    ids = _identities(name, value, unique=True)
+    if not ids:
+        raise _FieldError(f"{name}: at least one id")
+    return cast(tuple[str, ...], ids)  # allow_none was off: every item is a str
 
 
 def _blob(name: str, value: object) -> bytes:
@@ -370,9 +388,7 @@ class Enroll(Envelope):
     payload: bytes
 
     def _check_body(self) -> None:
-        self._set("ids", _identities("ids", self.ids, unique=True))
-        if not self.ids:
-            raise _FieldError("ids: at least one id")
+        self._set("ids", _request_ids("ids", self.ids))
         _blob("payload", self.payload)
 
 
@@ -390,9 +406,7 @@ class Delete(Envelope):
     ids: tuple[str, ...]
 
     def _check_body(self) -> None:
-        self._set("ids", _identities("ids", self.ids, unique=True))
-        if not self.ids:
-            raise _FieldError("ids: at least one id")
+        self._set("ids", _request_ids("ids", self.ids))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -440,10 +454,23 @@ class Identify(Envelope):
 
 @dataclass(frozen=True, kw_only=True)
 class IdsGet(Envelope):
-    """edge -> cloud: fetch the gallery's id list (``kid`` None = the site's current key)."""
+    """edge -> cloud: fetch one page of the gallery's slot list (``kid`` None = the
+    site's current key).
+
+    Args:
+        offset: the first slot of the page (0..16777216).
+        limit: the most ids in the page (1..100000); None asks for 100000.
+    """
 
     TYPE: ClassVar[str] = "ids.get"
     CORR: ClassVar[Literal["forbidden", "optional", "required"]] = "forbidden"
+
+    offset: int = 0
+    limit: int | None = None
+
+    def _check_body(self) -> None:
+        _int("offset", self.offset, hi=MAX_SLOTS)
+        _optional("limit", self.limit, _int, lo=1, hi=MAX_IDS)
 
 
 # ---------------------------------------------------------------------- replies
@@ -455,12 +482,15 @@ class Result(Envelope):
         op: the request's message type (``enroll``, ``identify``...).
         ids_version: the gallery version after the operation.
         scores: encrypted scores (format: docs/crypto.md), or None.
-        count: number of scores in ``scores`` (and of ``ids`` when given); 0 when
-            neither is given.
-        ids: identity of each score slot (identify, when the edge's cache is stale)
-            or the id list (ids.get); None otherwise.
+        count: number of score slots when ``scores`` is set (1..16777216), else the
+            number of ``ids`` (0 when neither is set).
+        ids: identity of each slot, None for a free or deleted slot: all the slots
+            (identify, when the edge's cache is stale and they fit in one list) or
+            one page of them (ids.get); None otherwise.
         enrolled: number of templates stored (enroll), else None.
         deleted: number of identities erased (delete), else None.
+        offset: the page's first slot (ids.get), else None.
+        total: the number of slots in the gallery (ids.get), else None.
     """
 
     TYPE: ClassVar[str] = "result"
@@ -470,17 +500,21 @@ class Result(Envelope):
     ids_version: int
     scores: bytes | None = None
     count: int = 0
-    ids: tuple[str, ...] | None = None
+    ids: tuple[str | None, ...] | None = None
     enrolled: int | None = None
     deleted: int | None = None
+    offset: int | None = None
+    total: int | None = None
 
     def _check_body(self) -> None:
         _choice("op", self.op, tuple(OP_FOR_TYPE))
         _int("ids_version", self.ids_version)
         _optional("scores", self.scores, _blob)
-        _int("count", self.count, hi=MAX_IDS)
+        _int("count", self.count, hi=MAX_SLOTS)
+        if self.scores is not None and self.count == 0:
+            raise _FieldError("count: at least 1 with scores")
         if self.ids is not None:
-            self._set("ids", _identities("ids", self.ids, unique=False))
+            self._set("ids", _identities("ids", self.ids, unique=False, allow_none=True))
             assert self.ids is not None
             if len(self.ids) != self.count:
                 raise _FieldError(f"ids: {len(self.ids)} ids but count is {self.count}")
@@ -488,6 +522,28 @@ class Result(Envelope):
             raise _FieldError("count: must be 0 without scores or ids")
         _optional("enrolled", self.enrolled, _int, hi=MAX_IDS)
         _optional("deleted", self.deleted, _int, hi=MAX_IDS)
+        _optional("offset", self.offset, _int, hi=MAX_SLOTS)
+        _optional("total", self.total, _int, hi=MAX_SLOTS)
+        self._check_page()
+
+    def _check_page(self) -> None:
+        """An ids.get result is exactly one page: ids, offset and total, no scores."""
+        paged = (self.offset, self.total)
+        if self.op != "ids.get":
+            if paged != (None, None):
+                raise _FieldError("offset, total: only in an ids.get result")
+            return
+        if self.ids is None or self.offset is None or self.total is None:
+            raise _FieldError("ids, offset, total: required in an ids.get result")
+        if self.scores is not None:
+            raise _FieldError("scores: not in an ids.get result")
+        if self.offset + len(self.ids) > self.total:
+            raise _FieldError(
+                f"ids: slots {self.offset}..{self.offset + len(self.ids)} past total {self.total}"
+            )
+        if not self.ids and self.offset != self.total:
+            # An empty page before the end would leave a pager without progress.
+            raise _FieldError(f"ids: empty page at offset {self.offset} of {self.total}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -611,9 +667,11 @@ def result_for(
     ids_version: int,
     scores: bytes | None = None,
     count: int = 0,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str | None] | None = None,
     enrolled: int | None = None,
     deleted: int | None = None,
+    offset: int | None = None,
+    total: int | None = None,
     exp: int | None = None,
 ) -> Result:
     """Build the result answering ``request`` (same site/gw/kid, ``corr`` = its id).
@@ -622,10 +680,12 @@ def result_for(
         request: the request being answered.
         ids_version: the gallery version after the operation.
         scores: encrypted scores, or None.
-        count: number of score slots.
-        ids: identity of each slot, or the id list, or None.
+        count: number of score slots, or of ``ids``.
+        ids: identity of each slot (None: a free slot), or a page of them, or None.
         enrolled: templates stored (enroll).
         deleted: identities erased (delete).
+        offset: first slot of the page (ids.get).
+        total: number of slots of the gallery (ids.get).
         exp: expiry of the result, ms since the epoch.
 
     Returns:
@@ -647,6 +707,8 @@ def result_for(
         ids=None if ids is None else tuple(ids),
         enrolled=enrolled,
         deleted=deleted,
+        offset=offset,
+        total=total,
     )
 
 
@@ -704,6 +766,7 @@ __all__ = [
     "MAX_INT",
     "MAX_MESSAGE_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "MAX_SLOTS",
     "MAX_TEXT_CHARS",
     "MESSAGE_TYPES",
     "REQUEST_TYPES",

@@ -22,13 +22,20 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cipherface.agents.cloud import FREE_SLOT, CloudAgent
-from cipherface.agents.edge import EdgeClient, WatchRecord
+from cipherface.agents.cloud import CloudAgent
+from cipherface.agents.edge import IDS_RESTARTS, EdgeClient, WatchRecord
 from cipherface.agents.mqtt import BrokerConfig
 from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher
-from cipherface.errors import NoFaceError, PeerReportedError, RequestTimeoutError
+from cipherface.errors import (
+    InvalidArgumentError,
+    NoFaceError,
+    PeerReportedError,
+    RequestTimeoutError,
+    ResultRejectedError,
+)
 from cipherface.protocol import (
+    MAX_IDS,
     Decision,
     Enroll,
     Error,
@@ -541,11 +548,11 @@ def test_bad_messages_get_error_codes_and_agent_keeps_serving(
     )
     bad_key = KeyPublish(site=site, gw=GW, kid=cipher.key_id, scheme="ckks", public_key=b"junk")
     unknown = Verify(site=site, gw=GW, kid=cipher.key_id, identity="bob", probe=probe)
-    reserved = Enroll(
+    nameless = Enroll(
         site=site,
         gw=GW,
         kid=cipher.key_id,
-        ids=(FREE_SLOT,),
+        ids=("mallory",),
         payload=cipher.encrypt_templates(alice[None, :]),
     )
     cases: list[tuple[str, str, bytes, str | None]] = [
@@ -566,7 +573,12 @@ def test_bad_messages_get_error_codes_and_agent_keeps_serving(
             wrong_payload.id,
         ),
         ("malformed public key", request_topic(site, GW, "key"), encode(bad_key), bad_key.id),
-        ("reserved identity", request_topic(site, GW, "enroll"), encode(reserved), reserved.id),
+        (
+            "nil identity",  # nil marks a free slot in results; a request never names one
+            request_topic(site, GW, "enroll"),
+            _mutate(encode(nameless), b_ids=[None]),
+            nameless.id,
+        ),
         ("unknown identity", verify_topic, encode(unknown), unknown.id),
     ]
     expected = {
@@ -582,7 +594,7 @@ def test_bad_messages_get_error_codes_and_agent_keeps_serving(
         "unknown key": "key_mismatch",
         "payload of another key": "key_mismatch",
         "malformed public key": "key_mismatch",
-        "reserved identity": "invalid_field",
+        "nil identity": "malformed",
         "unknown identity": "unknown_identity",
     }
     try:
@@ -631,6 +643,126 @@ def test_large_payloads_and_second_block(
     assert edge.identify(vector=near(people[4096], rng)).identity == "p4096"
     assert edge.identify(vector=near(people[17], rng)).identity == "p17"
     assert edge.verify("p4096", vector=near(people[4096], rng)).match
+
+
+def test_identify_over_more_slots_than_an_id_list_holds(
+    make_cloud: CloudFactory,
+    make_edge: Callable[..., EdgeClient],
+    cipher: EdgeCipher,
+    site: str,
+    rng: np.random.Generator,
+) -> None:
+    """102,400 enrolled templates + one: the scores of 106,496 slots come in one result
+    (count above MAX_IDS, no id list), the edge pages the slot list with ids.get."""
+    cloud = make_cloud()
+    edge = make_edge(timeout=60.0)
+    edge.publish_key()
+    block = int(getattr(cipher, "max_templates_per_payload", 4096))
+    blocks = -(-(MAX_IDS + 1) // block)  # 25 blocks of 4096
+    # One encrypted payload of random faces, enrolled again and again under new names:
+    # the build costs broker and storage time, not encryption time.
+    filler = cipher.encrypt_templates(unit(rng, block))
+    for b in range(blocks):
+        ids = tuple(f"filler {b}-{i}" for i in range(block))
+        msg = Enroll(site=site, gw=GW, kid=cipher.key_id, ids=ids, payload=filler)
+        assert edge.request(msg).enrolled == block
+    target = unit(rng, 1)[0]
+    edge.enroll("target", embeddings=target)  # opens a block: its 4095 other slots are free
+    assert edge.delete(["filler 3-7", "filler 24-4095"]) == 2
+
+    who = edge.identify(vector=near(target, rng))
+    assert who.match and who.identity == "target"
+    slots = edge.ids()
+    assert len(slots) == (blocks + 1) * block > MAX_IDS
+    assert slots[blocks * block] == "target" and slots[-1] is None
+    assert slots[3 * block + 7] is None and slots[3 * block + 8] == "filler 3-8"
+    assert sum(s is not None for s in slots) == blocks * block - 1
+    assert not edge.identify(vector=unit(rng, 1)[0]).match
+    assert edge.delete("target") == 1
+    assert edge.identify(vector=near(target, rng)).identity is None
+    assert cloud.stats["errors"] == 0
+
+
+class _InterleavedEdge(EdgeClient):
+    """An edge client that runs ``between`` before asking for any page but the first."""
+
+    def __init__(self, between: Callable[[], None], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.between = between
+        self.pages: list[int] = []
+
+    def request(self, msg: Any, *, timeout: float | None = None) -> Result:
+        if isinstance(msg, IdsGet):
+            self.pages.append(msg.offset)
+            if msg.offset > 0:
+                self.between()
+        return super().request(msg, timeout=timeout)
+
+
+def test_id_list_paging_restarts_when_the_gallery_changes(
+    broker: Any,
+    make_cloud: CloudFactory,
+    make_edge: Callable[..., EdgeClient],
+    cipher: EdgeCipher,
+    site: str,
+    rng: np.random.Generator,
+) -> None:
+    make_cloud()
+    other = make_edge(gateway="gw2")
+    people = unit(rng, 10)
+    assert other.enroll_bulk(["a", "b", "c", "d", "e"], people[:5], progress=False) == 5
+    assert other.delete("b") == 1
+    joined: list[str] = []
+
+    def enroll_once() -> None:
+        if not joined:
+            joined.append("f")
+            other.enroll("f", embeddings=people[5])
+
+    edge = _InterleavedEdge(
+        enroll_once, broker=BrokerConfig(url=broker.url), cipher=cipher, site=site, gateway=GW
+    )
+    with edge:
+        slots = edge.ids(page_size=1024)  # a CKKS gallery lists whole 4096-slot blocks
+        # Pages 0 and 1024 of the first version, then the whole list of the new version.
+        assert edge.pages == [0, 1024, 0, 1024, 2048, 3072]
+        live = [s for s in slots if s is not None]
+        assert live == ["a", "c", "d", "e", "f"] and slots[1] is None  # b's slot stays free
+        assert slots == other.ids()  # one page (the default size) gives the same list
+        with pytest.raises(InvalidArgumentError):
+            edge.ids(page_size=MAX_IDS + 1)
+
+        # A gallery that changes between every two pages: bounded restarts, then an error.
+        edge.between = lambda: other.enroll(f"x{len(edge.pages)}", embeddings=people[6])
+        edge.pages.clear()
+        with pytest.raises(ResultRejectedError, match="changed"):
+            edge.ids(page_size=2048)
+        assert edge.pages == [0, 2048] * (IDS_RESTARTS + 1)
+
+
+def test_replies_fit_a_lowered_reply_limit(
+    broker: Any,
+    make_cloud: CloudFactory,
+    cipher: EdgeCipher,
+    site: str,
+    rng: np.random.Generator,
+) -> None:
+    """Under a reply limit below the slot list's size, an identify result goes without
+    the list and ids.get pages shrink to fit; the edge still names the right identity."""
+    # One block's scores take about 49 KB; 600 names of 128 chars about 78 KB.
+    cloud = make_cloud(max_reply_bytes=60_000)
+    names = [f"{i:03d}" + "x" * 125 for i in range(600)]
+    people = unit(rng, len(names))
+    edge = _InterleavedEdge(
+        lambda: None, broker=BrokerConfig(url=broker.url), cipher=cipher, site=site, gateway=GW
+    )
+    with edge:
+        assert edge.enroll_bulk(names, people, progress=False) == len(names)
+        assert edge.identify(vector=near(people[433], rng)).identity == names[433]
+        assert len(edge.pages) > 1  # the list came in shrunken pages
+        slots = edge.ids()
+        assert slots[: len(names)] == names and set(slots[len(names) :]) == {None}
+    assert cloud.stats["errors"] == 0
 
 
 def test_oversized_request_fails_fast_over_mqtt5(

@@ -29,6 +29,7 @@ from cipherface.protocol import (
     MAX_IDS,
     MAX_MESSAGE_BYTES,
     MAX_PAYLOAD_BYTES,
+    MAX_SLOTS,
     MAX_STR_BYTES,
     MESSAGE_TYPES,
     OPS,
@@ -100,11 +101,39 @@ def sample_messages() -> list[Envelope]:
         Identify(**_hdr(), probe=b"p" * 10, ids_version=None),
         Identify(**_hdr(), probe=b"p", ids_version=42),
         IdsGet(**_hdr(kid=None)),
+        IdsGet(**_hdr(), offset=200_000, limit=1),
         result_for(req, ids_version=7, scores=b"s" * 64, count=1),
         Result(
             **_hdr(corr=req.id), op="identify", ids_version=3, scores=b"x", count=2, ids=("a", "a")
         ),
-        Result(**_hdr(corr=req.id), op="ids.get", ids_version=3, count=2, ids=("a", "b")),
+        Result(
+            **_hdr(corr=req.id),
+            op="identify",
+            ids_version=4,
+            scores=b"x",
+            count=3,
+            ids=("a", None, "b"),
+        ),
+        Result(**_hdr(corr=req.id), op="identify", ids_version=5, scores=b"x", count=MAX_SLOTS),
+        Result(
+            **_hdr(corr=req.id),
+            op="ids.get",
+            ids_version=3,
+            count=2,
+            ids=("a", "b"),
+            offset=0,
+            total=2,
+        ),
+        Result(
+            **_hdr(corr=req.id),
+            op="ids.get",
+            ids_version=3,
+            count=2,
+            ids=(None, "c"),
+            offset=100_000,
+            total=1_001_472,
+        ),
+        Result(**_hdr(corr=req.id), op="ids.get", ids_version=0, ids=(), offset=0, total=0),
         Result(**_hdr(corr=req.id), op="enroll", ids_version=9, enrolled=3),
         Result(**_hdr(corr=req.id), op="delete", ids_version=10, deleted=0),
         Error(
@@ -567,6 +596,161 @@ def test_invalid_value_on_the_wire_is_a_validation_error() -> None:
         decode(pack(wire))
 
 
+# ------------------------------------------------- large galleries, id paging
+def _page(**kw: Any) -> Result:
+    fields: dict[str, Any] = {"op": "ids.get", "ids_version": 1, "ids": ("a",), "count": 1}
+    fields.update(offset=0, total=1)
+    fields.update(kw)
+    return Result(**_hdr(corr=KID), **fields)
+
+
+def test_ids_get_defaults_and_wire_keys() -> None:
+    req = IdsGet(**_hdr())
+    assert (req.offset, req.limit) == (0, None)
+    assert wire_of(req)["b"] == {"offset": 0, "limit": None}
+    page = _page(ids=("a", None), count=2, offset=5, total=9)
+    body = wire_of(page)["b"]
+    assert body["ids"] == ["a", None] and (body["offset"], body["total"]) == (5, 9)
+    assert list(body) == list(Result.body_fields())  # declaration order = docs order
+    assert list(Result.body_fields())[-2:] == ["offset", "total"]
+    assert (
+        wire_of(Result(**_hdr(corr=KID), op="enroll", ids_version=1, enrolled=1))["b"]["total"]
+        is None
+    )
+
+
+def test_identify_result_counts_more_slots_than_an_id_list_holds() -> None:
+    # 245 CKKS blocks of 4096 slots: 12 MB of scores, no id list (the edge pages it).
+    res = Result(**_hdr(corr=KID), op="identify", ids_version=8, scores=b"s", count=1_001_472)
+    assert decode(encode(res)) == res
+    assert res.count > MAX_IDS and res.ids is None
+
+
+def test_last_page_of_a_large_gallery_round_trips() -> None:
+    slots: tuple[str | None, ...] = tuple(None if i % 7 == 0 else f"id{i}" for i in range(MAX_IDS))
+    page = _page(ids=slots, count=MAX_IDS, offset=MAX_SLOTS - MAX_IDS, total=MAX_SLOTS)
+    back = decode(encode(page))
+    assert back == page and isinstance(back, Result) and back.ids is not None
+    assert back.ids[0] is None and back.ids[1] == "id1"
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: IdsGet(**_hdr(), offset=-1), "offset"),
+        (lambda: IdsGet(**_hdr(), offset=MAX_SLOTS + 1), "offset"),
+        (lambda: IdsGet(**_hdr(), limit=0), "limit"),
+        (lambda: IdsGet(**_hdr(), limit=MAX_IDS + 1), "limit"),
+        (lambda: IdsGet(**_hdr(), offset=True), "offset"),
+        (lambda: Enroll(**_hdr(), ids=("a", None), payload=b"x"), "ids"),
+        (lambda: Delete(**_hdr(), ids=(None,)), "ids"),
+        (
+            lambda: Result(
+                **_hdr(corr=KID), op="identify", ids_version=1, scores=b"s", count=MAX_SLOTS + 1
+            ),
+            "count",
+        ),
+        (lambda: Result(**_hdr(corr=KID), op="identify", ids_version=1, scores=b"s"), "count"),
+        (lambda: Result(**_hdr(corr=KID), op="ids.get", ids_version=1, count=0), "required"),
+        (lambda: _page(total=None), "required"),
+        (lambda: _page(offset=None), "required"),
+        (lambda: _page(ids=None, count=0), "required"),
+        (lambda: _page(offset=1, total=1), "past total"),
+        (lambda: _page(ids=("a", "b"), count=2, total=1), "past total"),
+        (lambda: _page(ids=(), count=0, offset=0, total=3), "empty page"),
+        (lambda: _page(offset=-1), "offset"),
+        (lambda: _page(total=MAX_SLOTS + 1), "total"),
+        (lambda: _page(scores=b"s"), "scores"),
+        (
+            lambda: Result(**_hdr(corr=KID), op="identify", ids_version=1, offset=0, total=0),
+            "only in an ids.get",
+        ),
+        (
+            lambda: Result(
+                **_hdr(corr=KID),
+                op="identify",
+                ids_version=1,
+                count=MAX_IDS + 1,
+                ids=("a",) * (MAX_IDS + 1),
+            ),
+            "ids",
+        ),
+    ],
+)
+def test_paging_and_slot_values_refused(factory: Any, match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        factory()
+
+
+@pytest.mark.parametrize(
+    ("msg", "key", "value", "error"),
+    [
+        (IdsGet(**_hdr()), "offset", -1, ValidationError),
+        (IdsGet(**_hdr()), "offset", None, DecodeError),
+        (IdsGet(**_hdr()), "limit", MAX_IDS + 1, ValidationError),
+        (IdsGet(**_hdr()), "limit", "all", DecodeError),
+        (Enroll(**_hdr(), ids=("a", "b"), payload=b"x"), "ids", ["a", None], DecodeError),
+        (Delete(**_hdr(), ids=("a",)), "ids", [None], DecodeError),
+        (_page(), "offset", 1, ValidationError),
+        (_page(), "total", 0, ValidationError),
+        (_page(), "ids", [3], DecodeError),
+        (
+            Result(**_hdr(corr=KID), op="identify", ids_version=1, scores=b"s", count=1),
+            "count",
+            MAX_SLOTS + 1,
+            ValidationError,
+        ),
+    ],
+)
+def test_paging_values_refused_on_the_wire(
+    msg: Envelope, key: str, value: Any, error: type[Exception]
+) -> None:
+    wire = wire_of(msg)
+    wire["b"][key] = value
+    with pytest.raises(error):
+        decode(pack(wire))
+
+
+@pytest.mark.parametrize("key", ["offset", "limit"])
+def test_ids_get_body_keys_are_required(key: str) -> None:
+    wire = wire_of(IdsGet(**_hdr()))
+    del wire["b"][key]
+    with pytest.raises(DecodeError, match="missing"):
+        decode(pack(wire))
+
+
+def test_too_long_page_is_too_large() -> None:
+    wire = wire_of(_page())
+    wire["b"].update(ids=[None] * (MAX_IDS + 1), count=MAX_IDS + 1, total=MAX_SLOTS)
+    with pytest.raises(PayloadTooLargeError):
+        decode(pack(wire))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(min_value=-2, max_value=MAX_SLOTS + 2),
+    size=st.integers(min_value=0, max_value=5),
+    total=st.integers(min_value=-2, max_value=MAX_SLOTS + 2),
+    free=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_page_rules_match_the_spec(offset: int, size: int, total: int, free: list[bool]) -> None:
+    """Exactly the pages docs/protocol.md 6.6 allows are accepted, and they round-trip."""
+    ids = tuple(None if free[i] else f"p{i}" for i in range(size))
+    valid = (
+        0 <= offset <= MAX_SLOTS
+        and 0 <= total <= MAX_SLOTS
+        and offset + size <= total
+        and (size > 0 or offset == total)
+    )
+    try:
+        page = _page(ids=ids, count=size, offset=offset, total=total)
+    except InvalidArgumentError:
+        assert not valid
+        return
+    assert valid
+    assert decode(encode(page)) == page
+
+
 # ------------------------------------------------------------- decode_request
 def test_decode_request_checks_topic() -> None:
     msg = Enroll(**_hdr(), ids=("a",), payload=b"x")
@@ -859,6 +1043,8 @@ def test_reply_cache_release() -> None:
 
 # ------------------------------------------------------------- PendingRequests
 def _reply_to(req: Any, **kw: Any) -> Result:
+    if isinstance(req, IdsGet):  # an ids.get result is always a page
+        kw = {"ids": (), "offset": 0, "total": 0, **kw}
     return result_for(req, ids_version=1, **kw)
 
 
