@@ -100,7 +100,13 @@ class UnknownIdentityError(GalleryError, KeyError):
         return str(self.args[0]) if self.args else self.code
 
 
-class StorageCorruptError(CipherFaceError):
+class StorageError(CipherFaceError):
+    """Gallery storage cannot be read or written (disk full, permissions, locked)."""
+
+    code = "storage_error"
+
+
+class StorageCorruptError(StorageError):
     """A file on disk (gallery, key) fails its integrity check."""
 
     code = "storage_corrupt"

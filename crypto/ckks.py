@@ -55,7 +55,7 @@ from cipherface.errors import (
 
 SCHEME = "ckks"
 FORMAT = "cf-ckks/1"
-FLOOD_BITS = 36  # noise flooding: >> computation noise (~2^20), << scale^2 * 1e-6 (2^38)
+FLOOD_BITS = 42  # smudging: ~20x the product noise (2^37.7), error <= 2^42/2^58 = 1.5e-5
 
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
@@ -96,6 +96,15 @@ def _unpack32(b: object, shape: tuple[int, ...], what: str, q: U64 | None = None
     return arr
 
 
+def _check_dim(dim: int, params: rlwe.Params) -> None:
+    # Packing needs N // dim templates per ciphertext with no remainder (all deepface
+    # models have power-of-two dimensions).
+    if not 1 <= dim <= params.n or params.n % dim:
+        raise InvalidArgumentError(
+            f"dimension {dim} must divide N={params.n} (128, 512, 4096 ... are fine)"
+        )
+
+
 # ---------------------------------------------------------------------- keys
 @dataclass(frozen=True, kw_only=True, eq=False)
 class CkksPublic:
@@ -109,8 +118,12 @@ class CkksPublic:
 
     @property
     def key_id(self) -> str:
+        # dim, model and metric are bound too: changing them must change the key id.
         return fingerprint(
-            msgpack.packb(self.params.to_dict()), _pack32(self.pk.b), self.pk.seed, bytes([0])
+            msgpack.packb(self.params.to_dict()),
+            _pack32(self.pk.b),
+            self.pk.seed,
+            msgpack.packb([self.dim, self.model, self.metric]),
         )
 
     def key_file(self) -> KeyFile:
@@ -151,8 +164,7 @@ class CkksKeys:
             InvalidArgumentError: unsupported level or dimension.
         """
         params = rlwe.preset(security_level)
-        if not 1 <= dim <= params.n:
-            raise InvalidArgumentError(f"dimension {dim} must be between 1 and {params.n}")
+        _check_dim(dim, params)
         sk = rlwe.SecretKey.generate(params)
         pk = rlwe.PublicKey.generate(sk)
         return cls(
@@ -199,9 +211,14 @@ class CkksKeys:
             raise KeyFileError(f"{source} holds a {kf.scheme} key, not {SCHEME}")
         try:
             params = rlwe.Params.from_dict(kf.params)
-            dim = int(kf.params["dim"])
-            model = str(kf.params.get("model", "Dlib"))
-            metric = str(kf.params.get("metric", "cosine"))
+            dim = kf.params["dim"]
+            if not isinstance(dim, int) or isinstance(dim, bool):
+                raise KeyFileError(f"{source}: dim must be an int")
+            _check_dim(dim, params)
+            model = kf.params.get("model", "Dlib")
+            metric = kf.params.get("metric", "cosine")
+            if not isinstance(model, str) or metric not in ("cosine", "euclidean"):
+                raise KeyFileError(f"{source}: bad model or metric")
             b = _unpack32(
                 kf.material["b"],
                 (len(params.primes), params.n),
@@ -211,7 +228,7 @@ class CkksKeys:
             seed = kf.material["seed"]
             if not isinstance(seed, bytes) or len(seed) != rlwe.SEED_BYTES:
                 raise KeyFileError(f"{source}: bad public key seed")
-        except (KeyError, TypeError, ValueError, DecodeError) as exc:
+        except (KeyError, TypeError, ValueError, DecodeError, InvalidArgumentError) as exc:
             raise KeyFileError(f"{source} is malformed: {exc}") from exc
         public = CkksPublic(
             params=params,
@@ -270,7 +287,17 @@ def _header(pub: CkksPublic, kind: str) -> dict[str, Any]:
 
 def _decode(data: bytes, pub: CkksPublic, kind: str, err: type[Exception]) -> dict[str, Any]:
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=1 << 30)
+        # Tight limits: a hostile payload of tiny maps/arrays must not expand in memory.
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(data),
+            max_str_len=64,
+            max_map_len=16,
+            max_array_len=rlwe.MAX_BLOCKS,
+            max_ext_len=0,
+        )
     except Exception as exc:
         raise err(f"{kind}: not a msgpack CKKS object ({exc})") from exc
     if not isinstance(obj, dict) or obj.get("f") != FORMAT:
@@ -583,7 +610,8 @@ class CkksGallery:
         self._index: dict[str, int] = {
             ident: slot for slot, ident in enumerate(self.store.slots) if ident is not None
         }
-        self._cache: dict[str, npt.NDArray[np.uint32]] = {}
+        # Keyed by (name, version): a stale entry can never be served after a commit.
+        self._cache: dict[tuple[str, int], npt.NDArray[np.uint32]] = {}
 
     # ------------------------------------------------------------ properties
     @property
@@ -612,10 +640,13 @@ class CkksGallery:
 
     def _block(self, kind: str, b: int) -> npt.NDArray[np.uint32]:
         name = f"{kind}-{b:06d}"
-        arr = self._cache.get(name)
+        key = (name, self.store.blocks[name].version)
+        arr = self._cache.get(key)
         if arr is None:
+            for old in [k for k in self._cache if k[0] == name]:
+                del self._cache[old]
             arr = self.store.load_block(name)
-            self._cache[name] = arr
+            self._cache[key] = arr
         return arr
 
     # ------------------------------------------------------------ enrollment
@@ -643,7 +674,10 @@ class CkksGallery:
         col = np.stack([col0, rlwe.expand_c1(self.params, obj["col_seed"], d)], axis=1)
         pack = np.stack([pack0, rlwe.expand_c1(self.params, obj["pack_seed"], npack)], axis=1)
         with self._lock:
-            self._delete_locked([i for i in ids if i in self._index])
+            # Replaced identities lose their old slot in the same commit as the new one.
+            replaced: list[tuple[int, str | None]] = [
+                (self._index[i], None) for i in ids if i in self._index
+            ]
             start = len(self.store.slots)
             if count > 1 and (start % N) % self.per_pack:
                 start += self.per_pack - (start % N) % self.per_pack  # keep packs aligned
@@ -667,9 +701,7 @@ class CkksGallery:
                 (start + i, ident) for i, ident in enumerate(ids)
             ]
             # Slots skipped for alignment stay None (free, masked in results).
-            self.store.commit(blocks=staged, slots=slots)
-            for name, _ in staged:
-                self._cache.pop(name, None)
+            self.store.commit(blocks=staged, slots=replaced + slots)
             for slot, ident in slots:
                 assert ident is not None
                 self._index[ident] = slot
@@ -683,7 +715,7 @@ class CkksGallery:
 
     # --------------------------------------------------------------- delete
     def delete(self, ids: Sequence[str]) -> int:
-        """Erase identities: their coefficients get uniform one-time pads. Durable on return."""
+        """Erase identities (unlinked at once, masked in results). Durable on return."""
         with self._lock:
             return self._delete_locked([i for i in ids if i in self._index])
 
@@ -707,8 +739,8 @@ class CkksGallery:
             if full and all(x is None or b * N + i in dead for i, x in enumerate(block)):
                 drop += [f"col-{b:06d}", f"pack-{b:06d}"]
         self.store.commit(slots=slots, drop_blocks=drop)
-        for name in drop:
-            self._cache.pop(name, None)
+        for key in [k for k in self._cache if k[0] in drop]:
+            del self._cache[key]
         for i in ids:
             del self._index[i]
         return len(ids)
@@ -757,7 +789,8 @@ class CkksGallery:
         results = []
         live = np.array([s is not None for s in slots], dtype=bool).reshape(nblocks, self.params.n)
         for b, g in enumerate(blocks):
-            _mac_block(np.asarray(g), p, self.ring.q, out)
+            with rlwe.PARALLEL_LOCK:
+                _mac_block(np.asarray(g), p, self.ring.q, out)
             res = finish_product(self.ring, out)
             dead = ~live[b]
             if dead.any():

@@ -143,7 +143,16 @@ def parse_key_bytes(data: bytes, *, source: str = "key bytes") -> KeyFile:
     if len(data) > MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"{source} is {len(data)} bytes: too large to be a key file")
     try:
-        obj = msgpack.unpackb(bytes(data)[len(MAGIC) :], raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(
+            bytes(data)[len(MAGIC) :],
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(data),
+            max_str_len=4096,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
         raise KeyFileError(f"{source} is corrupt: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("kind") not in ("private", "public"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -48,6 +49,12 @@ HE_STANDARD_MAX_BITS: dict[int, dict[int, int]] = {
 }
 
 SEED_BYTES = 32
+MAX_BLOCKS = 1 << 13  # 2^13 blocks of N=4096 = 33 M templates per gallery result
+
+#: numba's fallback "workqueue" threading layer aborts the process when two threads run
+#: parallel kernels at once; every parallel kernel call takes this lock (each call
+#: already uses every core, so nothing is lost).
+PARALLEL_LOCK = threading.Lock()
 CBD_ETA = 21  # centred binomial, variance eta/2 = 10.5 (sigma 3.24, as SEAL's 3.2)
 
 
@@ -100,6 +107,11 @@ class Params:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Params:
+        """Parse parameters from a key file; only the engine's presets are accepted.
+
+        Raises:
+            InvalidArgumentError: malformed. InsecureParametersError: not a preset.
+        """
         try:
             n = int(d["n"])  # type: ignore[call-overload]
             primes = tuple(int(p) for p in d["primes"])  # type: ignore[attr-defined]
@@ -109,7 +121,13 @@ class Params:
             raise InvalidArgumentError(f"malformed CKKS parameters: {exc}") from exc
         p = cls(n=n, primes=primes, delta_bits=delta_bits, security=security)
         check_security(p)
-        return p
+        ref = preset(security)
+        if (p.n, p.primes, p.delta_bits) != (ref.n, ref.primes, ref.delta_bits):
+            # Anything else (duplicate primes, another scale) is at best untested.
+            raise InsecureParametersError(
+                f"parameters are not the {security}-bit preset (n={ref.n}, primes={ref.primes})"
+            )
+        return ref
 
 
 def check_security(p: Params) -> None:
@@ -133,7 +151,7 @@ def check_security(p: Params) -> None:
     for q in p.primes:
         if not (q < (1 << 30) and (q - 1) % (2 * p.n) == 0 and gmpy2.is_prime(q, 50)):
             raise InsecureParametersError(f"{q} is not a 30-bit NTT prime for N={p.n}")
-    if len(p.primes) != 2 or 2 * p.delta_bits + 2 > total_bits:
+    if len(set(p.primes)) != 2 or 2 * p.delta_bits + 2 > total_bits:
         raise InsecureParametersError("the engine needs two primes and room for scale^2")
 
 
@@ -262,14 +280,16 @@ class Ring:
         """Forward NTT of an array ``(..., k', N)`` (``k' <= k`` leading primes); returns a copy."""
         out = np.ascontiguousarray(a, dtype=np.uint64).copy()
         rows, idx = self._rows(out, out.shape[-2])
-        _ntt_rows(rows, idx, self.q, self._fwd)
+        with PARALLEL_LOCK:
+            _ntt_rows(rows, idx, self.q, self._fwd)
         return out
 
     def intt(self, a: U64) -> U64:
         """Inverse of :meth:`ntt`; returns a copy."""
         out = np.ascontiguousarray(a, dtype=np.uint64).copy()
         rows, idx = self._rows(out, out.shape[-2])
-        _intt_rows(rows, idx, self.q, self._inv, self._ninv)
+        with PARALLEL_LOCK:
+            _intt_rows(rows, idx, self.q, self._inv, self._ninv)
         return out
 
     # ------------------------------------------------------------- conversions
@@ -330,7 +350,7 @@ class Ring:
         out = np.empty((count, self.n), dtype=np.uint64)
         xof = hashlib.shake_256(seed) if seed is not None else None
         need = count * self.n
-        # Rejection sampling of 30-bit words: all primes are > 2^30 - 2^16, so < 0.01 % rejected.
+        # Rejection sampling of 30-bit words: the primes are > 2^30 - 2^17, so < 0.02 % rejected.
         nbytes = (need + need // 64 + 64) * 4
         raw = xof.digest(nbytes) if xof is not None else secrets.token_bytes(nbytes)
         words = np.frombuffer(raw, dtype="<u4").astype(np.uint64) & np.uint64((1 << 30) - 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from cipherface.crypto.engine import EdgeCipher, Gallery
-from cipherface.crypto.keyfile import KeyFile, load_key_file
+from cipherface.crypto.keyfile import KeyFile, load_key_file, parse_key_bytes
 from cipherface.errors import InvalidArgumentError, KeyFileError, KeyMismatchError
 
 CKKS = "ckks"
@@ -116,17 +116,10 @@ def open_public(public_key: bytes) -> _Public:
     Raises:
         KeyMismatchError: malformed or not a public key.
     """
-    from cipherface.crypto.keyfile import MAGIC
-
-    if not public_key.startswith(MAGIC):
-        raise KeyMismatchError("public key bytes are not a cipherface key file")
-    import msgpack
-
     try:
-        head = msgpack.unpackb(public_key[len(MAGIC) :], raw=False)
-        scheme = head["scheme"]
-    except Exception as exc:
-        raise KeyMismatchError(f"public key bytes are malformed: {exc}") from exc
+        scheme = parse_key_bytes(public_key, source="received public key").scheme
+    except KeyFileError as exc:
+        raise KeyMismatchError(str(exc)) from exc
     if scheme == CKKS:
         from cipherface.crypto.ckks import CkksKeys
 

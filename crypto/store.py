@@ -3,8 +3,12 @@
 Layout of a gallery directory::
 
     meta.msgpack             scheme, key id, parameters (written once, atomically)
-    journal.log              append-only records, each: u32 length | u32 crc32 | msgpack
-    checkpoint.msgpack       optional snapshot of the replayed journal (atomic)
+    journal.log              append-only records, each: u32 length | u32 crc32 | msgpack;
+                             every record carries a sequence number ``seq``
+    checkpoint.msgpack       optional snapshot of the state up to a ``seq`` (atomic);
+                             after writing it the journal is emptied, so deleted
+                             identities do not linger in old records
+    .lock                    flock held by the one process that has the gallery open
     blocks/<kind>-<no>.<ver>.npy   immutable array files, one per block version
 
 A block is never modified in place: a change writes a *new version* file, fsyncs
@@ -21,7 +25,10 @@ million-template gallery maps files instead of parsing them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 import struct
 import threading
@@ -37,11 +44,28 @@ import numpy as np
 import numpy.typing as npt
 
 from cipherface.crypto.keyfile import write_atomic
-from cipherface.errors import GalleryError, StorageCorruptError
+from cipherface.errors import GalleryError, KeyFileError, StorageCorruptError, StorageError
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<II")
 _MAX_RECORD = 256 * 1024 * 1024
 CHECKPOINT_EVERY = 512  # records; bounds replay time after many single enrollments
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        write_atomic(path, data, mode=0o600)
+    except KeyFileError as exc:  # write_atomic speaks for key files; this is storage
+        raise StorageError(str(exc)) from exc
 
 
 def _digest_file(path: Path) -> str:
@@ -85,6 +109,15 @@ class GalleryStore:
         self.path = Path(path)
         self._blocks_dir = self.path / "blocks"
         self._lock = threading.Lock()
+        self.path.mkdir(parents=True, exist_ok=True)
+        # One process per gallery: a second opener would delete the first one's staged
+        # files as orphans and could truncate a journal record being appended.
+        self._lockfile = open(self.path / ".lock", "a+b")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lockfile.close()
+            raise StorageError(f"gallery {self.path} is open in another process") from None
         meta_path = self.path / "meta.msgpack"
         if meta_path.exists():
             stored = self._unpack_file(meta_path)
@@ -100,18 +133,23 @@ class GalleryStore:
             raise GalleryError(f"no gallery at {self.path}")
         else:
             self._blocks_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(meta_path, msgpack.packb(meta, use_bin_type=True), mode=0o600)
+            _write_atomic(meta_path, msgpack.packb(meta, use_bin_type=True))
             self.meta = dict(meta)
         self._blocks_dir.mkdir(parents=True, exist_ok=True)
         self.blocks: dict[str, BlockRef] = {}
         self.slots: list[str | None] = []
         self.ids_version = 0
+        self.seq = 0
         self._records_since_checkpoint = 0
         self._replay()
         self._remove_orphans()
         if verify:
             self.verify_blocks()
-        self._journal = open(self.path / "journal.log", "ab", buffering=0)
+        jpath = self.path / "journal.log"
+        created = not jpath.exists()
+        self._journal = open(jpath, "ab", buffering=0)
+        if created:
+            _fsync_dir(self.path)
 
     # ------------------------------------------------------------------ reading
     @staticmethod
@@ -161,6 +199,7 @@ class GalleryStore:
             os.fsync(fh.fileno())
 
     def _apply(self, rec: dict[str, Any]) -> None:
+        self.seq = int(rec.get("seq", self.seq + 1))
         for name, (ver, digest, nbytes) in rec.get("blocks", {}).items():
             self.blocks[name] = BlockRef(version=ver, digest=digest, nbytes=nbytes)
         for slot, ident in rec.get("slots", []):
@@ -176,19 +215,31 @@ class GalleryStore:
         ck = self.path / "checkpoint.msgpack"
         if ck.exists():
             snap = self._unpack_file(ck)
-            self.slots = list(snap["slots"])
-            self.ids_version = snap["ids_version"]
-            self.blocks = {
-                k: BlockRef(version=v[0], digest=v[1], nbytes=v[2])
-                for k, v in snap["blocks"].items()
-            }
-            start = snap["journal_records"]
-        else:
-            start = 0
-        for i, rec in enumerate(self._records()):
-            if i >= start:
-                self._apply(rec)
-                self._records_since_checkpoint += 1
+            try:
+                self.slots = list(snap["slots"])
+                self.ids_version = int(snap["ids_version"])
+                self.seq = int(snap["seq"])
+                self.blocks = {
+                    k: BlockRef(version=v[0], digest=v[1], nbytes=v[2])
+                    for k, v in snap["blocks"].items()
+                }
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise StorageCorruptError(f"{ck} is corrupt: {exc}") from exc
+        expected = self.seq + 1
+        for rec in self._records():
+            seq = rec.get("seq")
+            if not isinstance(seq, int):
+                raise StorageCorruptError(f"{self.path / 'journal.log'}: record without seq")
+            if seq <= self.seq:
+                continue  # already in the checkpoint (crash before the journal was emptied)
+            if seq != expected:
+                raise StorageCorruptError(
+                    f"{self.path / 'journal.log'}: record {seq} follows {expected - 1} "
+                    "(records lost)"
+                )
+            self._apply(rec)
+            expected += 1
+            self._records_since_checkpoint += 1
 
     def _block_path(self, name: str, version: int) -> Path:
         return self._blocks_dir / f"{name}.{version}.npy"
@@ -242,6 +293,7 @@ class GalleryStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
+        _fsync_dir(self._blocks_dir)  # the journal record must never name a lost entry
         return name, (version, _digest_file(p), p.stat().st_size)
 
     def commit(
@@ -256,6 +308,7 @@ class GalleryStore:
             blocks = list(blocks)
             old = {n: self.blocks.get(n) for n, _ in blocks}
             rec: dict[str, Any] = {
+                "seq": self.seq + 1,
                 "blocks": {n: list(v) for n, v in blocks},
                 "slots": [[s, i] for s, i in slots],
                 "drop_blocks": list(drop_blocks),
@@ -263,8 +316,15 @@ class GalleryStore:
             if rec["slots"] or rec["drop_blocks"]:
                 rec["ids_version"] = self.ids_version + 1
             body = msgpack.packb(rec, use_bin_type=True)
-            self._journal.write(_HEADER.pack(len(body), zlib.crc32(body)) + body)
-            os.fsync(self._journal.fileno())
+            offset = self._journal.tell()
+            try:
+                self._journal.write(_HEADER.pack(len(body), zlib.crc32(body)) + body)
+                os.fsync(self._journal.fileno())
+            except OSError as exc:
+                # Never leave a partial record in the middle of the journal.
+                with contextlib.suppress(OSError):
+                    self._journal.truncate(offset)
+                raise StorageError(f"cannot append to {self.path / 'journal.log'}: {exc}") from exc
             self._apply(rec)
             for n, ref in old.items():  # superseded versions are garbage now
                 if ref is not None:
@@ -274,19 +334,26 @@ class GalleryStore:
                     f.unlink(missing_ok=True)
             self._records_since_checkpoint += 1
             if self._records_since_checkpoint >= CHECKPOINT_EVERY:
-                self._checkpoint()
+                try:
+                    self._checkpoint()
+                except (OSError, StorageError) as exc:  # the record is durable already
+                    log.warning("gallery %s: checkpoint failed (%s); will retry", self.path, exc)
 
     def _checkpoint(self) -> None:
-        total = sum(1 for _ in self._records())
+        """Snapshot the state, then empty the journal (its records are all in the snapshot)."""
         snap = {
+            "seq": self.seq,
             "slots": self.slots,
             "ids_version": self.ids_version,
             "blocks": {n: [r.version, r.digest, r.nbytes] for n, r in self.blocks.items()},
-            "journal_records": total,
         }
-        write_atomic(self.path / "checkpoint.msgpack", msgpack.packb(snap, use_bin_type=True))
+        _write_atomic(self.path / "checkpoint.msgpack", msgpack.packb(snap, use_bin_type=True))
+        self._journal.close()
+        _write_atomic(self.path / "journal.log", b"")
+        self._journal = open(self.path / "journal.log", "ab", buffering=0)
         self._records_since_checkpoint = 0
 
     def close(self) -> None:
-        """Close the journal."""
+        """Close the journal and release the gallery's lock."""
         self._journal.close()
+        self._lockfile.close()
