@@ -47,18 +47,21 @@ import functools
 import math
 import os
 import secrets
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import gmpy2
+import msgpack
 import numpy as np
 import numpy.typing as npt
 from gmpy2 import mpz
 
 from cipherface.crypto.keyfile import (
+    MAGIC,
     KeyFile,
     fingerprint,
     key_file_bytes,
@@ -71,6 +74,8 @@ from cipherface.errors import (
     InvalidArgumentError,
     KeyFileError,
     KeyMismatchError,
+    LocalError,
+    PayloadTooLargeError,
     PublicKeyOnlyError,
 )
 
@@ -80,11 +85,15 @@ __all__ = [
     "DEFAULT_BITS",
     "DEFAULT_DJ_S",
     "DEFAULT_MASK_BITS",
+    "KEY_SIZES",
+    "MAX_BITS",
+    "MAX_DJ_S",
     "MIN_BITS",
     "OKAMOTO_UCHIYAMA",
     "PAILLIER",
     "SCHEMES",
     "SECURITY_BITS",
+    "TABLE_BYTES",
     "FixedBase",
     "Packing",
     "PhePrivateKey",
@@ -95,6 +104,8 @@ __all__ = [
     "generate_private_key",
     "load_key",
     "public_key_from_bytes",
+    "table_window",
+    "unpack_limited",
 ]
 
 PAILLIER: Final = "paillier"
@@ -112,11 +123,22 @@ ALGORITHM_NAMES: Final = {
 MIN_BITS: Final = 2048
 #: Default modulus: 128-bit security.
 DEFAULT_BITS: Final = 3072
-MAX_BITS: Final = 16384
 #: Security level (bits) -> modulus size, NIST SP 800-57 part 1 table 2.
 SECURITY_BITS: Final = {112: 2048, 128: 3072, 192: 7680, 256: 15360}
+#: The only modulus sizes accepted (generated, loaded or received): the levels above.
+#: A peer's public key sizes the cloud's tables and work, so nothing else gets in.
+KEY_SIZES: Final = tuple(sorted(SECURITY_BITS.values()))
+MAX_BITS: Final = KEY_SIZES[-1]
 DEFAULT_DJ_S: Final = 2
-MAX_DJ_S: Final = 8
+MAX_DJ_S: Final = 4
+#: Cap on Damgard-Jurik's ``s * bits`` (plaintext size): ciphertexts stay below
+#: ``MAX_BITS + bits`` bits, so one ciphertext operation is never dearer than at 15360 bits.
+MAX_DJ_BITS: Final = MAX_BITS
+#: Memory cap of one fixed-base table (bytes): the window shrinks to fit (:class:`FixedBase`),
+#: so a gallery worker holds at most two tables (OU), ~128 MiB, whatever key it is sent.
+TABLE_BYTES: Final = 64 * 1024 * 1024
+#: Largest public key file accepted from the network (OU at 15360 bits is ~12 KB).
+MAX_PUBLIC_KEY_BYTES: Final = 64 * 1024
 #: Statistical hiding of masked slots: 2^-40 statistical distance per slot.
 DEFAULT_MASK_BITS: Final = 40
 MIN_MASK_BITS: Final = 32
@@ -296,8 +318,22 @@ def _check_bits(bits: int) -> None:
             f"a {bits}-bit modulus is below the {MIN_BITS}-bit minimum (112-bit security); "
             f"use {MIN_BITS} or {DEFAULT_BITS} (128-bit security, the default)"
         )
-    if bits > MAX_BITS:
-        raise InvalidArgumentError(f"key size {bits} exceeds {MAX_BITS} bits")
+    if bits not in KEY_SIZES:
+        raise InvalidArgumentError(
+            f"key size {bits} is not one of {list(KEY_SIZES)} (security levels "
+            f"{sorted(SECURITY_BITS)})"
+        )
+
+
+def _check_dj_s(s: object, bits: int) -> int:
+    """Damgard-Jurik's ``s``: an int in ``1..MAX_DJ_S`` with ``s * bits <= MAX_DJ_BITS``."""
+    if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= MAX_DJ_S:
+        raise InvalidArgumentError(f"Damgard-Jurik s must be an int in 1..{MAX_DJ_S}, not {s!r}")
+    if s * bits > MAX_DJ_BITS:
+        raise InvalidArgumentError(
+            f"Damgard-Jurik s={s} at {bits} bits exceeds s*bits <= {MAX_DJ_BITS}"
+        )
+    return s
 
 
 def default_precision(dim: int) -> int:
@@ -316,36 +352,77 @@ def default_precision(dim: int) -> int:
 
 # ------------------------------------------------------------------- fixed-base powers
 class FixedBase:
-    """``base^e mod m`` for many exponents ``e < 2^exp_bits`` with a byte-window table.
+    """``base^e mod m`` for many exponents ``e < 2^exp_bits`` with a fixed-window table.
 
-    ``rows[i][v] = base^(v 256^i)``: a power costs one multiplication per nonzero byte of
-    the exponent (Brickell-Gordon-McCurley-Wilson). The table holds ``255 * exp_bits/8``
-    residues (8.4 MB for 1024-bit exponents mod a 2048-bit modulus).
+    ``rows[i][v] = base^(v 2^(w i))`` for ``w``-bit digits: a power costs one
+    multiplication per nonzero digit of the exponent (Brickell-Gordon-McCurley-Wilson).
+    The table holds ``(2^w - 1) ceil(exp_bits / w)`` residues. ``w`` is the widest of 8..1
+    bits whose table fits ``max_bytes`` (:func:`table_window`): 8 (bytes) up to 3072-bit
+    keys, narrower for the large ones, so that a key -- possibly a peer's -- never makes
+    a process hold more than ``max_bytes`` per table (8.4 MB for 1024-bit exponents mod a
+    2048-bit modulus; 45 MB with ``w = 2`` for Paillier-15360's rerandomiser).
+
+    Args:
+        base: the fixed base.
+        mod: the modulus.
+        exp_bits: exponents are below ``2^exp_bits``.
+        max_bytes: memory cap of the table (:data:`TABLE_BYTES` by default).
     """
 
-    __slots__ = ("mod", "nbytes", "rows")
+    __slots__ = ("mod", "ndigits", "rows", "window")
 
-    def __init__(self, base: Any, mod: Any, exp_bits: int) -> None:
+    def __init__(self, base: Any, mod: Any, exp_bits: int, *, max_bytes: int | None = None) -> None:
         self.mod = mpz(mod)
-        self.nbytes = (exp_bits + 7) // 8
+        cap = TABLE_BYTES if max_bytes is None else max_bytes
+        self.window = table_window(int(self.mod).bit_length(), exp_bits, cap)
+        w = self.window
+        self.ndigits = -(-exp_bits // w)
         rows = []
         b = mpz(base) % self.mod
-        for _ in range(self.nbytes):
+        for _ in range(self.ndigits):
             row = [mpz(1), b]
-            for _v in range(2, 256):
+            for _v in range(2, 1 << w):
                 row.append(row[-1] * b % self.mod)
             rows.append(row)
-            b = row[255] * b % self.mod
+            b = row[-1] * b % self.mod
         self.rows = rows
 
+    def nbytes(self) -> int:
+        """Memory held by the residues of the table (``sys.getsizeof`` of each)."""
+        return sum(sys.getsizeof(x) for row in self.rows for x in row)
+
     def pow(self, e: Any) -> Any:
-        """Return ``base^e mod m`` for ``0 <= e < 2^(8 * nbytes)``."""
+        """Return ``base^e mod m`` for ``0 <= e < 2^(w * ndigits)``."""
         acc = None
         mod = self.mod
-        for row, v in zip(self.rows, mpz(e).to_bytes(self.nbytes, "little")):
+        if self.window == 8:
+            digits: Iterator[int] = iter(mpz(e).to_bytes(self.ndigits, "little"))
+        else:
+            digits = _digits(int(e), self.window, self.ndigits)
+        for row, v in zip(self.rows, digits):
             if v:
                 acc = row[v] if acc is None else acc * row[v] % mod
         return mpz(1) if acc is None else acc
+
+
+def _digits(e: int, w: int, count: int) -> Iterator[int]:
+    mask = (1 << w) - 1
+    for _ in range(count):
+        yield e & mask
+        e >>= w
+
+
+def table_window(mod_bits: int, exp_bits: int, max_bytes: int) -> int:
+    """Widest window (8..1 bits) whose :class:`FixedBase` table fits ``max_bytes``.
+
+    A residue costs its limbs plus ~40 bytes of mpz header and an 8-byte list slot; ``w = 1``
+    is returned when even that does not fit (``exp_bits`` residues).
+    """
+    entry = (mod_bits + 63) // 64 * 8 + 48
+    for w in range(8, 1, -1):
+        if ((1 << w) - 1) * -(-exp_bits // w) * entry <= max_bytes:
+            return w
+    return 1
 
 
 # ---------------------------------------------------------------------------- keys
@@ -502,9 +579,12 @@ class PhePublicKey:
         if n.bit_length() != bits or n % 2 == 0:
             raise KeyFileError(f"{source}: n is not an odd {bits}-bit modulus")
         s = ints["s"]
-        if kf.scheme == DAMGARD_JURIK and not 1 <= s <= MAX_DJ_S:
-            raise KeyFileError(f"{source}: Damgard-Jurik s={s} is outside 1..{MAX_DJ_S}")
-        if kf.scheme != DAMGARD_JURIK and s != 1:
+        if kf.scheme == DAMGARD_JURIK:
+            try:
+                _check_dj_s(s, bits)
+            except InvalidArgumentError as exc:
+                raise KeyFileError(f"{source}: {exc}") from exc
+        elif s != 1:
             raise KeyFileError(f"{source}: s must be 1 for {kf.scheme}")
         dim, prec, mask = ints["dim"], ints["precision"], ints["mask_bits"]
         if not 1 <= dim <= MAX_DIM or not 8 <= prec <= 30 or not MIN_MASK_BITS <= mask <= 128:
@@ -790,8 +870,10 @@ def generate_private_key(
 
     Args:
         scheme: ``"paillier"`` (default), ``"damgard-jurik"`` or ``"okamoto-uchiyama"``.
-        bits: exact size of ``n``; 3072 (128-bit security) by default, at least 2048.
-        s: Damgård–Jurik's exponent (default 2); must be 1/None for the others.
+        bits: exact size of ``n``: 2048, 3072 (128-bit security, the default), 7680 or
+            15360 (the sizes of :data:`SECURITY_BITS`).
+        s: Damgård–Jurik's exponent (default 2; 1 at 15360 bits), at most 4 with
+            ``s * bits <= 15360``; must be 1/None for the others.
         dim: embedding dimension.
         precision: fixed-point bits; :func:`default_precision` of ``dim`` by default.
         mask_bits: statistical hiding of masked slots (>= 32; default 40).
@@ -812,9 +894,8 @@ def generate_private_key(
     if mask_bits < MIN_MASK_BITS:
         raise InsecureParametersError(f"mask_bits={mask_bits} is below {MIN_MASK_BITS}")
     if scheme == DAMGARD_JURIK:
-        s = DEFAULT_DJ_S if s is None else s
-        if not isinstance(s, int) or not 1 <= s <= MAX_DJ_S:
-            raise InvalidArgumentError(f"Damgard-Jurik s must be in 1..{MAX_DJ_S}, not {s!r}")
+        # The default s shrinks where s*bits would pass the cap (s=1 at 15360 bits).
+        s = _check_dj_s(min(DEFAULT_DJ_S, MAX_DJ_BITS // bits) if s is None else s, bits)
     elif s not in (None, 1):
         raise InvalidArgumentError(f"s is a Damgard-Jurik parameter; {scheme} has s=1")
     else:
@@ -885,19 +966,93 @@ def load_key(
     return PhePublicKey.from_key_file(kf, source=str(path))
 
 
+def unpack_limited(
+    data: bytes,
+    *,
+    max_containers: int,
+    max_array_len: int,
+    max_map_len: int = 16,
+    max_str_len: int = 256,
+) -> Any:
+    """``msgpack.unpackb`` of untrusted bytes with memory bounded by the expected shape.
+
+    msgpack turns one byte into an empty map or list (~60-70 bytes of Python objects), so
+    limits on each container's length are not enough: a 4 MB array of empty maps, or
+    maps nested in maps, cost ~70x their size. Here every container built is counted
+    (``object_hook`` / ``list_hook``, called as each one completes) and decoding stops at
+    ``max_containers``; with the per-container limits this caps the objects built at
+    about ``max_containers * max(max_map_len, max_array_len)``. Extension types are
+    refused; binaries can be as long as the data.
+
+    Args:
+        data: the bytes.
+        max_containers: maps plus arrays the format can legitimately hold.
+        max_array_len, max_map_len, max_str_len: per-object limits.
+
+    Returns:
+        The decoded object (maps with str/bytes keys).
+
+    Raises:
+        ValueError / TypeError (from msgpack) on anything malformed or over a limit.
+    """
+    built = 0
+
+    def count(obj: Any) -> Any:
+        nonlocal built
+        built += 1
+        if built > max_containers:
+            raise ValueError(f"more than {max_containers} maps/arrays")
+        return obj
+
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        object_hook=count,
+        list_hook=count,
+        max_str_len=max_str_len,
+        max_bin_len=len(data),
+        max_array_len=max_array_len,
+        max_map_len=max_map_len,
+        max_ext_len=0,
+    )
+
+
 def public_key_from_bytes(data: bytes) -> PhePublicKey:
     """Parse public key bytes received from an edge (:meth:`PhePublicKey.to_bytes`).
 
+    Everything wrong with them is the peer's fault: a short key (below 2048 bits), an
+    unsupported size (not one of :data:`KEY_SIZES`), a Damgård–Jurik ``s`` over the
+    caps, or a malformed file all raise :class:`KeyMismatchError` -- before any table
+    is built or any large object decoded.
+
     Raises:
-        KeyMismatchError: not a well-formed Paillier-family public key.
-        InsecureParametersError: a modulus below 2048 bits.
+        KeyMismatchError: not a well-formed, supported Paillier-family public key.
+        PayloadTooLargeError: more than :data:`MAX_PUBLIC_KEY_BYTES`.
     """
+    data = bytes(data)
+    if len(data) > MAX_PUBLIC_KEY_BYTES:
+        raise PayloadTooLargeError(
+            f"received public key is {len(data)} bytes (> {MAX_PUBLIC_KEY_BYTES})"
+        )
     try:
-        kf = parse_key_bytes(bytes(data), source="received public key")
+        if data.startswith(MAGIC):
+            # A public key file is three small maps of short hex strings: decode it with
+            # tight limits first (parse_key_bytes has to read whole private key files).
+            unpack_limited(
+                data[len(MAGIC) :],
+                max_containers=8,
+                max_array_len=64,
+                max_str_len=MAX_BITS // 4 + 64,
+            )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise KeyMismatchError(f"received public key is corrupt: {exc}") from exc
+    try:
+        kf = parse_key_bytes(data, source="received public key")
         if kf.kind != "public":
             raise KeyFileError("received key bytes do not hold a public key")
         return PhePublicKey.from_key_file(kf, source="received public key")
-    except KeyFileError as exc:
+    except LocalError as exc:  # KeyFileError, InsecureParametersError...: the peer's fault
         raise KeyMismatchError(str(exc)) from exc
 
 
@@ -911,7 +1066,8 @@ class Rerandomizer:
     ``table=True`` (many results, the cloud's 1:N): the Damgård–Jurik–Nielsen
     variant. A secret base ``x`` uniform in ``Z_n^*`` is drawn once per instance and
     ``z = (x^(n^s))^a`` with ``a`` uniform below ``2^(bits/2)`` is computed from a
-    fixed-base table (~bits/16 multiplications). ``z`` is ``r^(n^s)`` for ``r = x^a``;
+    fixed-base table (~bits/16 multiplications up to 3072 bits; the window narrows for
+    larger keys so the table stays under :data:`TABLE_BYTES`). ``z`` is ``r^(n^s)`` for ``r = x^a``;
     Håstad, Schrift and Shamir showed that exponentiation modulo a composite with
     half-length exponents is indistinguishable from full-length ones if factoring is
     hard, which is the argument DJN give for the same optimisation. Okamoto–Uchiyama

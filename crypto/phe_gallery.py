@@ -44,11 +44,12 @@ import multiprocessing
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import gmpy2
 import msgpack
@@ -89,6 +90,11 @@ MAX_COUNT: Final = 1 << 24
 _DEAD: Final = ""  # store value of a deleted slot: not free (its ciphertext part is stale)
 _POOL_MIN_BLOCKS: Final = 16
 _OPS: Final = ("verify", "identify")
+#: Decoding limits of every message: fields per map and bytes per string (format, kind,
+#: scheme, key_id, op and field names are all short).
+_MAX_MAP: Final = 16
+_MAX_STR: Final = 64
+_T = TypeVar("_T")
 
 
 # ----------------------------------------------------------------- multi-exponentiation
@@ -265,15 +271,20 @@ def _decode(
         raise err(f"{kind}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_MESSAGE:
         raise PayloadTooLargeError(f"{kind}: {len(data)} bytes exceeds {MAX_MESSAGE}")
+    data = bytes(data)
+    if kind == "templates":
+        # [slots, cts] chunks: each carries dim ciphertexts, so len(data) bounds their number.
+        chunks = len(data) // (pub.dim * pub.ct_bytes) + 1
+        max_array, max_containers = max(chunks, packing.slots, 2), 3 + 2 * chunks
+    else:  # probe / scores / embedding: the message map and its packing map, no arrays
+        max_array, max_containers = 0, 2
     try:
-        obj = msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=MAX_MESSAGE,
-            max_str_len=1 << 16,
-            max_array_len=MAX_COUNT,
-            max_map_len=64,
+        obj = phe.unpack_limited(
+            data,
+            max_containers=max_containers,
+            max_array_len=max_array,
+            max_map_len=_MAX_MAP,
+            max_str_len=_MAX_STR,
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise err(f"{kind}: not a msgpack message ({exc})") from exc
@@ -457,17 +468,23 @@ class PheEdgeCipher:
 # ------------------------------------------------------------------------------ cloud
 class _RWLock:
     """Many readers (scoring) or one writer (enroll/delete): block files stay put while
-    workers read them (a commit unlinks superseded versions)."""
+    workers read them (a commit unlinks superseded versions).
+
+    Writers have priority: once a writer waits, new readers queue behind it, so steady
+    identify traffic cannot starve enroll/delete (readers already in finish first). Not
+    reentrant: a thread holding ``read`` must not take it again.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -475,13 +492,21 @@ class _RWLock:
         finally:
             with self._cond:
                 self._readers -= 1
-                self._cond.notify_all()
+                if not self._readers:
+                    self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            except BaseException:  # interrupted: let the readers queued behind us go
+                self._writers_waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = True
         try:
             yield
@@ -536,6 +561,7 @@ class PheGallery:
         self._rw = _RWLock()
         self._workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._scorer: _Scorer | None = None
         self._scorer_lock = threading.Lock()
         self._offsets = sum(
@@ -792,23 +818,44 @@ class PheGallery:
 
     def warmup(self) -> None:
         """Start the worker processes and build their tables now (else on first identify)."""
-        pool = self._get_pool()
-        if pool is not None:
-            list(pool.map(_warm_many, range(self._workers)))
+        if self._workers > 1:
+            self._on_pool(lambda pool: list(pool.map(_warm_many, range(self._workers))))
         else:
             self._local_scorer()
 
     def _get_pool(self) -> ProcessPoolExecutor | None:
         if self._workers <= 1:
             return None
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self._workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(self.pub.to_bytes(),),
-            )
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=(self.pub.to_bytes(),),
+                )
+            return self._pool
+
+    def _on_pool(self, work: Callable[[ProcessPoolExecutor], _T]) -> _T:
+        """Run ``work`` on the worker pool; if the pool is broken (a worker died, e.g.
+        OOM-killed), replace it and try once more.
+
+        Raises:
+            BrokenProcessPool: the fresh pool broke too (the next call starts another).
+        """
+        for attempt in range(2):
+            pool = self._get_pool()
+            assert pool is not None
+            try:
+                return work(pool)
+            except BrokenProcessPool:
+                with self._pool_lock:
+                    if self._pool is pool:  # another thread may have replaced it already
+                        self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def identify(self, probe: bytes) -> tuple[bytes, int]:
         """Encrypted similarities of ``probe`` against every slot (free/deleted: masked).
@@ -837,16 +884,19 @@ class PheGallery:
                     if src is None:  # pragma: no cover - GalleryStore always memory-maps
                         raise StorageCorruptError(f"gallery block {b} is not a file")
                 jobs.append((str(src) if src is not None else None, self._mask(keep)))
-            pool = self._get_pool() if nb >= _POOL_MIN_BLOCKS else None
-            if pool is None:
+            if self._workers <= 1 or nb < _POOL_MIN_BLOCKS:
                 out = self._run_local(plan, jobs)
             else:
                 size = max(1, -(-len(jobs) // (4 * self._workers)))
-                futs: list[Future[list[bytes]]] = [
-                    pool.submit(_worker_run, plan, jobs[i : i + size])
-                    for i in range(0, len(jobs), size)
-                ]
-                out = [c for f in futs for c in f.result()]
+
+                def run(pool: ProcessPoolExecutor) -> list[bytes]:
+                    futs: list[Future[list[bytes]]] = [
+                        pool.submit(_worker_run, plan, jobs[i : i + size])
+                        for i in range(0, len(jobs), size)
+                    ]
+                    return [c for f in futs for c in f.result()]
+
+                out = self._on_pool(run)
         return self._result("identify", nb * k, b"".join(out)), nb * k
 
     def _run_local(self, plan: _Plan, jobs: list[tuple[str | None, int]]) -> list[bytes]:
@@ -864,9 +914,10 @@ class PheGallery:
 
     def close(self) -> None:
         """Stop the worker processes and close the journal."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
 

@@ -7,11 +7,18 @@ keys are refused. Scores are compared with numpy on the same float embeddings.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import random
 import secrets
+import signal
 import stat
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from cipherface.errors import (
     KeyFileError,
     KeyMismatchError,
     PublicKeyOnlyError,
+    RemoteError,
     ResultRejectedError,
     UnknownIdentityError,
 )
@@ -518,3 +526,229 @@ def test_empty_gallery_and_dropped_blocks(tmp_path: Path) -> None:
     gal.enroll(["new"], edge.encrypt_templates(q))  # reuses the dropped block's place
     assert gal.ids().index("new") // k == 1
     gal.close()
+
+
+# ------------------------------------------------------- hostile peers (review fixes)
+def _peak_bytes(fn: Callable[[], object]) -> tuple[int, BaseException | None]:
+    """Peak Python-heap growth while ``fn`` runs (and what it raised)."""
+    err: BaseException | None = None
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            fn()
+        except Exception as exc:
+            err = exc
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, err
+
+
+def _map_bomb(depth: int) -> dict[str, Any]:
+    """Maps of 16 maps, ``depth`` levels (16^depth leaves): ~3 bytes a map on the wire."""
+    node: dict[str, Any] = {}
+    for _ in range(depth):
+        node = {f"{i:x}": node for i in range(16)}
+    return node
+
+
+def test_decoding_bombs_are_refused_without_large_allocations(
+    tmp_path: Path, edge_and_pub: tuple[phe_gallery.PheEdgeCipher, phe.PhePublicKey]
+) -> None:
+    """1 MB of empty maps cost ~76 MB of dicts before the limits (70x)."""
+    edge, pub = edge_and_pub
+    gal = phe_gallery.PheGallery(path=tmp_path, public=pub, workers=0)
+    empties = [{}] * (1 << 20)
+    probe = msgpack.unpackb(edge.encrypt_probe(np.eye(128)[0], op="identify"))
+    templates = msgpack.unpackb(edge.encrypt_templates(np.eye(128)[:2]))
+    scores, _ = gal.identify(edge.encrypt_probe(np.eye(128)[0], op="identify"))
+    bombs: list[tuple[str, Callable[[bytes], object], bytes]] = [
+        ("probe+array", gal.identify, msgpack.packb({**probe, "x": empties})),
+        ("probe+maps", gal.identify, msgpack.packb({**probe, "x": _map_bomb(5)})),
+        (
+            "templates+slots",
+            lambda b: gal.enroll(["a", "b"], b),
+            msgpack.packb({**templates, "chunks": [[empties, b""]]}),
+        ),
+        (
+            "templates+chunks",
+            lambda b: gal.enroll(["a", "b"], b),
+            msgpack.packb({**templates, "chunks": [[[0], b""]] * (1 << 18)}),
+        ),
+        (
+            "scores+maps",
+            lambda b: edge.decrypt_scores(b, op="identify", count=0),
+            msgpack.packb({**msgpack.unpackb(scores), "x": _map_bomb(5)}),
+        ),
+    ]
+    for name, call, data in bombs:
+        assert len(data) > 500_000, name
+        peak, err = _peak_bytes(functools.partial(call, data))
+        assert peak < 8 * len(data), f"{name}: {peak / 1e6:.1f} MB for {len(data) / 1e6:.1f} MB"
+        assert isinstance(err, RemoteError), (name, err)
+    # a declared 16M-element array with no elements behind it
+    header = msgpack.packb({**probe, "x": None})[:-1] + b"\xdd" + (1 << 24).to_bytes(4, "big")
+    peak, err = _peak_bytes(lambda: gal.identify(header))
+    assert isinstance(err, RemoteError) and peak < 1 << 20
+    gal.close()
+
+
+def test_public_key_bombs_are_refused(
+    edge_and_pub: tuple[phe_gallery.PheEdgeCipher, phe.PhePublicKey],
+) -> None:
+    from cipherface.crypto.keyfile import MAGIC
+
+    _, pub = edge_and_pub
+    body = msgpack.unpackb(pub.to_bytes()[len(MAGIC) :])
+    for extra in ([{}] * 60_000, _map_bomb(3)):
+        data = MAGIC + msgpack.packb({**body, "material": {**body["material"], "x": extra}})
+        assert 10_000 < len(data) < 64_000
+        peak, err = _peak_bytes(functools.partial(phe.public_key_from_bytes, data))
+        assert peak < 4 * len(data), f"{peak} bytes for a {len(data)}-byte key"
+        assert isinstance(err, KeyMismatchError), err
+    big = MAGIC + msgpack.packb({**body, "x": [{}] * (1 << 20)})
+    peak, err = _peak_bytes(lambda: phe.public_key_from_bytes(big))
+    assert isinstance(err, RemoteError) and peak < 4 * len(big)
+
+
+def _fake_public(scheme: str, bits: int, s: int = 1) -> bytes:
+    """Public key bytes with a consistent key id for any size (n random, odd, exact size)."""
+    n = mpz(secrets.randbits(bits)) | (mpz(1) << (bits - 1)) | 1
+    return phe.PhePublicKey(scheme=scheme, n=n, bits=bits, s=s, dim=128, precision=17).to_bytes()
+
+
+def test_received_key_sizes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's key sizes the cloud's tables: only the four levels, DJ s <= 4, s*bits capped."""
+    built: list[int] = []
+    real_init = phe.FixedBase.__init__
+
+    def spy(self: phe.FixedBase, *a: Any, **k: Any) -> None:
+        built.append(1)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(phe.FixedBase, "__init__", spy)
+    for scheme, bits, s in [
+        (phe.DAMGARD_JURIK, 16384, 8),
+        (phe.PAILLIER, 16384, 1),
+        (phe.PAILLIER, 4096, 1),
+        (phe.DAMGARD_JURIK, 2048, 5),
+        (phe.DAMGARD_JURIK, 7680, 3),
+        (phe.DAMGARD_JURIK, 15360, 2),
+    ]:
+        with pytest.raises(KeyMismatchError, match=r"key size| s|max_str_len"):
+            phe_gallery.public_from_bytes(_fake_public(scheme, bits, s))
+    assert built == []
+    with pytest.raises(InvalidArgumentError):
+        phe.generate_private_key(phe.PAILLIER, bits=4096, dim=128)
+    with pytest.raises(InvalidArgumentError):
+        phe.generate_private_key(phe.DAMGARD_JURIK, bits=2048, s=5, dim=128)
+    # the largest accepted parameters still parse
+    assert phe.public_key_from_bytes(_fake_public(phe.DAMGARD_JURIK, 7680, 2)).s == 2
+    assert phe.public_key_from_bytes(_fake_public(phe.PAILLIER, 15360)).bits == 15360
+
+
+def test_rerandomizer_tables_fit_the_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables narrow their window to fit TABLE_BYTES; zeros stay valid encryptions of 0."""
+    key = key_for(phe.PAILLIER)
+    wide = phe.Rerandomizer(key.public, table=True)
+    assert wide._table is not None and wide._table.window == 8
+    monkeypatch.setattr(phe, "TABLE_BYTES", 1 << 20)
+    rr = phe.Rerandomizer(key.public, table=True)
+    assert rr._table is not None and rr._table.window < 8
+    assert rr._table.nbytes() <= 1 << 20 < wide._table.nbytes()
+    zs = [rr.zero() for _ in range(4)]
+    assert len(set(zs)) == 4 and key.decrypt_many(zs) == [0] * 4
+    assert key.decrypt(key.encrypt(7) * zs[0] % key.public.modulus) == 7
+    monkeypatch.undo()
+    # a real 7680-bit worker scorer: 240 MB of table with byte windows, now under the cap
+    pub = phe.public_key_from_bytes(_fake_public(phe.PAILLIER, 7680))
+    scorer = phe_gallery._Scorer(pub, table=True)
+    table = scorer.rr._table
+    assert table is not None
+    held = sum(sys.getsizeof(v) for row in table.rows for v in row)
+    assert held <= 64 << 20, f"{held / 2**20:.0f} MiB of table"
+    x = mpz(secrets.randbits(3840))
+    assert table.pow(x) == gmpy2.powmod(table.rows[0][1], x, pub.modulus)
+
+
+def test_short_received_key_is_a_key_mismatch(tmp_path: Path) -> None:
+    """A peer's 1024-bit key is the peer's fault (RemoteError), not a local misuse."""
+    data = _fake_public(phe.PAILLIER, 1024)
+    with pytest.raises(KeyMismatchError, match="2048") as info:
+        phe.public_key_from_bytes(data)
+    assert not isinstance(info.value, InsecureParametersError)
+    (tmp_path / "short.key").write_bytes(data)  # the same file on disk is a local error
+    with pytest.raises(InsecureParametersError):
+        phe.load_key(tmp_path / "short.key")
+
+
+def test_broken_worker_pool_is_replaced(tmp_path: Path) -> None:
+    """A worker killed (e.g. by the OOM killer) breaks the pool: the next identify replaces
+    it and succeeds."""
+    rng = np.random.default_rng(13)
+    key = key_for(phe.OKAMOTO_UCHIYAMA)
+    edge = phe_gallery.PheEdgeCipher(key=key)
+    n = 16 * edge.packing.slots
+    x = unit_rows(rng, n, 128)
+    gal = phe_gallery.PheGallery(path=tmp_path, public=key.public, workers=2)
+    gal.enroll([f"k{i}" for i in range(n)], edge.encrypt_templates(x))
+    q = unit_rows(rng, 1, 128)[0]
+    gal.identify(edge.encrypt_probe(q, op="identify"))
+    pool = gal._pool
+    assert pool is not None
+    os.kill(next(iter(pool._processes)), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while not pool._broken and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool._broken  # the executor noticed: without the fix, every identify now fails
+    res, count = gal.identify(edge.encrypt_probe(q, op="identify"))
+    assert gal._pool is not None and gal._pool is not pool
+    got = edge.decrypt_scores(res, op="identify", count=count)
+    ref = x @ q
+    assert max(abs(got[int(i[1:])] - ref[int(i[1:])]) for i in gal.ids() if i) <= TOL
+    gal.close()
+
+
+def test_rwlock_waiting_writer_blocks_new_readers() -> None:
+    """Steady reads (identify) cannot starve a writer (enroll/delete)."""
+    lock = phe_gallery._RWLock()
+    order: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def first_reader() -> None:
+        with lock.read():
+            inside.set()
+            release.wait(10)
+            order.append("r1")
+
+    def writer() -> None:
+        with lock.write():
+            order.append("w")
+
+    def late_reader() -> None:
+        with lock.read():
+            order.append("r2")
+
+    def until(cond: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (first_reader, writer)]
+    threads[0].start()
+    assert inside.wait(10)
+    with lock.read():  # no writer waiting yet: readers share the lock
+        pass
+    threads[1].start()
+    until(lambda: getattr(lock, "_writers_waiting", 1) == 1)
+    threads.append(threading.Thread(target=late_reader, daemon=True))
+    threads[2].start()
+    time.sleep(0.2)
+    assert order == []  # the late reader queues behind the waiting writer
+    release.set()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert order == ["r1", "w", "r2"]
