@@ -43,6 +43,7 @@ from cipherface.crypto.keyfile import (
     save_key_file,
 )
 from cipherface.crypto.store import GalleryStore
+from cipherface.crypto.wire import unpack_bounded
 from cipherface.errors import (
     DecodeError,
     InvalidArgumentError,
@@ -55,7 +56,7 @@ from cipherface.errors import (
 
 SCHEME = "ckks"
 FORMAT = "cf-ckks/1"
-FLOOD_BITS = 42  # smudging: ~20x the product noise (2^37.7), error <= 2^42/2^58 = 1.5e-5
+FLOOD_BITS = 40  # smudging: std ~6x the product noise (2^36.7); error <= 2^40/2^58 = 4e-6
 
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
@@ -287,17 +288,8 @@ def _header(pub: CkksPublic, kind: str) -> dict[str, Any]:
 
 def _decode(data: bytes, pub: CkksPublic, kind: str, err: type[Exception]) -> dict[str, Any]:
     try:
-        # Tight limits: a hostile payload of tiny maps/arrays must not expand in memory.
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=len(data),
-            max_str_len=64,
-            max_map_len=16,
-            max_array_len=rlwe.MAX_BLOCKS,
-            max_ext_len=0,
-        )
+        # One map, plus one list of blocks in an identify result: nothing else to build.
+        obj = unpack_bounded(data, max_containers=2, max_array_len=rlwe.MAX_BLOCKS, max_str_len=64)
     except Exception as exc:
         raise err(f"{kind}: not a msgpack CKKS object ({exc})") from exc
     if not isinstance(obj, dict) or obj.get("f") != FORMAT:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import msgpack
 
+from cipherface.crypto.wire import unpack_bounded
 from cipherface.errors import KeyFileError
 
 MAGIC = b"CFKEY1\n"
@@ -143,15 +144,9 @@ def parse_key_bytes(data: bytes, *, source: str = "key bytes") -> KeyFile:
     if len(data) > MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"{source} is {len(data)} bytes: too large to be a key file")
     try:
-        obj = msgpack.unpackb(
-            bytes(data)[len(MAGIC) :],
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=len(data),
-            max_str_len=4096,
-            max_array_len=64,
-            max_map_len=64,
-            max_ext_len=0,
+        # A key file is 3 maps (file, params, material) and at most one short list.
+        obj = unpack_bounded(
+            bytes(data)[len(MAGIC) :], max_containers=8, max_array_len=16, max_str_len=4096
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise KeyFileError(f"{source} is corrupt: {exc}") from exc

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import gmpy2
-import msgpack
 import numpy as np
 import numpy.typing as npt
 from gmpy2 import mpz
@@ -69,6 +68,7 @@ from cipherface.crypto.keyfile import (
     parse_key_bytes,
     save_key_file,
 )
+from cipherface.crypto.wire import unpack_bounded
 from cipherface.errors import (
     InsecureParametersError,
     InvalidArgumentError,
@@ -105,7 +105,6 @@ __all__ = [
     "load_key",
     "public_key_from_bytes",
     "table_window",
-    "unpack_limited",
 ]
 
 PAILLIER: Final = "paillier"
@@ -966,58 +965,6 @@ def load_key(
     return PhePublicKey.from_key_file(kf, source=str(path))
 
 
-def unpack_limited(
-    data: bytes,
-    *,
-    max_containers: int,
-    max_array_len: int,
-    max_map_len: int = 16,
-    max_str_len: int = 256,
-) -> Any:
-    """``msgpack.unpackb`` of untrusted bytes with memory bounded by the expected shape.
-
-    msgpack turns one byte into an empty map or list (~60-70 bytes of Python objects), so
-    limits on each container's length are not enough: a 4 MB array of empty maps, or
-    maps nested in maps, cost ~70x their size. Here every container built is counted
-    (``object_hook`` / ``list_hook``, called as each one completes) and decoding stops at
-    ``max_containers``; with the per-container limits this caps the objects built at
-    about ``max_containers * max(max_map_len, max_array_len)``. Extension types are
-    refused; binaries can be as long as the data.
-
-    Args:
-        data: the bytes.
-        max_containers: maps plus arrays the format can legitimately hold.
-        max_array_len, max_map_len, max_str_len: per-object limits.
-
-    Returns:
-        The decoded object (maps with str/bytes keys).
-
-    Raises:
-        ValueError / TypeError (from msgpack) on anything malformed or over a limit.
-    """
-    built = 0
-
-    def count(obj: Any) -> Any:
-        nonlocal built
-        built += 1
-        if built > max_containers:
-            raise ValueError(f"more than {max_containers} maps/arrays")
-        return obj
-
-    return msgpack.unpackb(
-        data,
-        raw=False,
-        strict_map_key=True,
-        object_hook=count,
-        list_hook=count,
-        max_str_len=max_str_len,
-        max_bin_len=len(data),
-        max_array_len=max_array_len,
-        max_map_len=max_map_len,
-        max_ext_len=0,
-    )
-
-
 def public_key_from_bytes(data: bytes) -> PhePublicKey:
     """Parse public key bytes received from an edge (:meth:`PhePublicKey.to_bytes`).
 
@@ -1039,7 +986,7 @@ def public_key_from_bytes(data: bytes) -> PhePublicKey:
         if data.startswith(MAGIC):
             # A public key file is three small maps of short hex strings: decode it with
             # tight limits first (parse_key_bytes has to read whole private key files).
-            unpack_limited(
+            unpack_bounded(
                 data[len(MAGIC) :],
                 max_containers=8,
                 max_array_len=64,

@@ -62,6 +62,7 @@ from cipherface.crypto.engine import FloatArray, ProbeOp
 from cipherface.crypto.keyfile import KeyFile
 from cipherface.crypto.phe import Packing, PhePrivateKey, PhePublicKey, Rerandomizer
 from cipherface.crypto.store import GalleryStore
+from cipherface.crypto.wire import unpack_bounded
 from cipherface.errors import (
     DecodeError,
     GalleryError,
@@ -279,7 +280,7 @@ def _decode(
     else:  # probe / scores / embedding: the message map and its packing map, no arrays
         max_array, max_containers = 0, 2
     try:
-        obj = phe.unpack_limited(
+        obj = unpack_bounded(
             data,
             max_containers=max_containers,
             max_array_len=max_array,

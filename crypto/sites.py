@@ -19,6 +19,7 @@ CKKS = "ckks"
 PHE_SCHEMES = ("paillier", "damgard-jurik", "okamoto-uchiyama")
 SCHEMES = (CKKS, *PHE_SCHEMES)
 PRIVATE_NAME = "private.key"
+MAX_PUBLIC_KEY_BYTES = 256 * 1024  # CKKS N=8192: 66 KB; Paillier 15360-bit: < 8 KB
 PUBLIC_NAME = "public.key"
 
 
@@ -116,6 +117,10 @@ def open_public(public_key: bytes) -> _Public:
     Raises:
         KeyMismatchError: malformed or not a public key.
     """
+    if len(public_key) > MAX_PUBLIC_KEY_BYTES:
+        raise KeyMismatchError(
+            f"public key bytes are {len(public_key)} bytes, at most {MAX_PUBLIC_KEY_BYTES}"
+        )
     try:
         scheme = parse_key_bytes(public_key, source="received public key").scheme
     except KeyFileError as exc:
