@@ -59,6 +59,10 @@ def main() -> None:
         )
         res["ckks_comparisons_per_s"] = 1000.0 / res["ckks_compare_ms"]
         if phe:
+            # 0.0.2's Lite refuses negative values (LightPHE's @): give it what its own
+            # min-max normalisation would, non-negative unit vectors.
+            a = (np.abs(a) / np.linalg.norm(a)).tolist()
+            b = (np.abs(b) / np.linalg.norm(b)).tolist()
             lite = cipherface.CipherFaceLite(
                 model_name="Facenet", algorithm_name="Paillier", security_level=128
             )
