@@ -131,7 +131,7 @@ def sample_messages() -> list[Envelope]:
             count=2,
             ids=(None, "c"),
             offset=100_000,
-            total=1_001_472,
+            total=1_003_520,
         ),
         Result(**_hdr(corr=req.id), op="ids.get", ids_version=0, ids=(), offset=0, total=0),
         Result(**_hdr(corr=req.id), op="enroll", ids_version=9, enrolled=3),
@@ -621,7 +621,7 @@ def test_ids_get_defaults_and_wire_keys() -> None:
 
 def test_identify_result_counts_more_slots_than_an_id_list_holds() -> None:
     # 245 CKKS blocks of 4096 slots: 12 MB of scores, no id list (the edge pages it).
-    res = Result(**_hdr(corr=KID), op="identify", ids_version=8, scores=b"s", count=1_001_472)
+    res = Result(**_hdr(corr=KID), op="identify", ids_version=8, scores=b"s", count=1_003_520)
     assert decode(encode(res)) == res
     assert res.count > MAX_IDS and res.ids is None
 
@@ -1131,6 +1131,19 @@ VECTOR_HEX = (
     "646566a27473cf0000018bcfe56800a3657870cf0000018bcfe5dd30a16282a86964656e7469"
     "7479a5616c696365a570726f6265c403010203"
 )
+
+
+def test_documented_body_keys_match_the_messages() -> None:
+    """docs/protocol.md section 6 lists every body key, in the encoder's order."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("## 6 Messages") : doc.index("## 7 Decoding")]
+    documented: dict[str, list[str]] = {}
+    for part in section.split("\n### 6.")[1:]:
+        heading, _, text = part.partition("\n")
+        mtype = heading.split("`")[1]
+        table = text[text.index("| Key | Type | Constraint |") :].split("\n\n")[0]
+        documented[mtype] = [row.split("`")[1] for row in table.splitlines()[2:]]
+    assert documented == {t: list(cls.body_fields()) for t, cls in MESSAGE_TYPES.items()}
 
 
 def test_documented_vector() -> None:
