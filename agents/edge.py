@@ -214,8 +214,8 @@ class EdgeClient:
         self.cipher = cipher
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.model: str = _key_attr(cipher, "model", "Dlib")
-        self.metric: str = _key_attr(cipher, "metric", "cosine")
+        self.model: str = cipher.model
+        self.metric: str = cipher.metric
         self.publish_decisions = publish_decisions
         self.announce = announce
         self.persistent = persistent
@@ -523,7 +523,7 @@ class EdgeClient:
         vecs = _as_matrix(vectors, self.cipher.dim, "embeddings")
         if vecs.shape[0] != len(names):
             raise InvalidArgumentError(f"{len(names)} ids for {vecs.shape[0]} embeddings")
-        limit = int(getattr(self.cipher, "max_templates_per_payload", 1024))
+        limit = self.cipher.max_templates_per_payload
         size = min(limit, chunk or limit)
         if size < 1:
             raise InvalidArgumentError("chunk must be >= 1")
@@ -846,15 +846,6 @@ class EdgeClient:
             return WatchRecord(photo=path.name, error_code=code, error=message, moved_to=dest)
         dest = _move(path, done)
         return WatchRecord(photo=path.name, decision=decision, moved_to=dest)
-
-
-def _key_attr(cipher: EdgeCipher, name: str, default: str) -> str:
-    """The face model / metric recorded with the key (on the cipher or its public key)."""
-    for owner in (cipher, getattr(cipher, "public", None), getattr(cipher, "pub", None)):
-        value = getattr(owner, name, None)
-        if isinstance(value, str) and value:
-            return value
-    return default
 
 
 def _label(photo: Any) -> str | None:

@@ -378,11 +378,8 @@ class CkksEdgeCipher:
         self.per_pack = self.params.n // self.dim
         self.model = keys.public.model
         self.metric = keys.public.metric
+        self.max_templates_per_payload = self.params.n  # one block per payload
         self._lwe_cache: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
-
-    @property
-    def max_templates_per_payload(self) -> int:
-        return self.params.n
 
     def public_key_bytes(self) -> bytes:
         return self.keys.public_key_bytes()

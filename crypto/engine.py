@@ -34,6 +34,9 @@ class EdgeCipher(Protocol):
     scheme: str
     key_id: str
     dim: int
+    model: str  # face model the key was made for (decides the thresholds)
+    metric: str  # "cosine" or "euclidean"
+    max_templates_per_payload: int  # enrollment payloads stay inside one MQTT message
 
     def public_key_bytes(self) -> bytes:
         """Return the public key file (what the cloud needs, nothing more)."""
