@@ -110,13 +110,8 @@ class BrokerSource:
     binary: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class ExternalBroker:
-    """A broker someone else runs (``MQTT_URL``): same attributes, no restart.
-
-    Args:
-        url: ``mqtt://host:port`` or ``mqtts://host:port``.
-    """
+class UrlParts:
+    """``host`` / ``port`` / ``tls`` of a class's ``url`` (an ``mqtt(s)://`` broker URL)."""
 
     url: str
 
@@ -134,6 +129,17 @@ class ExternalBroker:
     def tls(self) -> bool:
         """Whether the URL asks for TLS (``mqtts://``)."""
         return parse_broker_url(self.url)[0] == "mqtts"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExternalBroker(UrlParts):
+    """A broker someone else runs (``MQTT_URL``): same attributes, no restart.
+
+    Args:
+        url: ``mqtt://host:port`` or ``mqtts://host:port``.
+    """
+
+    url: str
 
     def restart(self) -> None:
         """Refuse: an external broker is not ours to restart.

@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cipherface.agents.broker import parse_broker_url
+from cipherface.agents.broker import UrlParts, parse_broker_url
 from cipherface.errors import BrokerConnectionError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ ConnectedHook = Callable[["Connection", bool], None]
 
 
 @dataclass(frozen=True, kw_only=True)
-class BrokerConfig:
+class BrokerConfig(UrlParts):
     """Where the broker is and how to log in.
 
     Args:
@@ -105,21 +105,6 @@ class BrokerConfig:
             raise InvalidArgumentError("a client certificate needs its key (and vice versa)")
         if not 5 <= self.keepalive <= 65535:
             raise InvalidArgumentError(f"keepalive {self.keepalive} outside [5, 65535] s")
-
-    @property
-    def host(self) -> str:
-        """Broker host name or address."""
-        return parse_broker_url(self.url)[1]
-
-    @property
-    def port(self) -> int:
-        """Broker TCP port."""
-        return parse_broker_url(self.url)[2]
-
-    @property
-    def tls(self) -> bool:
-        """Whether the URL asks for TLS (``mqtts://``)."""
-        return parse_broker_url(self.url)[0] == "mqtts"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> BrokerConfig:
