@@ -228,6 +228,7 @@ class EdgeClient:
         self._ids_cache: tuple[int, tuple[str | None, ...]] | None = None
         self._key_published = False
         self._subscribed = threading.Event()
+        self._precomputing = threading.Event()
         self._conn: Connection | None = None
         self._unconfirmed: list[paho.MQTTMessageInfo] = []
         self._status_topic = status_topic(self.site, self.gateway)
@@ -266,6 +267,7 @@ class EdgeClient:
         )
         conn.client.on_subscribe = self._on_subscribe
         conn.start()
+        self._prepare_randomness()
         # A reply published before our SUBACK would be lost: wait for it.
         if not self._subscribed.wait(self.broker.connect_timeout):
             conn.stop()
@@ -487,7 +489,29 @@ class EdgeClient:
         template = vecs.mean(axis=0)
         self.ensure_key()
         payload = self.cipher.encrypt_templates(template[None, :])
+        self._prepare_randomness()
         return self._ask(lambda: Enroll(**self._header(), ids=(identity,), payload=payload))
+
+    def _prepare_randomness(self) -> None:
+        """Paillier family: precompute encryptions of zero in idle time (a daemon thread),
+        so that the next enrollment costs one multiplication per ciphertext instead of a
+        full exponentiation (≈1.5 ms instead of ≈80 ms for a 128-d template at 2048 bits).
+        CKKS needs nothing: its encryption is already a few milliseconds."""
+        precompute = getattr(self.cipher, "precompute", None)
+        if precompute is None or self._precomputing.is_set():
+            return
+        self._precomputing.set()
+
+        def work() -> None:
+            try:
+                want = 2 * self.cipher.dim  # enough for two single enrollments
+                have = precompute(0)  # 0 = just report the pool size
+                if have < want:
+                    precompute(want - have)
+            finally:
+                self._precomputing.clear()
+
+        threading.Thread(target=work, name="edge-precompute", daemon=True).start()
 
     def enroll_bulk(
         self,

@@ -752,3 +752,27 @@ def test_rwlock_waiting_writer_blocks_new_readers() -> None:
         t.join(10)
         assert not t.is_alive()
     assert order == ["r1", "w", "r2"]
+
+
+def test_edge_client_precomputes_paillier_randomness(tmp_path: Path) -> None:
+    """The edge agent fills the zero-encryption pool in idle time, bounded to 2 * dim."""
+    import time as _time
+
+    from cipherface.agents.edge import EdgeClient
+    from cipherface.agents.mqtt import BrokerConfig
+    from cipherface.crypto import sites
+
+    sites.generate_key_dir(tmp_path / "k", scheme="paillier", dim=128, security_level=112)
+    cipher = sites.load_edge_cipher(tmp_path / "k")
+    edge = EdgeClient(
+        broker=BrokerConfig(url="mqtt://127.0.0.1:1"), cipher=cipher, site="s1", gateway="g1"
+    )
+    for _ in range(3):  # repeated triggers do not grow the pool past its bound
+        edge._prepare_randomness()
+        deadline = _time.monotonic() + 20
+        while edge._precomputing.is_set() and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+    assert cipher.precompute(0) == 2 * 128  # type: ignore[attr-defined]
+    cipher.encrypt_templates(np.ones((1, 128)))
+    # The enrollment drew its randomness from the pool (one multiplication each).
+    assert cipher.precompute(0) < 2 * 128  # type: ignore[attr-defined]
