@@ -145,6 +145,20 @@ def one_to_n_isolated(size: int, dim: int, distinct: int) -> dict[str, float]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def reset_peak_rss() -> None:
+    """Linux keeps the parent's peak RSS across fork/exec; start this process's count anew."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def bench_one_to_n(size: int, dim: int, distinct: int) -> dict[str, float]:
     keys = CkksKeys.generate(dim=dim)
     edge = CkksEdgeCipher(keys=keys)
@@ -172,7 +186,9 @@ def bench_one_to_n(size: int, dim: int, distinct: int) -> dict[str, float]:
         live = np.array([i for i, x in enumerate(ids) if x is not None])
         ref = emb @ probe
         err = float(np.abs(scores[live] - ref).max())
-        top_ok = int(live[np.argmax(scores[live])]) == int(np.argmax(ref))
+        # Blocks are reused to reach the size, so the best template has twins: the pick
+        # is right when its true score is the best one.
+        top_ok = ref[int(live[np.argmax(scores[live])])] >= ref.max() - 1e-4
         disk = sum(f.stat().st_size for f in (root / "g").rglob("*") if f.is_file())
         gal.close()
         return {
@@ -191,7 +207,7 @@ def bench_one_to_n(size: int, dim: int, distinct: int) -> dict[str, float]:
             "gallery_disk_bytes": float(disk),
             "encrypt_block_s": enc_s / distinct,
             "enroll_s": enroll_s,
-            "peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+            "peak_rss_bytes": peak_rss(),
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -215,7 +231,7 @@ def row(
     name: str, measured: float, target: str, peer_v: float | None, unit_: str, better: str, ok: bool
 ) -> dict[str, Any]:
     ratio = None
-    if peer_v:
+    if peer_v and unit_:  # no "speedup" for unitless rows (errors)
         ratio = measured / peer_v if better == "higher" else peer_v / measured
     return {
         "row": name,
@@ -243,6 +259,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one_to_n:
         size, dim, distinct = (int(x) for x in args.one_to_n.split(","))
+        reset_peak_rss()
         print(json.dumps(bench_one_to_n(size, dim, distinct)))
         return
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
@@ -368,13 +385,22 @@ def main() -> None:
     if phe:
         rows += [
             row(
-                "Paillier encrypt 128-d template",
+                "Paillier encrypt 128-d template (cold)",
                 phe["encrypt_ms"],
                 "<= 50 ms",
                 p.get("paillier2048_encrypt_ms"),
                 "ms",
                 "lower",
                 phe["encrypt_ms"] <= 50,
+            ),
+            row(
+                "Paillier encrypt 128-d, randomness precomputed",
+                phe["encrypt_precomputed_ms"],
+                "<= 50 ms",
+                p.get("paillier2048_encrypt_ms"),
+                "ms",
+                "lower",
+                phe["encrypt_precomputed_ms"] <= 50,
             ),
             row(
                 f"Paillier 1:N comparisons/s ({phe.get('bits', '?')}-bit)",
