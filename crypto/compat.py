@@ -14,8 +14,10 @@ cipherface 0.0.2. What changed, and why:
 * Defaults work offline: model ``Dlib`` with the ``dlib`` detector; VGG-Face,
   Facenet and Facenet512 need their weight files (a clear error says where).
 * Embeddings are always L2-normalised; ``euclidean`` is the distance between the
-  normalised vectors (deepface's ``euclidean_l2``), and :meth:`restore` returns the
-  distance itself (0.0.2 returned the squared distance for euclidean).
+  normalised vectors (deepface's ``euclidean_l2`` thresholds). As in 0.0.2,
+  :meth:`restore` returns the *squared* euclidean distance (``2 - 2 cos``), whose error
+  stays linear in the score's (a square root would magnify it near 0), and
+  :meth:`verify` compares it with the threshold squared.
 * Strings are base64 of msgpack (no pickle); keys are key files (no pickle, no eval),
   private ones 0600. ``restore`` with a public-only key raises
   :class:`~cipherface.errors.PublicKeyOnlyError`.
@@ -226,7 +228,9 @@ class CipherFace(_FaceMixin):
 
     # ---------------------------------------------------------------- decrypt
     def restore(self, encrypted_distance: str) -> float:
-        """Decrypt a comparison into the distance of ``distance_metric``.
+        """Decrypt a comparison: cosine distance, or squared euclidean distance (as 0.0.2).
+
+        Keep the value local: decrypted CKKS values shared with others can leak the key.
 
         Raises:
             PublicKeyOnlyError: no private key in this instance.
@@ -240,11 +244,17 @@ class CipherFace(_FaceMixin):
         sim = self._edge.decrypt_scores(
             _unb64(encrypted_distance, "encrypted distance"), op="verify", count=1
         )[0]
+        if self.distance_metric == "euclidean":
+            return max(0.0, 2.0 - 2.0 * float(sim))  # |a-b|^2 of unit vectors
         return thresholds.distance_from_similarity(float(sim), self.distance_metric)
 
     def verify(self, plain_distance: float) -> bool:
-        """True when the distance is below deepface's threshold for the model and metric."""
-        return float(plain_distance) < thresholds.threshold(self.model_name, self.distance_metric)
+        """True when :meth:`restore`'s distance is below deepface's threshold (squared for
+        euclidean, as 0.0.2 compares)."""
+        thr = thresholds.threshold(self.model_name, self.distance_metric)
+        if self.distance_metric == "euclidean":
+            thr = thr * thr
+        return float(plain_distance) < thr
 
 
 def __getattr__(name: str) -> Any:

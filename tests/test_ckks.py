@@ -116,10 +116,19 @@ def test_compat_matches_numpy(metric: str, model: str, dim: int, tmp_path: Path)
         enc_y = cloud.encrypt(y)  # public-key encryption in the cloud, as in 0.0.2's flow
         got = onprem2.restore(cloud.encrypted_compare(enc_y, enc_x))
         xn, yn = x / np.linalg.norm(x), y / np.linalg.norm(y)
-        ref = 1 - xn @ yn if metric == "cosine" else np.linalg.norm(xn - yn)
+        # euclidean: squared distance, as 0.0.2's restore returns
+        ref = 1 - xn @ yn if metric == "cosine" else np.sum((xn - yn) ** 2)
         assert abs(got - ref) <= TOL
+        if metric == "euclidean":
+            thr = thr * thr
         if abs(ref - thr) > TOL:
             assert onprem2.verify(got) == (ref < thr)
+
+
+def test_compat_identical_vectors_distance_zero() -> None:
+    cf = CipherFace(distance_metric="euclidean")
+    v = np.random.default_rng(5).normal(size=128)
+    assert cf.restore(cf.encrypted_compare(cf.encrypt(v), cf.encrypt(v))) <= TOL
 
 
 def test_compat_key_files_and_errors(tmp_path: Path) -> None:
