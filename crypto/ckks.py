@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -805,10 +805,4 @@ def _shift_down(c: U64, t: int, q: int) -> U64:
     return out
 
 
-def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` ranges covering ``range(n)`` in steps of ``size``."""
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
-
-
-__all__ = ["CkksEdgeCipher", "CkksGallery", "CkksKeys", "CkksPublic", "iter_chunks"]
+__all__ = ["CkksEdgeCipher", "CkksGallery", "CkksKeys", "CkksPublic"]
