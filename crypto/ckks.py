@@ -20,6 +20,7 @@ randomness to its coefficients (a one-time pad under encryption).
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import threading
@@ -117,7 +118,7 @@ class CkksPublic:
     model: str
     metric: str
 
-    @property
+    @functools.cached_property
     def key_id(self) -> str:
         # dim, model and metric are bound too: changing them must change the key id.
         return fingerprint(
