@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.npz",
         help="bulk: arrays 'ids' (n strings) and 'embeddings' (n x d)",
     )
+    p.add_argument(
+        "--photo-dir",
+        metavar="DIR",
+        help="bulk from photos: DIR/<identity>/*.jpg (averaged) or DIR/<identity>.jpg",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_option(p)
     p.set_defaults(func=_cmd_enroll)
@@ -367,18 +372,30 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
-    (--embeddings FILE.npz with arrays 'ids' and 'embeddings'). Publishes the site's
-    public key first (idempotent)."""
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', or --photo-dir DIR of
+    DIR/<identity>/*.jpg or DIR/<identity>.jpg). Publishes the site's public key first
+    (idempotent)."""
     bulk = args.embeddings is not None
+    folder = args.photo_dir is not None
     single = args.identity is not None
-    if bulk == single:
-        raise _Usage("give --id NAME (with PHOTOs or --embedding) or --embeddings FILE.npz")
+    if bulk + folder + single != 1:
+        raise _Usage(
+            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz or --photo-dir DIR"
+        )
     if single and bool(args.photos) == (args.embedding is not None):
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
-    if bulk and (args.photos or args.embedding):
-        raise _Usage("--embeddings takes no PHOTO or --embedding")
+    if (bulk or folder) and (args.photos or args.embedding):
+        raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
     with _edge_client(args, publish_decisions=False) as edge:
-        if bulk:
+        if folder:
+            ids, vectors, failures = edge.embed_folder(
+                args.photo_dir, progress=not args.no_progress
+            )
+            for photo, why in failures.items():
+                print(f"skipped {photo}: {why}", file=sys.stderr)
+            stored = edge.enroll_bulk(ids, vectors, progress=not args.no_progress) if ids else 0
+            out = {"enrolled": stored, "ids": len(ids), "skipped": len(failures), "site": args.site}
+        elif bulk:
             try:
                 data = np.load(args.embeddings, allow_pickle=False)
                 ids = [str(i) for i in data["ids"].tolist()]

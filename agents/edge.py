@@ -75,6 +75,7 @@ from cipherface.protocol import (
     events_topic,
     expiry_interval_s,
     is_hex_id,
+    is_valid_identity,
     now_ms,
     request_topic,
     result_topic,
@@ -512,6 +513,59 @@ class EdgeClient:
                 self._precomputing.clear()
 
         threading.Thread(target=work, name="edge-precompute", daemon=True).start()
+
+    def embed_folder(
+        self, folder: str | os.PathLike[str], *, progress: bool = True
+    ) -> tuple[list[str], FloatArray, dict[str, str]]:
+        """Embed a folder of enrollment photos, one template per identity.
+
+        Layout: ``DIR/<identity>/*.jpg`` (a person's photos are averaged) and/or loose
+        ``DIR/<identity>.jpg`` files. Photos without exactly one face are skipped and
+        reported, so one bad photo never stops a bulk enrollment.
+
+        Returns:
+            ``(ids, vectors, failures)``: enrolled-to-be identities, their ``(n, dim)``
+            templates, and ``{photo path: error message}`` for the photos skipped.
+
+        Raises:
+            InvalidArgumentError: not a folder, or no photo in it.
+        """
+        from tqdm import tqdm
+
+        root = Path(folder)
+        if not root.is_dir():
+            raise InvalidArgumentError(f"{root} is not a folder of photos")
+        people: dict[str, list[Path]] = {}
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir():
+                photos = sorted(p for p in entry.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+                if photos:
+                    people.setdefault(entry.name, []).extend(photos)
+            elif entry.suffix.lower() in PHOTO_SUFFIXES:
+                people.setdefault(entry.stem, []).append(entry)
+        if not people:
+            raise InvalidArgumentError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {root}")
+        ids: list[str] = []
+        rows: list[FloatArray] = []
+        failures: dict[str, str] = {}
+        total = sum(len(v) for v in people.values())
+        with tqdm(total=total, unit="photo", desc="embed", disable=not progress) as bar:
+            for identity, photos in people.items():
+                vecs = []
+                for photo in photos:
+                    try:
+                        vecs.append(self.embed(photo, label=photo.name))
+                    except FaceError as exc:
+                        failures[str(photo)] = str(exc)
+                    bar.update(1)
+                if vecs and is_valid_identity(identity):
+                    ids.append(identity)
+                    mean = np.mean(vecs, axis=0)
+                    rows.append(mean / np.linalg.norm(mean))
+                elif vecs:
+                    failures[str(photos[0].parent / identity)] = "not a valid identity name"
+        matrix = np.stack(rows) if rows else np.zeros((0, self.cipher.dim))
+        return ids, matrix, failures
 
     def enroll_bulk(
         self,

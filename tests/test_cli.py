@@ -359,3 +359,22 @@ def test_edge_daemon_with_real_photos(setup: Setup) -> None:
     assert lines["blank.png"]["error"]["code"] in ("image_unreadable", "no_face")
     assert (inbox / "done" / "obama2.jpg").exists()
     assert (inbox / "failed" / "blank.png").exists()
+
+
+def test_bulk_enroll_from_a_photo_folder(setup: Setup) -> None:
+    photos = _need_faces("obama", "obama2", "obama3", "biden")
+    folder = setup.work / "staff"
+    (folder / "barack").mkdir(parents=True)
+    for name in ("obama", "obama2"):  # two photos of one person: averaged
+        (folder / "barack" / photos[name].name).write_bytes(photos[name].read_bytes())
+    (folder / "joe.jpg").write_bytes(photos["biden"].read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")  # skipped, reported, not fatal
+    out = run("enroll", *setup.edge("--photo-dir", str(folder), "--no-progress", "--json"))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (summary["enrolled"], summary["ids"], summary["skipped"]) == (2, 2, 1)
+    assert "broken.jpg" in out.stderr
+    for identity, expected in (("barack", True), ("joe", False)):
+        out = run("verify", *setup.edge("--id", identity, str(photos["obama3"]), "--json"))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1])["match"] is expected
