@@ -101,6 +101,7 @@ log = logging.getLogger(__name__)
 DEFAULT_AGENT_ID: Final = "cloud-local"
 #: Replies of enroll/delete kept on disk this long, for redeliveries after a restart.
 PERSISTED_REPLY_TTL_S: Final = 24 * 3600.0
+PRUNE_EVERY_S: Final = 3600.0  # how often a running agent drops expired stored replies
 _MUTATING: Final = (Enroll, Delete)
 # Reply-cache entries are tagged with the topic they go to (results vs errors).
 _RESULT_TAG: Final = b"R"
@@ -277,7 +278,14 @@ class CloudAgent:
         self.keys = _SiteKeys(self.data_dir)
         self.status_topic = cloud_status_topic(self.agent_id)
         #: Counters: ``requests``, ``results``, ``errors``, ``duplicates``.
-        self.stats: dict[str, int] = {"requests": 0, "results": 0, "errors": 0, "duplicates": 0}
+        self.stats: dict[str, int] = {
+            "requests": 0,
+            "results": 0,
+            "errors": 0,
+            "duplicates": 0,
+            "dropped_qos0": 0,
+            "dropped_retained": 0,
+        }
         self._inbox: queue.Queue[paho.MQTTMessage | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._lock_fd: int | None = None
@@ -304,14 +312,34 @@ class CloudAgent:
         return [f"$share/{self.share_group}/{b}" for b in bases]
 
     def _on_connected(self, conn: Connection, session_present: bool) -> None:
-        conn.subscribe([(f, 1) for f in self.filters()])
+        conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
         conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         # Network thread: hand off and return.
+        if msg.qos == 0:
+            # Requests are QoS 1: QoS 0 has no flow control (the broker's in-flight cap
+            # would not bound our queue) and no delivery guarantee to honour.
+            self.stats["dropped_qos0"] += 1
+            return
+        if msg.retain:
+            # A retained request would be replayed on every subscribe, e.g. re-enrolling
+            # an erased identity long after the dedup window: never act on one.
+            self.stats["dropped_retained"] += 1
+            log.warning(
+                "ignored a retained message on %s (clear it with an empty retained publish)",
+                msg.topic[:200],
+            )
+            self._conn_ack(msg)
+            return
         with self._idle:
             self._busy += 1
         self._inbox.put(msg)
+
+    def _conn_ack(self, msg: paho.MQTTMessage) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.ack(msg.mid, msg.qos)
 
     def _take_lock(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -392,15 +420,20 @@ class CloudAgent:
             if sock is not None:
                 sock.close()
         self._conn = None
-        self._stop_worker()
-        self.keys.close()
+        if self._stop_worker():
+            self.keys.close()
+        else:
+            log.warning("worker still busy at shutdown: galleries left for the OS to close")
         self._release_lock()
         log.info("cloud agent %s stopped", self.agent_id)
 
-    def _stop_worker(self) -> None:
+    def _stop_worker(self) -> bool:
+        """Stop the worker; False if it is still running (then galleries stay open)."""
+        alive = False
         if self._worker is not None:
             self._inbox.put(None)
             self._worker.join(timeout=self.publish_timeout + 5)
+            alive = self._worker.is_alive()
             self._worker = None
         # Requests not yet handled stay unacknowledged: the broker redelivers them.
         while not self._inbox.empty():
@@ -408,6 +441,7 @@ class CloudAgent:
         with self._idle:
             self._busy = 0
             self._idle.notify_all()
+        return not alive
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -431,8 +465,16 @@ class CloudAgent:
 
     # ------------------------------------------------------------------- worker
     def _work(self) -> None:
+        last_prune = time.monotonic()
         while True:
-            msg = self._inbox.get()
+            try:
+                msg = self._inbox.get(timeout=60.0)
+            except queue.Empty:
+                msg = None
+                if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                    self._prune_replies()  # stored replies expire while we run, too
+                    last_prune = time.monotonic()
+                continue
             if msg is None:
                 return
             try:
@@ -459,7 +501,13 @@ class CloudAgent:
                 qos=1,
                 properties=publish_properties(correlation=out.correlation),
             )
-            delivered = wait_published(info, self.publish_timeout) and delivered
+            ok = wait_published(info, self.publish_timeout)
+            # Leaving a request unacked while still connected would use up one of the
+            # broker's in-flight slots for good: wait as long as the connection lives
+            # (if it drops, the broker redelivers the request to the next session).
+            while not ok and conn.connected and self._conn is conn:
+                ok = wait_published(info, 5.0)
+            delivered = ok and delivered
         if delivered:
             conn.ack(msg.mid, msg.qos)
         else:

@@ -377,7 +377,7 @@ class EdgeClient:
                 f"of {per_try:g} s (is a cloud agent running on {self.broker.url}?)"
             )
         if isinstance(reply, Error):
-            raise PeerReportedError(reply.code, reply.message)
+            raise PeerReportedError(reply.code, reply.message, retry=reply.retry)
         return reply
 
     def _ask(self, make: Callable[[], Request]) -> Result:
@@ -915,15 +915,23 @@ class EdgeClient:
         except (RequestTimeoutError, BrokerConnectionError) as exc:
             log.warning("%s: %s; will retry", path.name, exc)
             return None
+        except PeerReportedError as exc:
+            if exc.retry:  # e.g. the cloud's internal error: the photo stays for the next scan
+                log.warning("%s: %s; will retry", path.name, exc)
+                return None
+            return self._watch_failed(path, failed, exc)
         except CipherFaceError as exc:
-            dest = _move(path, failed)
-            code = exc.remote_code if isinstance(exc, PeerReportedError) else exc.code
-            message = exc.message if isinstance(exc, PeerReportedError) else str(exc)
-            if not isinstance(exc, FaceError):
-                log.warning("%s failed: %s", path.name, exc)
-            return WatchRecord(photo=path.name, error_code=code, error=message, moved_to=dest)
+            return self._watch_failed(path, failed, exc)
         dest = _move(path, done)
         return WatchRecord(photo=path.name, decision=decision, moved_to=dest)
+
+    def _watch_failed(self, path: Path, failed: Path, exc: CipherFaceError) -> WatchRecord:
+        dest = _move(path, failed)
+        code = exc.remote_code if isinstance(exc, PeerReportedError) else exc.code
+        message = exc.message if isinstance(exc, PeerReportedError) else str(exc)
+        if not isinstance(exc, FaceError):
+            log.warning("%s failed: %s", path.name, exc)
+        return WatchRecord(photo=path.name, error_code=code, error=message, moved_to=dest)
 
 
 def _label(photo: Any) -> str | None:

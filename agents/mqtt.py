@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 from cipherface.agents.broker import UrlParts, parse_broker_url
 from cipherface.errors import BrokerConnectionError, InvalidArgumentError
 
+RECEIVE_MAXIMUM = 10  # QoS 1 requests in flight to one client (MQTT 5)
 log = logging.getLogger(__name__)
 
 MqttVersion = Literal["5", "3.1.1"]
@@ -331,6 +332,8 @@ class Connection:
         if cfg.mqtt_version == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
+            # Our own cap on unacknowledged QoS 1 deliveries, whatever the broker allows.
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
             kwargs = {"clean_start": not self.persistent, "properties": props}
         try:
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive, **kwargs)
@@ -367,9 +370,18 @@ class Connection:
             properties = None
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
-    def subscribe(self, topics: list[tuple[str, int]]) -> None:
-        """Subscribe to ``[(filter, qos), ...]`` (call from ``on_connected``)."""
-        result, _ = self.client.subscribe(topics)
+    def subscribe(self, topics: list[tuple[str, int]], *, no_retained: bool = False) -> None:
+        """Subscribe to ``[(filter, qos), ...]`` (call from ``on_connected``).
+
+        ``no_retained``: on MQTT 5, ask the broker not to send retained messages
+        (retain handling 2); requests are never meant to be retained.
+        """
+        subs: list[Any] = list(topics)
+        if no_retained and self.config.mqtt_version == "5":
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            subs = [(f, SubscribeOptions(qos=q, retainHandling=2)) for f, q in topics]
+        result, _ = self.client.subscribe(subs)
         if result != paho.MQTT_ERR_SUCCESS:
             log.warning("%s: subscribe failed: %s", self.client_id, paho.error_string(result))
 

@@ -177,10 +177,11 @@ class PeerReportedError(RemoteError):
 
     code = "peer_error"
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, retry: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.remote_code = code
         self.message = message
+        self.retry = retry  # the peer says the same request may succeed later
 
 
 # ----------------------------------------------------------------- transport/time

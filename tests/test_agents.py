@@ -865,3 +865,68 @@ def test_gateway_watch_folder(
         assert sorted(d.photo for d in published) == ["alice-door.jpg", "stranger.png"]
     finally:
         events.close()
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_qos0_and_retained_requests_are_never_served(
+    broker: Any,
+    make_cloud: CloudFactory,
+    make_edge: Callable[..., EdgeClient],
+    site: str,
+    cipher: EdgeCipher,
+    rng: np.random.Generator,
+    version: str,
+) -> None:
+    """QoS 0 has no flow control (an unbounded queue) and a retained request would be
+    replayed on every subscribe (re-enrolling an erased identity): the cloud drops both."""
+    edge = make_edge()
+    sniff = Sniffer(broker.url, [result_topic(site, GW), error_topic(site, GW)])
+    topic = request_topic(site, GW, "enroll")
+    retained = Enroll(
+        site=site,
+        gw=GW,
+        kid=cipher.key_id,
+        ids=("ghost",),
+        payload=cipher.encrypt_templates(unit(rng, 1)),
+    )
+    try:
+        # Retained before the cloud exists: it would be delivered on subscribe.
+        sniff.client.publish(topic, encode(retained), qos=1, retain=True).wait_for_publish(5)
+        cloud = make_cloud(version=version)
+        edge.publish_key()
+        qos0 = Enroll(
+            site=site,
+            gw=GW,
+            kid=cipher.key_id,
+            ids=("fast",),
+            payload=cipher.encrypt_templates(unit(rng, 1)),
+        )
+        sniff.client.publish(topic, encode(qos0), qos=0).wait_for_publish(5)
+        # An ordinary request afterwards is served: the agent is alive.
+        assert edge.enroll("real", embeddings=unit(rng, 1)[0]).enrolled == 1
+        replies = [decode(m.payload) for m in sniff.drain(0.5)]
+        assert all(getattr(r, "corr", None) not in (retained.id, qos0.id) for r in replies)
+        assert set(edge.ids()) - {None} == {"real"}
+        assert cloud.stats["dropped_qos0"] == 1
+        # MQTT 5 asks the broker not to send retained messages at all; 3.1.1 drops it.
+        assert cloud.stats["dropped_retained"] == (0 if version == "5" else 1)
+    finally:
+        sniff.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # clear it
+        sniff.close()
+
+
+def test_watch_keeps_a_photo_when_the_cloud_says_retry(
+    make_edge: Callable[..., EdgeClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edge = make_edge()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "door.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+
+    def busy(*a: Any, **k: Any) -> None:
+        raise PeerReportedError("error", "internal error", retry=True)
+
+    monkeypatch.setattr(edge, "identify", busy)
+    assert edge._watch_one(inbox / "door.jpg", inbox / "done", inbox / "failed") is None
+    assert (inbox / "door.jpg").exists()  # left for the next scan, not failed/
+    assert not (inbox / "failed").exists()
