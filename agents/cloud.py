@@ -285,6 +285,7 @@ class CloudAgent:
             "duplicates": 0,
             "dropped_qos0": 0,
             "dropped_retained": 0,
+            "replies_refused": 0,
         }
         self._inbox: queue.Queue[paho.MQTTMessage | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -507,6 +508,12 @@ class CloudAgent:
             # (if it drops, the broker redelivers the request to the next session).
             while not ok and conn.connected and self._conn is conn:
                 ok = wait_published(info, 5.0)
+            reason = conn.refused(info) if ok else None
+            if reason is not None:
+                # Waiting or redelivery cannot help (ACL, size): ack so the agent keeps
+                # serving, and say loudly that this reply never reached the gateway.
+                self.stats["replies_refused"] += 1
+                log.error("the broker refused the reply on %s (%s)", out.topic, reason)
             delivered = ok and delivered
         if delivered:
             conn.ack(msg.mid, msg.qos)

@@ -252,9 +252,25 @@ class Connection:
         client.on_connect = self._connect_cb
         client.on_disconnect = self._disconnect_cb
         client.on_message = self._message_cb
+        client.on_publish = self._publish_cb
         self.client = client
+        # PUBACKs with a failure reason code (MQTT 5: not authorised, too large, quota):
+        # paho reports such a message as published, so we keep the refusals ourselves.
+        self._refused_mids: dict[int, str] = {}
 
     # ----------------------------------------------------------------- callbacks
+    def _publish_cb(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            if len(self._refused_mids) >= 1024:  # bounded: drop the oldest unclaimed one
+                self._refused_mids.pop(next(iter(self._refused_mids)))
+            self._refused_mids[mid] = str(reason)
+
+    def refused(self, info: paho.MQTTMessageInfo) -> str | None:
+        """The broker's failure reason for a published message, if it refused it."""
+        return self._refused_mids.pop(info.mid, None)
+
     def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         tcp_nodelay(sock)
 

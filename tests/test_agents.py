@@ -930,3 +930,18 @@ def test_watch_keeps_a_photo_when_the_cloud_says_retry(
     assert edge._watch_one(inbox / "door.jpg", inbox / "done", inbox / "failed") is None
     assert (inbox / "door.jpg").exists()  # left for the next scan, not failed/
     assert not (inbox / "failed").exists()
+
+
+def test_refused_publishes_are_remembered_not_counted_as_delivered(broker: Any) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from cipherface.agents.mqtt import Connection
+
+    conn = Connection(config=BrokerConfig(url=broker.url), client_id=f"t-{secrets.token_hex(3)}")
+    info = paho.MQTTMessageInfo(42)
+    conn._publish_cb(conn.client, None, 42, ReasonCode(PacketTypes.PUBACK, "Not authorized"), None)
+    conn._publish_cb(conn.client, None, 43, ReasonCode(PacketTypes.PUBACK, "Success"), None)
+    assert conn.refused(info) == "Not authorized"
+    assert conn.refused(info) is None  # claimed once
+    assert conn.refused(paho.MQTTMessageInfo(43)) is None
