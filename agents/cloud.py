@@ -135,9 +135,13 @@ class Outgoing:
 class _SiteKeys:
     """The galleries of one data directory, opened on first use."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_open: int = 64) -> None:
         self.root = root
+        # Most recently used last; the least recently used gallery is closed beyond
+        # max_open, so keys published over time (or by a misbehaving gateway) cannot
+        # pin an unbounded number of galleries in memory.
         self._open: dict[tuple[str, str], Gallery] = {}
+        self.max_open = max_open
 
     def key_dir(self, site: str, kid: str) -> Path:
         return self.root / site / "keys" / kid
@@ -152,8 +156,9 @@ class _SiteKeys:
         return gallery
 
     def gallery(self, site: str, kid: str) -> Gallery:
-        found = self._open.get((site, kid))
+        found = self._open.pop((site, kid), None)
         if found is not None:
+            self._open[(site, kid)] = found  # now the most recently used
             return found
         path = self.key_dir(site, kid) / sites.PUBLIC_NAME
         if not path.is_file():
@@ -162,7 +167,10 @@ class _SiteKeys:
             )
         gallery = sites.open_gallery(self.key_dir(site, kid) / "gallery", path.read_bytes())
         if gallery.key_id != kid:
+            gallery.close()
             raise KeyMismatchError(f"stored key of site {site!r} is not {kid}")
+        while len(self._open) >= self.max_open:
+            self._open.pop(next(iter(self._open))).close()
         self._open[(site, kid)] = gallery
         return gallery
 

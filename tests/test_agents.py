@@ -945,3 +945,20 @@ def test_refused_publishes_are_remembered_not_counted_as_delivered(broker: Any) 
     assert conn.refused(info) == "Not authorized"
     assert conn.refused(info) is None  # claimed once
     assert conn.refused(paho.MQTTMessageInfo(43)) is None
+
+
+def test_cloud_keeps_a_bounded_number_of_galleries_open(tmp_path: Path) -> None:
+    from cipherface.agents.cloud import _SiteKeys
+
+    keys = _SiteKeys(tmp_path, max_open=2)
+    made = []
+    for i in range(3):
+        d = tmp_path / f"k{i}"
+        sites.generate_key_dir(d, dim=DIM)
+        pub = (d / sites.PUBLIC_NAME).read_bytes()
+        kid = sites.load_edge_cipher(d).key_id
+        made.append((kid, keys.register("s1", kid, pub)))
+    assert len(keys._open) == 2 and ("s1", made[0][0]) not in keys._open
+    # A closed gallery reopens on demand (its lock was released when it was closed).
+    assert keys.gallery("s1", made[0][0]).key_id == made[0][0]
+    keys.close()
