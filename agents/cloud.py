@@ -559,7 +559,7 @@ class CloudAgent:
             corr = header.id if header is not None else None
             kid = header.kid if header is not None else None
             log.info("refused a request from %s/%s: %s", rt.site, rt.gateway, exc)
-            return [self._error(exc, rt.site, rt.gateway, corr, kid, correlation)]
+            return [self._error_retry(exc, rt.site, rt.gateway, corr, kid, correlation)[0]]
         echo = correlation if correlation is not None else correlation_data(req.id)
         key = dedup_key(req)
         now = time.monotonic()
@@ -606,17 +606,6 @@ class CloudAgent:
                 topic=error_topic(req.site, req.gw), payload=payload, correlation=echo, kind="error"
             )
         return Outgoing(topic=result_topic(req.site, req.gw), payload=payload, correlation=echo)
-
-    def _error(
-        self,
-        exc: BaseException,
-        site: str,
-        gw: str,
-        corr: str | None,
-        kid: str | None,
-        correlation: bytes | None,
-    ) -> Outgoing:
-        return self._error_retry(exc, site, gw, corr, kid, correlation)[0]
 
     def _error_retry(
         self,
