@@ -77,8 +77,10 @@ def container_config(
     """The project's ``mosquitto.conf`` rewritten for :class:`MosquittoContainer`.
 
     Listeners bind every address of the container (Docker publishes them), the
-    log goes to stdout (the container's log, which the readiness check reads), and
-    persistence lives in the image's ``/mosquitto/data``.
+    log goes to stderr (the container's log, which the readiness check reads:
+    Mosquitto 2.0 block-buffers ``log_dest stdout`` into a pipe, so a "running" line
+    there can wait for kilobytes of later log), and persistence lives in the image's
+    ``/mosquitto/data``.
 
     Args:
         profile: ``"dev"`` (anonymous, no ACL) or ``"secure"`` (passwords, ACL).
@@ -104,7 +106,7 @@ def container_config(
     )
     out = []
     for line in text.splitlines():
-        out.append("log_dest stdout" if line.startswith("log_dest file ") else line)
+        out.append("log_dest stderr" if line.startswith("log_dest file ") else line)
     return "\n".join(out) + "\n"
 
 

@@ -201,19 +201,27 @@ class Faces:
         filename = filename or f"{name or 'noface'}-{secrets.token_hex(3)}.png"
         return write_capture(folder or self.folder, name, filename=filename)
 
-    @staticmethod
-    def photo(name: str) -> Path:
-        """A real photo fetched by ``.ci/setup_data.sh`` (``"obama"``, ``"biden.jpg"``...);
-        skips the test when the photos are not there."""
+    def photo(self, name: str) -> Path:
+        """A real photo fetched by ``.ci/setup_data.sh`` (``"obama"``, ``"biden.jpg"``...).
+
+        Skips the test, saying why, unless the photo, the edge extra (deepface, dlib,
+        OpenCV) and the face model's weights are all installed.
+        """
+        import importlib.util
+
         import pytest
 
-        from cipherface.agents.faces import find_photos
+        from cipherface.agents.faces import Embedder, find_photos
         from cipherface.errors import LocalError
 
+        for module in ("deepface", "dlib", "cv2"):
+            if importlib.util.find_spec(module) is None:
+                pytest.skip(f"real faces need the edge extra ({module} missing)")
         try:
+            Embedder(model_name=self.edge.model).check_weights()
             return find_photos([name])[Path(name).stem]
         except LocalError as exc:
-            pytest.skip(str(exc))
+            pytest.skip(f"real faces need the photos and weights of .ci/setup_data.sh: {exc}")
 
 
 class Gateway:
