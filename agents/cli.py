@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="galleries directory (env CIPHERFACE_DATA)",
     )
     p.add_argument(
+        "--store",
+        default=_env("CIPHERFACE_STORE") or "sqlite:",
+        metavar="URL",
+        help="gallery store: sqlite:[DIR] (default: SQLite under --data) or "
+        "postgresql://USER@HOST/DB shared by several workers (env CIPHERFACE_STORE)",
+    )
+    p.add_argument(
         "--agent-id",
         default=None,
         help="client id / status id (default: the username, else cloud-local)",
@@ -354,6 +361,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         agent_id=agent_id,
         sites=sites,
         share_group=None if args.no_share else "cipherface-cloud",
+        store=args.store,
     )
     stop = _stop_on_signals()
     agent.start()
