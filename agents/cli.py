@@ -13,6 +13,7 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``edge``       gateway daemon: identify every photo dropped in ``--watch DIR``
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
+``gallery``    check, stats, export/import, compact the cloud's galleries
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
@@ -42,6 +43,7 @@ from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     register_cli(sub)
+    register_gallery_cli(sub)
     return parser
 
 

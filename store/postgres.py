@@ -313,4 +313,13 @@ def drop_gallery(dsn: str, name: str) -> bool:
     return eng._run(go, "dropping")
 
 
-__all__ = ["PostgresEngine", "drop_gallery", "pg_error"]
+def rename_gallery(dsn: str, old: str, new: str) -> None:
+    """Give a gallery another name in one statement (import builds under a temp name)."""
+    eng = PostgresEngine(dsn, name=old)
+    eng._run(
+        lambda c: c.execute("UPDATE cf_galleries SET name = %s WHERE name = %s", (new, old)),
+        "renaming",
+    )
+
+
+__all__ = ["PostgresEngine", "drop_gallery", "pg_error", "rename_gallery"]
