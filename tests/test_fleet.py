@@ -6,6 +6,8 @@ Real Mosquitto (conftest ``broker``), real CKKS galleries, synthetic 128-d vecto
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -173,3 +175,101 @@ def test_verify_is_not_held_behind_an_identify(
     finally:
         cloud.gate.set()
         cloud.stop(retire=True)
+
+
+# ------------------------------------------------------------------ the fleet
+def _worker(url: str, data: Path, agent_id: str, site: str, group: str, log: Path) -> Any:
+    """A ``cipherface cloud`` worker process (as users start them)."""
+    cmd = [sys.executable, "-c", "from cipherface.agents.cli import main; main()", "cloud"]
+    cmd += ["--broker", url, "--data", str(data), "--agent-id", agent_id, "--sites", site]
+    cmd += ["--share-group", group]
+    out = open(log, "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+    out.close()
+    deadline = time.monotonic() + 60
+    while b"serving" not in log.read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    return proc
+
+
+def _replica(data: Path, cipher: EdgeCipher, site: str, people: np.ndarray) -> None:
+    """A worker's copy of the site's gallery (the file store has one writer per copy)."""
+    kd = data / site / "keys" / cipher.key_id
+    kd.mkdir(parents=True)
+    (kd / sites.PUBLIC_NAME).write_bytes(cipher.public_key_bytes())
+    (data / site / "current").write_text(cipher.key_id)
+    g = sites.open_gallery(kd / "gallery", cipher.public_key_bytes())
+    g.enroll([f"p{i}" for i in range(len(people))], cipher.encrypt_templates(people))
+    g.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_worker_killed_mid_stream_loses_nothing(
+    broker: Any, tmp_path: Path, cipher: EdgeCipher, site: str, workers: int
+) -> None:
+    """Workers share the site's requests; one is killed (-9) mid-stream and restarted
+    under its id a second later (as a supervisor does). Every verify of every gateway is
+    answered, and answered right: requests the dead worker held are retried by the
+    edge with the same id (another worker answers) and redelivered to its successor."""
+    rng = np.random.default_rng(11)
+    people = unit(rng, 20)
+    group = f"g{secrets.token_hex(4)}"
+    ids = [f"w{i}-{secrets.token_hex(3)}" for i in range(workers)]
+    for wid in ids:
+        _replica(tmp_path / wid, cipher, site, people)
+    procs = {
+        wid: _worker(broker.url, tmp_path / wid, wid, site, group, tmp_path / f"{wid}.log")
+        for wid in ids
+    }
+    stop = threading.Event()
+    results: list[tuple[int, bool]] = []
+    failures: list[BaseException] = []
+
+    def gateway(g: int) -> None:
+        cfg = BrokerConfig(url=broker.url)
+        with EdgeClient(
+            broker=cfg, cipher=cipher, site=site, gateway=f"gw{g}", timeout=2.0, retries=5
+        ) as edge:
+            n = 0
+            while not stop.is_set():
+                who = (g * 7 + n) % len(people)
+                genuine = n % 3 != 0
+                probe = people[who] if genuine else people[(who + 1) % len(people)]
+                try:
+                    d = edge.verify(f"p{who}", vector=probe)
+                except Exception as exc:  # lost: the test fails below
+                    failures.append(exc)
+                    return
+                results.append((g, d.match == genuine))
+                n += 1
+
+    victim = ids[1]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            running = [pool.submit(gateway, g) for g in range(6)]
+            deadline = time.monotonic() + 60
+            while len(results) < 30 and time.monotonic() < deadline and not failures:
+                time.sleep(0.1)
+            before = len(results)
+            procs[victim].kill()  # SIGKILL: no DISCONNECT, nothing acknowledged after
+            procs[victim].wait()
+            time.sleep(1.0)
+            procs[victim] = _worker(
+                broker.url, tmp_path / victim, victim, site, group, tmp_path / "restart.log"
+            )
+            time.sleep(3.0)
+            stop.set()
+            for f in running:
+                f.result(60)
+    finally:
+        stop.set()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+    assert not failures, failures[:3]
+    assert before > 0 and len(results) > before + 20
+    assert all(ok for _, ok in results), "a wrong decision"
+    assert {g for g, _ in results} == set(range(6))
