@@ -22,8 +22,10 @@ from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.dispatch import lane_for
 from cipherface.agents.edge import EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
+from cipherface.agents.shards import ShardedEdge, owner, shard_sites
 from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher, Gallery
+from cipherface.errors import PartialResultError
 from cipherface.protocol import (
     Enroll,
     Error,
@@ -273,3 +275,109 @@ def test_a_worker_killed_mid_stream_loses_nothing(
     assert before > 0 and len(results) > before + 20
     assert all(ok for _, ok in results), "a wrong decision"
     assert {g for g, _ in results} == set(range(6))
+
+
+# ------------------------------------------------------------ sharded galleries
+@pytest.fixture
+def shard_clouds(broker: Any, tmp_path: Path) -> Iterator[Callable[[list[str]], CloudAgent]]:
+    """One cloud agent per call, serving the given sites (own id, group and data)."""
+    made: list[CloudAgent] = []
+
+    def factory(sites_: list[str]) -> CloudAgent:
+        tag = secrets.token_hex(4)
+        agent = CloudAgent(
+            broker=BrokerConfig(url=broker.url),
+            data_dir=tmp_path / f"cloud-{tag}",
+            agent_id=f"cloud-{tag}",
+            sites=sites_,
+            share_group=f"g{tag}",
+        )
+        agent.start()
+        made.append(agent)
+        return agent
+
+    yield factory
+    for agent in made:
+        agent.stop(retire=True)
+
+
+def test_three_shards_identify_like_one_gallery_and_rebalance(
+    broker: Any,
+    cipher: EdgeCipher,
+    site: str,
+    shard_clouds: Callable[[list[str]], CloudAgent],
+) -> None:
+    rng = np.random.default_rng(21)
+    people = unit(rng, 30)
+    names = [f"n{i:02d}" for i in range(30)]
+    shards = shard_sites(site, 3)
+    whole = f"{site}-all"
+    shard_clouds([whole])
+    for shard in shards:
+        shard_clouds([shard])  # a worker per shard
+    cfg = BrokerConfig(url=broker.url)
+    with (
+        EdgeClient(broker=cfg, cipher=cipher, site=whole, gateway="gw") as single,
+        ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw") as sharded,
+    ):
+        single.publish_key()
+        sharded.publish_key()
+        single.enroll_bulk(names, people, progress=False)
+        assert sharded.enroll_bulk(names, people) == 30
+        spread = {s: sum(sharded.owner(n) == s for n in names) for s in shards}
+        assert all(v > 0 for v in spread.values()), spread
+        probes = [people[i] + 0.01 * rng.normal(size=DIM) for i in (0, 7, 19, 29)]
+        probes.append(unit(rng, 1)[0])  # a stranger
+        for probe in probes:
+            probe = probe / np.linalg.norm(probe)
+            want_id, want_sim = single.best_match(probe)
+            got = sharded.identify(probe)
+            assert not got.partial and got.identity == want_id
+            assert got.similarity == pytest.approx(want_sim, abs=1e-4)
+        assert sharded.verify("n07", vector=people[7]).match
+
+        # Rebalance onto a 4th shard: only the identities it wins move, and every
+        # identity is identified before and after.
+        shards4 = [*shards, f"{site}-s3"]
+        shard_clouds([shards4[3]])
+        moved = sharded.rebalance(shards4, dict(zip(names, people, strict=True)))
+        assert moved == sum(owner(n, shards4) != owner(n, shards) for n in names)
+        assert 0 < moved < 30
+        for i in (0, 7, 19, 29):
+            assert sharded.identify(people[i]).identity == names[i]
+        on_new = [n for n in names if owner(n, shards4) == shards4[3]]
+        assert sorted(i for i in sharded._client(shards4[3]).ids() if i) == sorted(on_new)
+
+
+def test_a_shard_down_gives_a_partial_result_never_a_silent_miss(
+    broker: Any,
+    cipher: EdgeCipher,
+    site: str,
+    shard_clouds: Callable[[list[str]], CloudAgent],
+) -> None:
+    rng = np.random.default_rng(22)
+    people = unit(rng, 12)
+    names = [f"m{i:02d}" for i in range(12)]
+    shards = shard_sites(site, 3)
+    workers = [shard_clouds([s]) for s in shards]
+    cfg = BrokerConfig(url=broker.url)
+    with ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw", timeout=10) as edge:
+        edge.publish_key()
+        edge.enroll_bulk(names, people)
+    down = shards[1]
+    victim = next(n for n in names if owner(n, shards) == down)
+    workers[1].stop()  # its requests now wait in its session: no answer
+    strict = ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw2", timeout=1.5,
+                         retries=0)  # fmt: skip
+    lenient = ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw3", timeout=1.5,
+                          retries=0, allow_partial=True)  # fmt: skip
+    with strict, lenient:
+        with pytest.raises(PartialResultError) as info:
+            strict.identify(people[names.index(victim)])
+        assert info.value.missing == (down,) and down in str(info.value)
+        assert info.value.code == "partial_result"
+        got = lenient.identify(people[names.index(victim)])
+        assert got.partial and got.missing == (down,) and not got.match
+        other = next(n for n in names if owner(n, shards) != down)
+        found = lenient.identify(people[names.index(other)])
+        assert found.partial and found.match and found.identity == other
