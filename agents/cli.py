@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
     p.add_argument(
+        "--share-group",
+        default="cipherface-cloud",
+        metavar="NAME",
+        help="shared-subscription group: workers of one group split the requests "
+        "(default cipherface-cloud)",
+    )
+    p.add_argument(
         "--max-batch",
         type=int,
         default=32,
@@ -380,7 +387,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         data_dir=args.data,
         agent_id=agent_id,
         sites=sites,
-        share_group=None if args.no_share else "cipherface-cloud",
+        share_group=None if args.no_share else args.share_group,
         store=args.store,
         max_batch=args.max_batch,
     )
