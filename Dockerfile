@@ -21,6 +21,9 @@ COPY cipherface ./cipherface
 COPY crypto ./crypto
 COPY protocol ./protocol
 COPY agents ./agents
+COPY faces ./faces
+COPY cameras ./cameras
+COPY store ./store
 COPY testing ./testing
 RUN pip install "/src${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 

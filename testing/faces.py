@@ -145,7 +145,7 @@ class FaceEmbedder:
     def real(self) -> Any:
         """The real embedder (needs the ``edge`` extra and the model's weights)."""
         if self._real is None:
-            from cipherface.agents.faces import Embedder
+            from cipherface.faces import Embedder
 
             self._real = Embedder(model_name=self.model)
         return self._real

@@ -23,8 +23,10 @@ fixture                        scope     what it gives
                                          session keys) whose key that cloud holds
 ``cipherface_faces``           function  :class:`Faces`: enroll synthetic or real faces,
                                          write synthetic captures
-``cipherface_gateway``         function  :class:`Gateway`: the edge's watch-folder daemon
+``cipherface_gateway``         function  :class:`Gateway`: the camera gateway on a folder
+                                         (JSON events, Home Assistant discovery)
 ``cipherface_events``          function  :class:`Recorder` on the site's integrator topics
+                                         (JSON events, HA discovery, msgpack decisions)
 ``cipherface_recorder``        function  ``recorder(filters)``: more recorders
 =============================  ========  =================================================
 """
@@ -152,7 +154,8 @@ def cipherface_faces(cipherface_edge: EdgeClient, tmp_path: Path) -> Faces:
 
 @pytest.fixture
 def cipherface_gateway(cipherface_edge: EdgeClient, tmp_path: Path) -> Iterator[Gateway]:
-    """The edge's watch-folder daemon on ``tmp_path/inbox``: ``drop()`` then ``wait()``."""
+    """The camera gateway on ``tmp_path/inbox`` (camera ``door``): ``drop()`` a photo,
+    then ``wait()`` for its integrator event."""
     from cipherface.testing.services import Gateway
 
     gateway = Gateway(edge=cipherface_edge, inbox=tmp_path / "inbox")
@@ -188,7 +191,8 @@ def cipherface_events(
     cipherface_recorder: Callable[..., Recorder], cipherface_site: str
 ) -> Recorder:
     """Every message on ``cipherface_site``'s integrator topics, from before the test
-    body on: ``.wait_for_decision(...)``, ``.decisions()``, ``.messages``."""
+    body on: ``.wait_for_event()``, ``.wait_for_discovery()``, ``.wait_for_decision()``,
+    ``.messages``."""
     from cipherface.testing.recorder import integrator_filters
 
     return cipherface_recorder(integrator_filters(cipherface_site))

@@ -1,15 +1,22 @@
 """Record every message on some topics, as an integrator's automation would see it.
 
 A :class:`Recorder` is a plain MQTT 5 subscriber of its own. Each message is kept
-as a :class:`Recorded`: its topic, raw payload, retain flag, and ``data``: the JSON
-value when the payload is JSON, else the msgpack value (the protocol's own
-messages), else None. :meth:`Recorder.decisions` gives the decisions in the JSON
-shape the CLI's ``--json`` prints, whichever encoding carried them.
+as a :class:`Recorded`: its topic, raw payload, retain flag, ``data`` (the JSON value
+when the payload is JSON, else the msgpack value, else None) and ``kind``, read from
+the topic:
+
+* ``"event"``     -- an integrator JSON event, ``cipherface/v1/<site>/json/<gw>/events/<camera>``
+* ``"person"``    -- the same JSON for a match, on ``.../json/<gw>/people/<person>``
+* ``"availability"`` -- a camera gateway's retained ``online`` / ``offline``
+* ``"discovery"`` -- a Home Assistant discovery config, ``<prefix>/<component>/.../config``
+* ``"decision"``  -- the protocol's msgpack decision, ``cipherface/v1/<site>/events/<gw>``
+* ``"other"``     -- anything else.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -25,13 +32,34 @@ from cipherface.agents.mqtt import BrokerConfig
 from cipherface.errors import BrokerConnectionError, RemoteError
 
 Predicate = Callable[["Recorded"], bool]
+JsonPredicate = Callable[[dict[str, Any]], bool]
+
+_LEVEL = r"[^/]+"
+_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("event", re.compile(rf"^cipherface/v1/{_LEVEL}/json/{_LEVEL}/events/{_LEVEL}$")),
+    ("person", re.compile(rf"^cipherface/v1/{_LEVEL}/json/{_LEVEL}/people/{_LEVEL}$")),
+    ("availability", re.compile(rf"^cipherface/v1/{_LEVEL}/json/{_LEVEL}/availability$")),
+    ("decision", re.compile(rf"^cipherface/v1/{_LEVEL}/events/{_LEVEL}$")),
+    ("discovery", re.compile(rf"^{_LEVEL}/{_LEVEL}/(?:{_LEVEL}/)?{_LEVEL}/config$")),
+)
 
 
-def integrator_filters(site: str) -> list[str]:
-    """The topics a site's integrators subscribe to: every gateway's decisions.
+def topic_kind(topic: str) -> str:
+    """What a topic carries: ``event``, ``person``, ``availability``, ``decision``,
+    ``discovery`` or ``other`` (see the module's docstring)."""
+    for kind, pattern in _KINDS:
+        if pattern.match(topic):
+            return kind
+    return "other"
+
+
+def integrator_filters(site: str, *, discovery_prefix: str = "homeassistant") -> list[str]:
+    """The topics a site's integrators read: every gateway's JSON events, people and
+    availability, the protocol's msgpack decisions, and Home Assistant discovery.
 
     Args:
         site: the site id.
+        discovery_prefix: Home Assistant's discovery prefix.
 
     Returns:
         MQTT topic filters.
@@ -41,7 +69,8 @@ def integrator_filters(site: str) -> list[str]:
     """
     from cipherface.protocol.topics import PREFIX, validate_id
 
-    return [f"{PREFIX}/{validate_id(site, what='site')}/events/+"]
+    base = f"{PREFIX}/{validate_id(site, what='site')}"
+    return [f"{base}/json/#", f"{base}/events/+", f"{discovery_prefix}/#"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,11 +94,31 @@ class Recorded:
     encoding: str
 
     @property
+    def kind(self) -> str:
+        """What the topic carries (:func:`topic_kind`)."""
+        return topic_kind(self.topic)
+
+    @property
+    def event(self) -> dict[str, Any] | None:
+        """The integrator JSON event (``event_type``, ``identity``, ``match``...) of an
+        ``event`` topic, or None."""
+        if self.kind == "event" and self.encoding == "json" and isinstance(self.data, dict):
+            return self.data
+        return None
+
+    @property
+    def discovery(self) -> dict[str, Any] | None:
+        """The Home Assistant discovery config of a ``discovery`` topic, or None (an
+        empty retained payload deletes the entity)."""
+        if self.kind == "discovery" and self.encoding == "json" and isinstance(self.data, dict):
+            return self.data
+        return None
+
+    @property
     def decision(self) -> dict[str, Any] | None:
-        """The decision it carries, as JSON (``op, identity, match, ...``), or None."""
-        if self.encoding == "json" and isinstance(self.data, dict):
-            return self.data if "match" in self.data and "op" in self.data else None
-        if self.encoding != "msgpack":
+        """The protocol's msgpack decision of a ``decision`` topic as JSON (``op,
+        identity, match, latency_ms, photo, site, gateway, id, ts``), or None."""
+        if self.kind != "decision" or self.encoding != "msgpack":
             return None
         from cipherface.agents.edge import decision_json
         from cipherface.protocol import Decision, decode
@@ -202,26 +251,61 @@ class Recorder:
                     )
                 self._cond.wait(left)
 
-    def decisions(self) -> list[dict[str, Any]]:
-        """Every decision recorded so far, as JSON dicts, in arrival order."""
-        return [d for d in (r.decision for r in self.snapshot()) if d is not None]
-
-    def wait_for_decision(
-        self, predicate: Callable[[dict[str, Any]], bool] | None = None, *, timeout: float = 10.0
+    def _wait_json(
+        self, attr: str, predicate: JsonPredicate | None, timeout: float
     ) -> dict[str, Any]:
-        """The first decision (as JSON) that ``predicate`` accepts.
+        def ok(rec: Recorded) -> bool:
+            value = getattr(rec, attr)
+            return value is not None and (predicate is None or bool(predicate(value)))
+
+        found: dict[str, Any] = getattr(self.wait_for(ok, timeout=timeout), attr)
+        return found
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every integrator JSON event so far (camera topics), in arrival order."""
+        return [e for e in (r.event for r in self.snapshot()) if e is not None]
+
+    def wait_for_event(
+        self, predicate: JsonPredicate | None = None, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first integrator JSON event that ``predicate`` accepts.
 
         Raises:
             TimeoutError: none in time.
         """
+        return self._wait_json("event", predicate, timeout)
 
-        def ok(rec: Recorded) -> bool:
-            d = rec.decision
-            return d is not None and (predicate is None or predicate(d))
+    def discovery(self) -> dict[str, dict[str, Any]]:
+        """Home Assistant discovery configs so far: topic -> config (the latest)."""
+        out: dict[str, dict[str, Any]] = {}
+        for rec in self.snapshot():
+            if rec.discovery is not None:
+                out[rec.topic] = rec.discovery
+        return out
 
-        found = self.wait_for(ok, timeout=timeout).decision
-        assert found is not None
-        return found
+    def wait_for_discovery(
+        self, predicate: JsonPredicate | None = None, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first Home Assistant discovery config that ``predicate`` accepts.
+
+        Raises:
+            TimeoutError: none in time.
+        """
+        return self._wait_json("discovery", predicate, timeout)
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Every msgpack protocol decision so far, as JSON dicts, in arrival order."""
+        return [d for d in (r.decision for r in self.snapshot()) if d is not None]
+
+    def wait_for_decision(
+        self, predicate: JsonPredicate | None = None, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first protocol decision (as JSON) that ``predicate`` accepts.
+
+        Raises:
+            TimeoutError: none in time.
+        """
+        return self._wait_json("decision", predicate, timeout)
 
     def clear(self) -> None:
         """Forget what was recorded so far."""
@@ -240,4 +324,4 @@ class Recorder:
         self.close()
 
 
-__all__ = ["Recorded", "Recorder", "integrator_filters"]
+__all__ = ["Recorded", "Recorder", "integrator_filters", "topic_kind"]

@@ -3,8 +3,8 @@
 Each ``open_*`` is a context manager that starts the real thing and cleans it up
 (the cloud agent's persistent session is retired, so nothing lingers on a shared
 broker). :class:`Faces` enrolls synthetic or real faces and writes captures;
-:class:`Gateway` runs the edge's watch-folder daemon in a thread, so a test can
-drop a capture and wait for the decision an integrator would receive.
+:class:`Gateway` runs the camera gateway on a folder, so a test can drop a capture
+and wait for the JSON event (and Home Assistant entities) an integrator receives.
 """
 
 from __future__ import annotations
@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from cipherface.agents.cloud import CloudAgent
-from cipherface.agents.edge import EdgeClient, WatchRecord
+from cipherface.agents.edge import EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
+from cipherface.cameras.bus import MqttBus
+from cipherface.cameras.capture import Bus, Capture
+from cipherface.cameras.decide import Policy
+from cipherface.cameras.events import IntegratorEvent, availability_topic, camera_topic
+from cipherface.cameras.gateway import Gateway as CameraGateway
+from cipherface.cameras.outputs.homeassistant import HomeAssistantOutput
+from cipherface.cameras.outputs.integrator import JsonEventsOutput
+from cipherface.cameras.sources.folder import FolderSource
 from cipherface.crypto import sites, thresholds
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.protocol import Result
@@ -211,8 +219,8 @@ class Faces:
 
         import pytest
 
-        from cipherface.agents.faces import Embedder, find_photos
         from cipherface.errors import LocalError
+        from cipherface.faces import Embedder, find_photos
 
         for module in ("deepface", "dlib", "cv2"):
             if importlib.util.find_spec(module) is None:
@@ -224,40 +232,92 @@ class Faces:
             pytest.skip(f"real faces need the photos and weights of .ci/setup_data.sh: {exc}")
 
 
+class _Kept:
+    """A gateway output that keeps every outcome, for :meth:`Gateway.wait`."""
+
+    name = "testing"
+
+    def __init__(self) -> None:
+        self.events: list[IntegratorEvent] = []
+        self.cond = threading.Condition()
+
+    def start(self, bus: Bus) -> None:
+        pass
+
+    def publish(self, event: IntegratorEvent, capture: Capture) -> None:
+        with self.cond:
+            self.events.append(event)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        pass
+
+
 class Gateway:
-    """The edge's watch-folder daemon (:meth:`EdgeClient.watch`) in a thread.
+    """The camera gateway (``cipherface edge --watch``) on a folder, in this process.
+
+    A :class:`~cipherface.cameras.gateway.Gateway` with a folder source (one camera),
+    the integrator JSON output and Home Assistant discovery, on its own MQTT
+    connection: what a site runs, minus the camera.
 
     Args:
         edge: the started edge client.
-        inbox: the folder it watches (created).
+        inbox: the folder it watches (created, with ``done/`` and ``failed/``).
+        camera: the camera name its captures carry.
+        policy: the camera's accuracy controls (default: one frame decides; captures
+            up to 60 s old are fresh, so a loaded CI machine does not see ``stale``).
+        discovery_prefix: Home Assistant's discovery prefix.
         poll: seconds between scans.
+
+    Raises:
+        BrokerConnectionError: the broker cannot be reached.
     """
 
-    def __init__(self, *, edge: EdgeClient, inbox: Path, poll: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        edge: EdgeClient,
+        inbox: Path,
+        camera: str = "door",
+        policy: Policy | None = None,
+        discovery_prefix: str = "homeassistant",
+        poll: float = 0.05,
+    ) -> None:
         self.edge = edge
         self.inbox = inbox
-        self.records: list[WatchRecord] = []
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        inbox.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(
-            target=self._run, args=(poll,), name="cipherface-gateway", daemon=True
+        self.camera = camera
+        site, gateway = edge.site, edge.gateway
+        #: Topic of every outcome of the camera (Home Assistant's event entity reads it).
+        self.event_topic = camera_topic(site, gateway, camera)
+        #: Retained ``online`` / ``offline`` of the gateway.
+        self.availability_topic = availability_topic(site, gateway)
+        self._kept = _Kept()
+        self._bus = MqttBus(broker=edge.broker, availability_topic=self.availability_topic)
+        self._bus.start()
+        self._gateway = CameraGateway(
+            edge=edge,
+            bus=self._bus,
+            sources=[FolderSource(path=inbox, camera=camera, poll=poll, settle=0.0)],
+            outputs=[
+                JsonEventsOutput(),
+                HomeAssistantOutput(
+                    site=site, gateway=gateway, cameras=[camera], discovery_prefix=discovery_prefix
+                ),
+                self._kept,
+            ],
+            default_policy=policy or Policy(attempts=1, max_age_s=60.0, ttl_s=60.0),
         )
-        self._thread.start()
-
-    def _run(self, poll: float) -> None:
         try:
-            self.edge.watch(self.inbox, poll=poll, settle=0.0, stop=self._stop, on_record=self._add)
-        except BaseException as exc:  # surfaced by wait() in the test's thread
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
+            self._gateway.start()
+        except BaseException:
+            self._bus.close()
+            raise
 
-    def _add(self, record: WatchRecord) -> None:
-        with self._cond:
-            self.records.append(record)
-            self._cond.notify_all()
+    @property
+    def events(self) -> list[IntegratorEvent]:
+        """Every outcome so far, in order."""
+        with self._kept.cond:
+            return list(self._kept.events)
 
     def drop(self, photo: str | os.PathLike[str] | bytes, *, filename: str | None = None) -> str:
         """Put a photo into the inbox atomically, as a camera integration should.
@@ -267,7 +327,7 @@ class Gateway:
             filename: its name in the inbox (default: the file's name).
 
         Returns:
-            The file name (what :meth:`wait` and the decision's ``photo`` use).
+            The file name: the outcome's ``event_id``.
         """
         if filename is None:
             if isinstance(photo, bytes):
@@ -281,29 +341,29 @@ class Gateway:
         os.replace(tmp, self.inbox / filename)
         return filename
 
-    def wait(self, filename: str, *, timeout: float = 30.0) -> WatchRecord:
-        """The daemon's record of ``filename`` (its decision, or its error).
+    def wait(self, event_id: str, *, timeout: float = 30.0) -> IntegratorEvent:
+        """The outcome of the capture ``event_id`` (a dropped file's name).
 
         Raises:
-            TimeoutError: not processed in time.
+            TimeoutError: no outcome in time.
         """
         deadline = time.monotonic() + timeout
-        with self._cond:
+        with self._kept.cond:
             while True:
-                for rec in self.records:
-                    if rec.photo == filename:
-                        return rec
-                if self._error is not None:
-                    raise RuntimeError("the gateway daemon died") from self._error
+                for event in self._kept.events:
+                    if event.event_id == event_id:
+                        return event
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"{filename} not processed in {timeout:g} s")
-                self._cond.wait(left)
+                    raise TimeoutError(f"no outcome for {event_id} in {timeout:g} s")
+                self._kept.cond.wait(left)
 
     def close(self) -> None:
-        """Stop the daemon (it finishes the photo in hand)."""
-        self._stop.set()
-        self._thread.join(timeout=30)
+        """Stop the gateway (it finishes the capture in hand), then say ``offline``."""
+        try:
+            self._gateway.close()
+        finally:
+            self._bus.close()
 
 
 __all__ = [

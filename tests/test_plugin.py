@@ -145,17 +145,22 @@ def test_edge_cloud_and_events(
 def test_recorder_decodes_json_msgpack_and_bytes(
     cipherface_broker: Broker, cipherface_recorder: Callable[..., Recorder]
 ) -> None:
-    rec = cipherface_recorder(["it/#"])
-    _publish(cipherface_broker.url, "it/json", json.dumps({"op": "verify", "match": True}).encode())
-    _publish(cipherface_broker.url, "it/mp", msgpack.packb({"a": [1, 2]}))
-    _publish(cipherface_broker.url, "it/raw", b"\xc1\xff not json")
-    rec.wait_for(topic="it/raw")
+    rec = cipherface_recorder(["cipherface/v1/s1/#", "ha/#"])
+    event = "cipherface/v1/s1/json/gw1/events/door"
+    _publish(cipherface_broker.url, event, json.dumps({"event_type": "match"}).encode())
+    _publish(cipherface_broker.url, "cipherface/v1/s1/events/gw1", msgpack.packb({"a": [1, 2]}))
+    _publish(cipherface_broker.url, "ha/event/node/door/config", json.dumps({"x": 1}).encode())
+    _publish(cipherface_broker.url, "cipherface/v1/s1/other", b"\xc1\xff not json")
+    rec.wait_for(topic="cipherface/v1/s1/other")
     by_topic = {m.topic: m for m in rec.snapshot()}
-    assert by_topic["it/json"].encoding == "json"
-    assert by_topic["it/json"].decision == {"op": "verify", "match": True}
-    assert (by_topic["it/mp"].encoding, by_topic["it/mp"].data) == ("msgpack", {"a": [1, 2]})
-    assert by_topic["it/mp"].decision is None  # msgpack, but not a protocol decision
-    assert (by_topic["it/raw"].encoding, by_topic["it/raw"].data) == ("bytes", None)
+    assert (by_topic[event].encoding, by_topic[event].kind) == ("json", "event")
+    assert rec.events() == [{"event_type": "match"}]
+    mp = by_topic["cipherface/v1/s1/events/gw1"]
+    assert (mp.encoding, mp.data, mp.kind) == ("msgpack", {"a": [1, 2]}, "decision")
+    assert mp.decision is None and rec.decisions() == []  # msgpack, not a protocol decision
+    assert rec.discovery() == {"ha/event/node/door/config": {"x": 1}}
+    raw = by_topic["cipherface/v1/s1/other"]
+    assert (raw.encoding, raw.data, raw.kind) == ("bytes", None, "other")
     with pytest.raises(TimeoutError, match="topics seen"):
         rec.wait_for(topic="it/never", timeout=0.2)
 
@@ -163,23 +168,32 @@ def test_recorder_decodes_json_msgpack_and_bytes(
 def test_integrator_filters_refuse_a_wildcard_site() -> None:
     from cipherface.errors import InvalidArgumentError
 
-    assert integrator_filters("s1") == ["cipherface/v1/s1/events/+"]
+    assert integrator_filters("s1") == [
+        "cipherface/v1/s1/json/#",
+        "cipherface/v1/s1/events/+",
+        "homeassistant/#",
+    ]
     with pytest.raises(InvalidArgumentError):
         integrator_filters("#")
 
 
-def test_gateway_failed_capture_and_done_folder(
-    cipherface_faces: Faces, cipherface_gateway: Gateway
+def test_gateway_outcomes_and_folders(
+    cipherface_faces: Faces, cipherface_gateway: Gateway, cipherface_events: Recorder
 ) -> None:
     cipherface_faces.enroll("carol")
     empty = cipherface_gateway.drop(cipherface_faces.capture(""))
-    record = cipherface_gateway.wait(empty)
-    assert record.decision is None and record.error_code == "no_face"
-    assert (cipherface_gateway.inbox / "failed" / empty).exists()
+    event = cipherface_gateway.wait(empty)
+    assert (event.event_type, event.error) == ("error", "no_face")
     ok = cipherface_gateway.drop(synthetic_png("carol"), filename="carol.png")
-    record = cipherface_gateway.wait(ok)
-    assert record.decision is not None and record.decision.identity == "carol"
+    event = cipherface_gateway.wait(ok)
+    assert (event.event_type, event.identity, event.camera) == ("match", "carol", "door")
     assert (cipherface_gateway.inbox / "done" / "carol.png").exists()
+    assert (cipherface_gateway.inbox / "failed" / empty).exists()
+    assert [e.event_id for e in cipherface_gateway.events] == [empty, ok]
+    published = cipherface_events.wait_for_event(lambda e: e["event_id"] == ok)
+    assert published == event.to_dict()  # what integrators get is what the gateway decided
+    online = cipherface_events.wait_for(topic=cipherface_gateway.availability_topic)
+    assert (online.payload, online.retain) == (b"online", True)
     with pytest.raises(TimeoutError):
         cipherface_gateway.wait("never.png", timeout=0.2)
 
@@ -208,9 +222,10 @@ def test_real_faces_through_the_gateway(
     cipherface_faces.enroll("obama", cipherface_faces.photo("obama"))
     same = cipherface_gateway.drop(cipherface_faces.photo("obama2"))
     other = cipherface_gateway.drop(cipherface_faces.photo("biden"))
-    assert cipherface_events.wait_for_decision(lambda d: d["photo"] == same, timeout=60)["match"]
-    refused = cipherface_events.wait_for_decision(lambda d: d["photo"] == other, timeout=60)
-    assert refused["match"] is False
+    matched = cipherface_events.wait_for_event(lambda e: e["event_id"] == same, timeout=60)
+    assert (matched["event_type"], matched["identity"]) == ("match", "obama")
+    refused = cipherface_events.wait_for_event(lambda e: e["event_id"] == other, timeout=60)
+    assert refused["event_type"] == "unknown"
 
 
 # -------------------------------------------------------------------- faces
@@ -242,7 +257,7 @@ def test_downstream_project_passes(pytester: pytest.Pytester) -> None:
         if path.is_file():
             shutil.copy(path, pytester.path / path.name)
     result = pytester.runpytest_subprocess(*_plugin_args(), "-q")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
 
 
 def _doc_example() -> str:
