@@ -570,7 +570,13 @@ def test_folder_gateway_publishes_integrator_json(stack: dict[str, Any], tmp_pat
     assert (events["no-face.jpg"].event_type, events["no-face.jpg"].error) == ("error", "no_face")
     assert (events["stale.jpg"].event_type, events["stale.jpg"].frames) == ("stale", 0)
     assert str(inbox) not in json.dumps([e.to_dict() for e in events.values()])  # no paths
-    assert all(not m.retain for m in msgs if "/json/" in m.topic and "availability" not in m.topic)
+    # Never retained: a subscriber arriving now gets the availability and nothing else.
+    late = Listener(broker.url, [f"cipherface/v1/{site}/json/#"])
+    kept = late.drain(0.5)
+    late.close()
+    assert [(m.topic, m.payload, m.retain) for m in kept] == [
+        (availability_topic(site, GW), b"offline", True)
+    ]
     person = [m for m in msgs if m.topic == person_topic(site, GW, "alice")]
     assert len(person) == 1 and json.loads(person[0].payload)["camera"] == "door"
     # The protocol's msgpack decisions still go out for match and unknown.
