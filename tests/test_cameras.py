@@ -625,3 +625,56 @@ def test_a_capture_that_goes_stale_during_the_work_is_never_decided(
     event = gw.handle(cap)
     assert event is not None and event.event_type == "stale" and event.identity is None
     assert published == [event] and not event.match
+
+
+def test_broker_acl_lets_a_gateway_publish_only_its_own_integrator_json(
+    secure_broker: Any, secure_deployment: Any
+) -> None:
+    """On the project's mosquitto.conf: a gateway writes its own json/ topics only; the
+    site's integrator reads them; nothing crosses sites."""
+    from cipherface.agents.deploy import Account
+
+    rules = {(r.access, r.topic) for r in Account.for_gateway("site-a", "gw1").acl_rules()}
+    assert ("write", "cipherface/v1/site-a/json/gw1/#") in rules
+    integrator = {(r.access, r.topic) for r in Account.for_integrator("site-a").acl_rules()}
+    assert ("read", "cipherface/v1/site-a/json/#") in integrator
+
+    def client(username: str) -> paho.Client:
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=username,
+            protocol=paho.MQTTv5,
+        )
+        c.username_pw_set(username, secure_deployment.password(username))
+        c.connect("127.0.0.1", secure_broker.port)
+        c.loop_start()
+        return c
+
+    got: queue.Queue[str] = queue.Queue()
+    reader = client("site-a@integrator")
+    ok = threading.Event()
+    reader.on_message = lambda c, u, m: got.put(m.topic)
+    reader.on_subscribe = lambda *a: ok.set()
+    reader.subscribe([("cipherface/v1/+/json/#", 1)])
+    assert ok.wait(5)
+    writer = client("site-a.gw1")
+    try:
+        for topic in (
+            camera_topic("site-a", "gw1", "front"),  # its own
+            camera_topic("site-a", "gw2", "front"),  # its neighbour's
+            camera_topic("site-b", "gw1", "front"),  # another site's
+            person_topic("site-a", "gw1", "alice"),
+        ):  # its own
+            writer.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        time.sleep(0.5)
+        seen = set()
+        while not got.empty():
+            seen.add(got.get_nowait())
+        assert seen == {
+            camera_topic("site-a", "gw1", "front"),
+            person_topic("site-a", "gw1", "alice"),
+        }
+    finally:
+        for c in (reader, writer):
+            c.disconnect()
+            c.loop_stop()
