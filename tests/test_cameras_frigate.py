@@ -383,3 +383,31 @@ def test_rtsp_camera_with_reconnect(
         listener.close()
         server.terminate()
         server.wait(10)
+
+
+def test_enroll_from_frigates_face_library(
+    real: dict[str, Any], photos: dict[str, Path], tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from cipherface.cameras.enroll import embed_library, library
+
+    faces = tmp_path / "media" / "clips" / "faces"
+    for person, names in (
+        ("barack", ["obama", "obama3"]),
+        ("joe", ["biden"]),
+        ("train", ["astronaut"]),
+    ):  # train/: unsorted attempts, no person
+        (faces / person).mkdir(parents=True)
+        for n in names:
+            (faces / person / photos[n].name).write_bytes(photos[n].read_bytes())
+    (faces / "joe" / "broken.jpg").write_bytes(b"not a jpeg")
+    people = library(tmp_path / "media")
+    assert sorted(people) == ["barack", "joe"]
+    ids, vectors, failures = embed_library(real["edge"], people, progress=False)
+    assert ids == ["barack", "joe"] and vectors.shape == (2, 128)
+    assert list(failures) == ["joe/broken.jpg"]
+    probe = real["edge"].embed(photos["obama2"])
+    sims = vectors @ probe
+    assert 1 - sims[0] < 0.07 < 1 - sims[1]  # obama2 is barack, not joe
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
