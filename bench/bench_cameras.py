@@ -131,6 +131,9 @@ def run(args: argparse.Namespace, work: Path, photos: dict[str, Path]) -> int:
         edge.enroll("obama", [photos["obama"]])
         edge.enroll("biden", [photos["biden"]])
         n_ids = len([i for i in edge.ids() if i is not None])
+        # Warm the cloud (its first identify compiles the engine's kernels) and the model.
+        for name in ("obama2", "astronaut"):
+            edge.best_match(edge.embed(photos[name]))
         gw = Gateway(
             edge=edge,
             bus=bus,
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace, work: Path, photos: dict[str, Path]) -> int:
             t0 = time.perf_counter()
             eid = frigate.person_event("front", snaps[name])
             while True:
-                t1, ev = got.get(timeout=60)
+                t1, ev = got.get(timeout=300)
                 if ev["event_id"] == eid:
                     break
             if i >= 3:

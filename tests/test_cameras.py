@@ -439,6 +439,28 @@ def test_unknown_faces_are_private_and_retention_limited(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------- gateway on a real broker
+#: docs/integrations.md, "The integrator event".
+DOCUMENTED_FIELDS = {
+    "event_type",
+    "site",
+    "gateway",
+    "camera",
+    "event_id",
+    "source",
+    "op",
+    "identity",
+    "match",
+    "confidence",
+    "captured_at",
+    "decided_at",
+    "expires_at",
+    "latency_ms",
+    "frames",
+    "error",
+    "message",
+}
+
+
 class StubEmbedder:
     """Maps a frame's label to a vector (the face model is tested elsewhere)."""
 
@@ -565,6 +587,16 @@ def test_folder_gateway_publishes_integrator_json(stack: dict[str, Any], tmp_pat
     assert events["alice-door.jpg"].event_type == "match"
     assert events["alice-door.jpg"].identity == "alice"
     assert events["alice-door.jpg"].confidence == 1.0
+    # No decrypted value leaves the edge: the JSON holds the documented fields only and
+    # no rendering of the similarity the gateway decrypted for this photo.
+    _, similarity = edge.best_match(edge.embed("alice-door.jpg", label="alice-door.jpg"))
+    payload = next(
+        m.payload.decode() for m in msgs if b"alice-door.jpg" in m.payload and m.topic == cam
+    )
+    assert set(json.loads(payload)) == DOCUMENTED_FIELDS
+    for digits in range(2, 8):
+        assert f"{similarity:.{digits}f}" not in payload
+        assert f"{1 - similarity:.{digits}f}" not in payload
     assert events["stranger.png"].event_type == "unknown"
     assert events["stranger.png"].identity is None
     assert (events["no-face.jpg"].event_type, events["no-face.jpg"].error) == ("error", "no_face")
