@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
     p.add_argument(
+        "--share-group",
+        default="cipherface-cloud",
+        metavar="NAME",
+        help="shared-subscription group: workers of one group split the requests "
+        "(default cipherface-cloud)",
+    )
+    p.add_argument(
         "--max-batch",
         type=int,
         default=32,
@@ -375,7 +382,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         data_dir=args.data,
         agent_id=agent_id,
         sites=sites,
-        share_group=None if args.no_share else "cipherface-cloud",
+        share_group=None if args.no_share else args.share_group,
         max_batch=args.max_batch,
     )
     stop = _stop_on_signals()

@@ -191,6 +191,22 @@ class RequestTimeoutError(CipherFaceError, builtins.TimeoutError):
     code = "timeout"
 
 
+class PartialResultError(CipherFaceError):
+    """Some shards of a sharded gallery did not answer: the result covers only part of
+    the gallery, so "nobody matched" cannot be concluded (edge-local).
+
+    Args:
+        message: what happened.
+        missing: the shards that did not answer.
+    """
+
+    code = "partial_result"
+
+    def __init__(self, message: str, *, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class BrokerConnectionError(CipherFaceError, ConnectionError):
     """The MQTT broker refused us or cannot be reached."""
 
