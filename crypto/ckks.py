@@ -33,7 +33,7 @@ import numpy.typing as npt
 import tenseal.sealapi as sealapi
 
 from cipherface.crypto import ntt, seal
-from cipherface.crypto.engine import FloatArray, ProbeOp
+from cipherface.crypto.engine import FloatArray, ProbeOp, normalise_embeddings
 from cipherface.crypto.keyfile import (
     KeyFile,
     fingerprint,
@@ -57,9 +57,10 @@ SCHEME = "ckks"
 FORMAT = "cf-ckks/2"  # SEAL serialization inside msgpack (cf-ckks/1: the pre-SEAL engine)
 OLD_FORMATS = ("cf-ckks/1",)
 #: Smudging noise: uniform in +-2^FLOOD_BITS on every score coefficient before rescaling.
-#: Measured product noise (tests/test_seal.py::test_flooding_dominates_product_noise):
-#: about 2^33 std; 2^40 is ~100x that and costs at most 2^40/2^58 = 4e-6 of a score.
-FLOOD_BITS = 40
+#: Measured product noise of a re-randomised 128-d block (tests/test_seal.py::
+#: test_flooding_dominates_product_noise): std about 2^38.9. The flood's std is 2^41.4,
+#: about 6x that, and it costs at most 2^42/2^58 = 1.5e-5 of a score.
+FLOOD_BITS = 42
 MIGRATE_HINT = (
     "create a new key pair with 'cipherface keygen --keys DIR' and re-enroll the site's "
     "faces ('cipherface enroll'); galleries made under the old key cannot be read by it"
@@ -71,25 +72,7 @@ U32 = npt.NDArray[np.uint32]
 
 # ------------------------------------------------------------------ encoding
 def _normalise(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float64]:
-    try:
-        v = np.asarray(vectors, dtype=np.float64)
-    except (TypeError, ValueError) as exc:  # complex, strings, ragged lists
-        raise InvalidArgumentError(f"embedding must be real numbers: {exc}") from exc
-    if v.ndim == 1:
-        v = v[None, :]
-    if v.ndim != 2 or v.shape[1] != dim:
-        raise InvalidArgumentError(f"expected embeddings of dimension {dim}, got shape {v.shape}")
-    if not np.all(np.isfinite(v)):
-        raise InvalidArgumentError("embedding contains NaN or infinity")
-    # Scale by the largest entry first: the norm of 1e155-sized entries overflows to inf.
-    peak = np.max(np.abs(v), axis=1, keepdims=True)
-    if np.any(peak == 0) or np.any(peak < np.finfo(np.float64).tiny):
-        raise InvalidArgumentError("cannot normalise an all-zero (or subnormal) embedding")
-    v = v / peak
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise InvalidArgumentError("embedding norm is not representable")
-    return cast(npt.NDArray[np.float64], v / norms)
+    return normalise_embeddings(vectors, dim)
 
 
 def _fixed(x: npt.NDArray[np.float64], params: seal.Params) -> npt.NDArray[np.int64]:

@@ -302,7 +302,7 @@ class CkksGallery:
         N = self.params.n
         live = np.array([s is not None for s in slots], dtype=bool).reshape(len(blocks), N)
         results = [
-            finish(self.pub, mac(g, p, self.ring.q), live[i], compress=False)
+            finish(self.pub, mac(g, p, self.ring.q), live[i], compress=True)
             for i, g in enumerate(blocks)
         ]
         body = {**header(self.pub, "result-identify"), "count": len(slots), "blocks": results}
