@@ -287,6 +287,20 @@ class CkksGallery:
             ]
         return pack_result(self.pub, ct, p, pos=o % self.per_pack, live=live)
 
+    def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
+        """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.
+
+        Returns:
+            Per item, the result bytes or the exception :meth:`verify` would raise.
+        """
+        out: list[bytes | Exception] = []
+        for identity, probe in items:
+            try:
+                out.append(self.verify(identity, probe))
+            except Exception as exc:  # per item, as verify() would raise it
+                out.append(exc)
+        return out
+
     def identify(self, probe: bytes) -> tuple[bytes, int]:
         """Encrypted similarities against every slot (free/deleted slots: erased).
 
