@@ -14,6 +14,7 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``events``     print the integrator events (JSON decisions) of a site as they happen
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
+``gallery``    check, stats, export/import, compact the cloud's galleries
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
@@ -43,6 +44,7 @@ from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -145,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="galleries directory (env CIPHERFACE_DATA)",
     )
     p.add_argument(
+        "--store",
+        default=_env("CIPHERFACE_STORE") or "sqlite:",
+        metavar="URL",
+        help="gallery store: sqlite:[DIR] (default: SQLite under --data) or "
+        "postgresql://USER@HOST/DB shared by several workers (env CIPHERFACE_STORE)",
+    )
+    p.add_argument(
         "--agent-id",
         default=None,
         help="client id / status id (default: the username, else cloud-local)",
@@ -157,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         "as a cloud-<name> account's ACL requires",
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
+    p.add_argument(
+        "--share-group",
+        default="cipherface-cloud",
+        metavar="NAME",
+        help="shared-subscription group: workers of one group split the requests "
+        "(default cipherface-cloud)",
+    )
     p.add_argument(
         "--max-batch",
         type=int,
@@ -244,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     register_cli(sub)
+    register_gallery_cli(sub)
     return parser
 
 
@@ -378,7 +395,8 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         data_dir=args.data,
         agent_id=agent_id,
         sites=sites,
-        share_group=None if args.no_share else "cipherface-cloud",
+        share_group=None if args.no_share else args.share_group,
+        store=args.store,
         max_batch=args.max_batch,
     )
     stop = _stop_on_signals()
