@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="bulk from photos: DIR/<identity>/*.jpg (averaged) or DIR/<identity>.jpg",
     )
+    p.add_argument(
+        "--frigate-faces",
+        metavar="DIR",
+        help="bulk from Frigate's face library: DIR/clips/faces/<name>/*.jpg ('train' skipped)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_option(p)
     p.set_defaults(func=_cmd_enroll)
@@ -416,22 +421,31 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
-    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', or --photo-dir DIR of
-    DIR/<identity>/*.jpg or DIR/<identity>.jpg). Publishes the site's public key first
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', --photo-dir DIR of
+    DIR/<identity>/*.jpg or DIR/<identity>.jpg, or --frigate-faces DIR: Frigate's face
+    library, DIR/clips/faces/<name>/*.jpg). Publishes the site's public key first
     (idempotent)."""
     bulk = args.embeddings is not None
-    folder = args.photo_dir is not None
+    frigate = args.frigate_faces is not None
+    folder = args.photo_dir is not None or frigate
     single = args.identity is not None
-    if bulk + folder + single != 1:
+    if bulk + folder + single != 1 or (frigate and args.photo_dir is not None):
         raise _Usage(
-            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz or --photo-dir DIR"
+            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz, "
+            "--photo-dir DIR or --frigate-faces DIR"
         )
     if single and bool(args.photos) == (args.embedding is not None):
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
     if (bulk or folder) and (args.photos or args.embedding):
         raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
     with _edge_client(args, publish_decisions=False) as edge:
-        if folder:
+        if frigate:
+            from cipherface.cameras.enroll import embed_library, library
+
+            ids, vectors, failures = embed_library(
+                edge, library(args.frigate_faces), progress=not args.no_progress
+            )
+        elif folder:
             ids, vectors, failures = edge.embed_folder(
                 args.photo_dir, progress=not args.no_progress
             )
