@@ -14,6 +14,7 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``events``     print the integrator events (JSON decisions) of a site as they happen
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
+``gallery``    check, stats, export/import, compact the cloud's galleries
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
@@ -43,6 +44,7 @@ from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -140,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="galleries directory (env CIPHERFACE_DATA)",
     )
     p.add_argument(
+        "--store",
+        default=_env("CIPHERFACE_STORE") or "sqlite:",
+        metavar="URL",
+        help="gallery store: sqlite:[DIR] (default: SQLite under --data) or "
+        "postgresql://USER@HOST/DB shared by several workers (env CIPHERFACE_STORE)",
+    )
+    p.add_argument(
         "--agent-id",
         default=None,
         help="client id / status id (default: the username, else cloud-local)",
@@ -189,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--photo-dir",
         metavar="DIR",
         help="bulk from photos: DIR/<identity>/*.jpg (averaged) or DIR/<identity>.jpg",
+    )
+    p.add_argument(
+        "--frigate-faces",
+        metavar="DIR",
+        help="bulk from Frigate's face library: DIR/clips/faces/<name>/*.jpg ('train' skipped)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_option(p)
@@ -253,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     register_cli(sub)
+    register_gallery_cli(sub)
     return parser
 
 
@@ -385,6 +400,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         agent_id=agent_id,
         sites=sites,
         share_group=None if args.no_share else args.share_group,
+        store=args.store,
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,
     )
@@ -405,22 +421,31 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
-    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', or --photo-dir DIR of
-    DIR/<identity>/*.jpg or DIR/<identity>.jpg). Publishes the site's public key first
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', --photo-dir DIR of
+    DIR/<identity>/*.jpg or DIR/<identity>.jpg, or --frigate-faces DIR: Frigate's face
+    library, DIR/clips/faces/<name>/*.jpg). Publishes the site's public key first
     (idempotent)."""
     bulk = args.embeddings is not None
-    folder = args.photo_dir is not None
+    frigate = args.frigate_faces is not None
+    folder = args.photo_dir is not None or frigate
     single = args.identity is not None
-    if bulk + folder + single != 1:
+    if bulk + folder + single != 1 or (frigate and args.photo_dir is not None):
         raise _Usage(
-            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz or --photo-dir DIR"
+            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz, "
+            "--photo-dir DIR or --frigate-faces DIR"
         )
     if single and bool(args.photos) == (args.embedding is not None):
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
     if (bulk or folder) and (args.photos or args.embedding):
         raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
     with _edge_client(args, publish_decisions=False) as edge:
-        if folder:
+        if frigate:
+            from cipherface.cameras.enroll import embed_library, library
+
+            ids, vectors, failures = embed_library(
+                edge, library(args.frigate_faces), progress=not args.no_progress
+            )
+        elif folder:
             ids, vectors, failures = edge.embed_folder(
                 args.photo_dir, progress=not args.no_progress
             )

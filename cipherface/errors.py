@@ -112,6 +112,18 @@ class StorageCorruptError(StorageError):
     code = "storage_corrupt"
 
 
+class StorageFullError(StorageError):
+    """No space left for a gallery write; nothing was changed, the same write may succeed later."""
+
+    code = "storage_full"
+
+
+class StorageConflictError(StorageError):
+    """Another worker changed the gallery first; nothing was changed, retry the request."""
+
+    code = "storage_busy"
+
+
 # -------------------------------------------------------------------------- remote
 class RemoteError(CipherFaceError):
     """The peer sent something we refuse: the fault is on the other side.
