@@ -92,6 +92,11 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="key directory made by keygen (env CIPHERFACE_KEYS)",
     )
+    g.add_argument(
+        "--allow-insecure-key-permissions",
+        action="store_true",
+        help="load a private key that group/others can read (refused by default)",
+    )
     g.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (env CIPHERFACE_SITE)")
     g.add_argument(
         "--gateway", default=_env("CIPHERFACE_GATEWAY"), help="gateway id (env CIPHERFACE_GATEWAY)"
@@ -301,7 +306,10 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from cipherface.crypto.sites import load_edge_cipher
 
     _require(args, "keys", "site", "gateway")
-    cipher = load_edge_cipher(args.keys)
+    cipher = load_edge_cipher(
+        args.keys,
+        allow_insecure_permissions=getattr(args, "allow_insecure_key_permissions", False),
+    )
     return EdgeClient(
         broker=broker_config(args),
         cipher=cipher,
