@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most verifies scored in one engine call (default 32; 1 = no batching)",
     )
+    p.add_argument(
+        "--fast-threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="threads serving verify and ids.get (default 2)",
+    )
     p.set_defaults(func=_cmd_cloud)
 
     p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
@@ -403,6 +410,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         share_group=None if args.no_share else args.share_group,
         store=args.store,
         max_batch=args.max_batch,
+        fast_threads=args.fast_threads,
     )
     stop = _stop_on_signals()
     agent.start()
