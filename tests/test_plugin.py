@@ -308,6 +308,46 @@ def test_dockerfile_copies_every_package_room(containers: ModuleType) -> None:
     assert containers.missing_sources(ROOT) == []
 
 
+def test_image_build_context_installs_the_packaged_broker_config(
+    containers: ModuleType, tmp_path: Path
+) -> None:
+    """What the Dockerfile copies (links kept, as Docker does) builds every package,
+    and the installed cipherface.testing carries mosquitto.conf as a real file."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for pattern in containers.dockerfile_sources((ROOT / "Dockerfile").read_text()):
+        for src in ROOT.glob(pattern):
+            dst = ctx / src.name
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(
+                    src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from setuptools import setup; setup()",
+            "-q",
+            "build_py",
+            "-d",
+            "lib",
+        ],
+        cwd=ctx,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    packaged = ctx / "lib" / "cipherface" / "testing" / "mosquitto.conf"
+    assert not packaged.is_symlink()
+    assert packaged.read_text() == (ROOT / "mosquitto.conf").read_text()
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for name in cfg["tool"]["setuptools"]["packages"]:
+        assert (ctx / "lib" / Path(*name.split(".")) / "__init__.py").is_file(), name
+
+
 def test_missing_build_context_is_reported(containers: ModuleType, tmp_path: Path) -> None:
     (tmp_path / "agents").mkdir()
     (tmp_path / "Dockerfile").write_text(
