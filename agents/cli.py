@@ -92,6 +92,11 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="key directory made by keygen (env CIPHERFACE_KEYS)",
     )
+    g.add_argument(
+        "--allow-insecure-key-permissions",
+        action="store_true",
+        help="load a private key that group/others can read (refused by default)",
+    )
     g.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (env CIPHERFACE_SITE)")
     g.add_argument(
         "--gateway", default=_env("CIPHERFACE_GATEWAY"), help="gateway id (env CIPHERFACE_GATEWAY)"
@@ -175,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most verifies scored in one engine call (default 32; 1 = no batching)",
     )
+    p.add_argument(
+        "--fast-threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="threads serving verify and ids.get (default 2)",
+    )
     p.set_defaults(func=_cmd_cloud)
 
     p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
@@ -191,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--photo-dir",
         metavar="DIR",
         help="bulk from photos: DIR/<identity>/*.jpg (averaged) or DIR/<identity>.jpg",
+    )
+    p.add_argument(
+        "--frigate-faces",
+        metavar="DIR",
+        help="bulk from Frigate's face library: DIR/clips/faces/<name>/*.jpg ('train' skipped)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_option(p)
@@ -289,7 +306,10 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from cipherface.crypto.sites import load_edge_cipher
 
     _require(args, "keys", "site", "gateway")
-    cipher = load_edge_cipher(args.keys)
+    cipher = load_edge_cipher(
+        args.keys,
+        allow_insecure_permissions=getattr(args, "allow_insecure_key_permissions", False),
+    )
     return EdgeClient(
         broker=broker_config(args),
         cipher=cipher,
@@ -390,6 +410,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         share_group=None if args.no_share else args.share_group,
         store=args.store,
         max_batch=args.max_batch,
+        fast_threads=args.fast_threads,
     )
     stop = _stop_on_signals()
     agent.start()
@@ -408,22 +429,31 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
-    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', or --photo-dir DIR of
-    DIR/<identity>/*.jpg or DIR/<identity>.jpg). Publishes the site's public key first
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', --photo-dir DIR of
+    DIR/<identity>/*.jpg or DIR/<identity>.jpg, or --frigate-faces DIR: Frigate's face
+    library, DIR/clips/faces/<name>/*.jpg). Publishes the site's public key first
     (idempotent)."""
     bulk = args.embeddings is not None
-    folder = args.photo_dir is not None
+    frigate = args.frigate_faces is not None
+    folder = args.photo_dir is not None or frigate
     single = args.identity is not None
-    if bulk + folder + single != 1:
+    if bulk + folder + single != 1 or (frigate and args.photo_dir is not None):
         raise _Usage(
-            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz or --photo-dir DIR"
+            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz, "
+            "--photo-dir DIR or --frigate-faces DIR"
         )
     if single and bool(args.photos) == (args.embedding is not None):
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
     if (bulk or folder) and (args.photos or args.embedding):
         raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
     with _edge_client(args, publish_decisions=False) as edge:
-        if folder:
+        if frigate:
+            from cipherface.cameras.enroll import embed_library, library
+
+            ids, vectors, failures = embed_library(
+                edge, library(args.frigate_faces), progress=not args.no_progress
+            )
+        elif folder:
             ids, vectors, failures = edge.embed_folder(
                 args.photo_dir, progress=not args.no_progress
             )
