@@ -185,6 +185,9 @@ def test_frigate_events_are_filtered_and_deduplicated() -> None:
     assert src.parse(frigate_event("e5", kind="update")) is not None
     assert src.parse(b"{not json") is None
     assert src.parse(frigate_event("e6", camera="bad/camera")) is None
+    # An id from the broker never walks Frigate's API.
+    for evil in ("../../api/config", "a/b", "..", ".", "x" * 65, "a?b=1", "a..b"):
+        assert src.parse(frigate_event(evil)) is None
     assert face_area({"current_attributes": [{"label": "face", "box": [0, 0, 10, 20]}]}) == 200
     only = FrigateSource(url="http://frigate:5000", cameras=["back"])
     assert only.parse(frigate_event("e7")) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Event ids remembered for deduplication.
 SEEN_IDS: Final = 4096
+#: Frigate's event ids (``1607123955.475377-mxklsc``): anything else is refused, so an id
+#: from the broker can never walk Frigate's API (``../``) in the URLs built from it.
+EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Largest image accepted from Frigate (a 4K JPEG is a few MB).
 MAX_IMAGE_BYTES: Final = 16 * 1024 * 1024
 
@@ -127,6 +131,8 @@ class FrigateSource:
             after = event["after"]
             event_id = str(after["id"])
             camera = validate_camera(after["camera"])
+            if not EVENT_ID_RE.match(event_id) or ".." in event_id:
+                raise ValueError(f"bad event id {event_id[:80]!r}")
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("not a Frigate event: %s", str(exc)[:200])
             return None
@@ -161,7 +167,9 @@ class FrigateSource:
     def _frames(
         self, event_id: str, camera: str, has_snapshot: bool, area: int | None
     ) -> Iterator[Frame | Miss]:
-        q = urllib.parse.quote
+        def q(text: str) -> str:
+            return urllib.parse.quote(text, safe="")
+
         urls: list[tuple[str, str]] = []
         if has_snapshot:
             crop = "crop=1&" if self.crop else ""
@@ -184,4 +192,4 @@ class FrigateSource:
             yield Frame(image=data, label=label, face_area=area if "snapshot" in label else None)
 
 
-__all__ = ["FrigateSource", "face_area", "http_get"]
+__all__ = ["EVENT_ID_RE", "FrigateSource", "face_area", "http_get"]
