@@ -189,6 +189,39 @@ def test_frigate_events_are_filtered_and_deduplicated() -> None:
     for evil in ("../../api/config", "a/b", "..", ".", "x" * 65, "a?b=1", "a..b"):
         assert src.parse(frigate_event(evil)) is None
     assert face_area({"current_attributes": [{"label": "face", "box": [0, 0, 10, 20]}]}) == 200
+    # A later update with a newer snapshot gets a second chance when the first capture
+    # ended without a match; never while busy, never after a match, at most twice.
+    assert first.done is not None
+    first.done(None)  # finished (e.g. unknown)
+    newer = time.time() + 5
+    snap = {"frame_time": newer}
+    second = src.parse(frigate_event("e1", kind="update", snapshot=snap))
+    assert second is not None and second.captured_at == newer
+    assert src.parse(frigate_event("e1", kind="update", snapshot={"frame_time": newer + 1})) is None
+    assert second.done is not None
+    second.done(None)
+    assert src.parse(frigate_event("e1", kind="update", snapshot={"frame_time": newer + 2})) is None
+    matched = src.parse(frigate_event("m1"))
+    assert matched is not None and matched.done is not None
+    matched.done(
+        IntegratorEvent(
+            event_type="match",
+            site="s",
+            gateway="g",
+            camera="front",
+            event_id="m1",
+            source="frigate",
+            identity="a",
+            match=True,
+            confidence=1.0,
+            captured_at="x",
+            decided_at="x",
+            expires_at="x",
+            latency_ms=1.0,
+            frames=1,
+        )
+    )
+    assert src.parse(frigate_event("m1", kind="update", snapshot={"frame_time": newer})) is None
     only = FrigateSource(url="http://frigate:5000", cameras=["back"])
     assert only.parse(frigate_event("e7")) is None
 
