@@ -1,12 +1,13 @@
 """Frigate in: ``person`` events from ``frigate/events``, frames from Frigate's HTTP API.
 
-For each new ``person`` event (``type`` ``new`` or ``update``; ``end`` is skipped;
-deduplicated by ``after.id``, see ``captures_per_event``), the frames are, lazily and in order: the event's cropped
-snapshot ``GET /api/events/<id>/snapshot.jpg?crop=1&h=<h>`` (when ``has_snapshot``), then
-the camera's latest frame ``GET /api/<camera>/latest.jpg?h=<h>`` until the gateway has
-what it needs (the camera's ``attempts``, with an early stop at the first settled match).
-Events that already carry a ``sub_label`` (named by someone else) or are false positives
-are left alone. Field names follow Frigate's documented MQTT API.
+Events of ``type`` ``new`` or ``update`` (``end`` is skipped) are deduplicated by
+``after.id`` (see ``captures_per_event``). A capture's frames are fetched lazily, in
+order: the event's cropped snapshot ``GET /api/events/<id>/snapshot.jpg?crop=1&h=<h>``
+(when ``has_snapshot``), then the camera's latest frame
+``GET /api/<camera>/latest.jpg?h=<h>``, until the gateway has what it needs (the camera's
+``attempts``, with an early stop at the first settled match). Events that already carry
+a ``sub_label`` (named by someone else) or are false positives are left alone. Field
+names follow Frigate's documented MQTT API.
 """
 
 from __future__ import annotations
