@@ -16,8 +16,9 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
-2 for a usage error, 3 for any :class:`~cipherface.errors.CipherFaceError` (its
-message is printed, never a traceback), 130 when interrupted.
+2 for a usage error, 3 for any other failure (one line ``error [code]: message``,
+the code of the :class:`~cipherface.errors.CipherFaceError`, ``io_error`` or
+``internal``; never a traceback unless ``-vv``), 130 when interrupted.
 Environment variables (:data:`cipherface.agents.deploy.ENV_VARS`) give the defaults
 of ``--broker``, ``--username``, ``--password``, ``--ca-file``, ``--keys``,
 ``--data``, ``--site`` and ``--gateway``.
@@ -40,8 +41,9 @@ import numpy as np
 
 from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
+from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
-from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+from cipherface.errors import InvalidArgumentError
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -65,13 +67,22 @@ def _broker_options(p: argparse.ArgumentParser) -> None:
         help=f"mqtt://host:port or mqtts://host:port (env CIPHERFACE_BROKER; "
         f"default {DEFAULT_BROKER})",
     )
-    g.add_argument("--username", default=_env("CIPHERFACE_USERNAME"), help="broker account")
-    g.add_argument("--password", default=_env("CIPHERFACE_PASSWORD"), help="its password")
+    g.add_argument(
+        "--username",
+        default=_env("CIPHERFACE_USERNAME"),
+        help="broker account (env CIPHERFACE_USERNAME)",
+    )
+    g.add_argument(
+        "--password",
+        default=_env("CIPHERFACE_PASSWORD"),
+        help="its password; prefer env CIPHERFACE_PASSWORD (a command line shows in ps)",
+    )
     g.add_argument(
         "--ca-file",
         default=_env("CIPHERFACE_CA"),
         metavar="PEM",
-        help="CA certificate of the broker (mqtts://)",
+        help="CA certificate of the broker, for mqtts:// (env CIPHERFACE_CA; default: the "
+        "system's trust store)",
     )
     g.add_argument("--cert", metavar="PEM", help="client certificate (mutual TLS)")
     g.add_argument("--key", metavar="PEM", help="client certificate's private key")
@@ -87,11 +98,15 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
         "--keys",
         default=_env("CIPHERFACE_KEYS"),
         metavar="DIR",
-        help="key directory made by keygen (env CIPHERFACE_KEYS)",
+        help="required: key directory made by keygen (or env CIPHERFACE_KEYS)",
     )
-    g.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (env CIPHERFACE_SITE)")
     g.add_argument(
-        "--gateway", default=_env("CIPHERFACE_GATEWAY"), help="gateway id (env CIPHERFACE_GATEWAY)"
+        "--site", default=_env("CIPHERFACE_SITE"), help="required: site id (or env CIPHERFACE_SITE)"
+    )
+    g.add_argument(
+        "--gateway",
+        default=_env("CIPHERFACE_GATEWAY"),
+        help="required: gateway id (or env CIPHERFACE_GATEWAY)",
     )
     g.add_argument("--timeout", type=float, default=15.0, help="seconds per attempt (default 15)")
     g.add_argument("--retries", type=int, default=2, help="extra attempts (default 2)")
@@ -116,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="create a site's key pair", description=_cmd_keygen.__doc__)
     p.add_argument(
-        "--out", default=_env("CIPHERFACE_KEYS"), metavar="DIR", help="key directory to create"
+        "--out",
+        default=_env("CIPHERFACE_KEYS"),
+        metavar="DIR",
+        help="required: key directory to create (or env CIPHERFACE_KEYS)",
     )
     p.add_argument(
         "--scheme",
@@ -136,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=_env("CIPHERFACE_DATA"),
         metavar="DIR",
-        help="galleries directory (env CIPHERFACE_DATA)",
+        help="required: galleries directory (or env CIPHERFACE_DATA)",
     )
     p.add_argument(
         "--agent-id",
@@ -226,11 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- helpers
+#: The environment variable that stands in for each required option.
+_ENV_OF: Final = {
+    "keys": "CIPHERFACE_KEYS",
+    "out": "CIPHERFACE_KEYS",
+    "site": "CIPHERFACE_SITE",
+    "gateway": "CIPHERFACE_GATEWAY",
+    "data": "CIPHERFACE_DATA",
+}
+
+
 def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [n for n in names if not getattr(args, n, None)]
     if missing:
-        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-        raise _Usage(f"missing {flags} (or its environment variable)")
+        what = ", ".join(
+            f"--{n.replace('_', '-')} (or env {_ENV_OF[n]})" if n in _ENV_OF else f"--{n}"
+            for n in missing
+        )
+        raise _Usage(f"missing required {what}")
 
 
 class _Usage(Exception):
@@ -268,13 +299,7 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _load_npy(path: str) -> np.ndarray[Any, Any]:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InvalidArgumentError(f"cannot read embedding file {path}: {exc}") from exc
-    if not isinstance(arr, np.ndarray):
-        raise InvalidArgumentError(f"{path}: expected a .npy array")
-    return arr
+    return load_npy(path)
 
 
 def _probe(args: argparse.Namespace) -> tuple[Any, np.ndarray[Any, Any] | None]:
@@ -346,6 +371,8 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
     from cipherface.agents.cloud import DEFAULT_AGENT_ID, CloudAgent
 
     _require(args, "data")
+    if os.path.exists(args.data) and not os.path.isdir(args.data):
+        raise InvalidArgumentError(f"--data {args.data} is not a directory")
     sites = [s.strip() for v in args.sites for s in v.split(",") if s.strip()] or None
     agent_id = args.agent_id or args.username or DEFAULT_AGENT_ID
     agent = CloudAgent(
@@ -386,6 +413,11 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
     if (bulk or folder) and (args.photos or args.embedding):
         raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
+    committed: list[str] = []
+
+    def note(chunk_ids: Sequence[str], stored: int) -> None:
+        committed.extend(chunk_ids)
+
     with _edge_client(args, publish_decisions=False) as edge:
         if folder:
             ids, vectors, failures = edge.embed_folder(
@@ -393,20 +425,17 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             )
             for photo, why in failures.items():
                 print(f"skipped {photo}: {why}", file=sys.stderr)
-            stored = edge.enroll_bulk(ids, vectors, progress=not args.no_progress) if ids else 0
-            out = {"enrolled": stored, "ids": len(ids), "skipped": len(failures), "site": args.site}
+            stored = _bulk(edge, ids, vectors, args, committed, note) if ids else 0
+            out = {
+                "enrolled": stored,
+                "identities": len(ids),
+                "skipped": len(failures),
+                "site": args.site,
+            }
         elif bulk:
-            try:
-                data = np.load(args.embeddings, allow_pickle=False)
-                ids = [str(i) for i in data["ids"].tolist()]
-                vectors = np.asarray(data["embeddings"], dtype=np.float64)
-            except (OSError, ValueError, KeyError) as exc:
-                raise InvalidArgumentError(
-                    f"cannot read {args.embeddings}: {exc} (expected arrays 'ids' and "
-                    "'embeddings', saved with numpy.savez)"
-                ) from exc
-            stored = edge.enroll_bulk(ids, vectors, progress=not args.no_progress)
-            out = {"enrolled": stored, "ids": len(ids), "site": args.site}
+            ids, vectors = load_npz(args.embeddings)
+            stored = _bulk(edge, ids, vectors, args, committed, note)
+            out = {"enrolled": stored, "identities": len(ids), "site": args.site}
         else:
             if args.embedding is not None:
                 result = edge.enroll(args.identity, embeddings=_load_npy(args.embedding))
@@ -419,6 +448,29 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     else:
         print(f"enrolled {stored} template(s) at site {args.site}")
     return EXIT_OK
+
+
+def _bulk(
+    edge: Any,
+    ids: list[str],
+    vectors: Any,
+    args: argparse.Namespace,
+    committed: list[str],
+    note: Callable[[Sequence[str], int], None],
+) -> int:
+    """``edge.enroll_bulk``; on Ctrl-C, say which identities the cloud confirmed."""
+    try:
+        return int(edge.enroll_bulk(ids, vectors, progress=not args.no_progress, on_chunk=note))
+    except KeyboardInterrupt:
+        span = f" ({committed[0]} .. {committed[-1]})" if committed else ""
+        print(
+            f"\ninterrupted: the cloud confirmed {len(committed)} of {len(ids)} "
+            f"identities{span}; the chunk in flight may or may not be stored. Enrolling "
+            "is idempotent: run the same command again to finish.",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -468,6 +520,8 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     when it has no usable face). Runs until SIGINT/SIGTERM."""
     from cipherface.agents.edge import WatchRecord
 
+    if os.path.exists(args.watch) and not os.path.isdir(args.watch):
+        raise InvalidArgumentError(f"--watch {args.watch} is not a directory")
     stop = _stop_on_signals()
 
     def emit(record: WatchRecord) -> None:
@@ -526,14 +580,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"cipherface {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except PeerReportedError as exc:
-        print(f"error [{exc.remote_code}] from the cloud: {exc.message}", file=sys.stderr)
-        return EXIT_ERROR
-    except CipherFaceError as exc:
-        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, whatever failed (a traceback only at -vv)
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        code, text = describe_failure(exc)
+        print(f"error [{code}]: {text}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

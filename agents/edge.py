@@ -574,6 +574,7 @@ class EdgeClient:
         *,
         progress: bool = True,
         chunk: int | None = None,
+        on_chunk: Callable[[Sequence[str], int], None] | None = None,
     ) -> int:
         """Enroll many identities from embeddings, a payload per chunk, with a progress bar.
 
@@ -585,6 +586,8 @@ class EdgeClient:
             progress: show a tqdm progress bar (on stderr).
             chunk: templates per payload (default and maximum:
                 ``cipher.max_templates_per_payload``).
+            on_chunk: called with each chunk's ids and stored count once the cloud
+                confirmed it (so an interrupted caller can say what was committed).
 
         Returns:
             The number of templates the cloud stored.
@@ -626,6 +629,8 @@ class EdgeClient:
                     lambda: Enroll(**self._header(), ids=chunk_ids, payload=payload)  # noqa: B023
                 )
                 stored += result.enrolled or 0
+                if on_chunk is not None:
+                    on_chunk(chunk_ids, result.enrolled or 0)
                 bar.update(hi - lo)
         return stored
 
