@@ -55,8 +55,10 @@ from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import (
     CipherFaceError,
+    DecodeError,
     GalleryError,
     InvalidArgumentError,
+    KeyFileError,
     KeyMismatchError,
     LocalError,
     PayloadTooLargeError,
@@ -109,8 +111,13 @@ _ERROR_TAG: Final = b"E"
 
 
 def _as_remote(exc: BaseException) -> BaseException:
-    """Engine argument errors about a peer's payload are gallery errors on the wire."""
-    if type(exc) is InvalidArgumentError:
+    """Engine errors about a peer's payload are gallery errors on the wire.
+
+    The envelope was valid by then: a payload or probe the engine cannot parse or
+    use "does not fit the gallery" (docs/protocol.md 6.4, 8.1), whatever the engine
+    called it.
+    """
+    if type(exc) in (InvalidArgumentError, DecodeError):
         return GalleryError(str(exc))
     return exc
 
@@ -695,7 +702,15 @@ class CloudAgent:
 
     def _key_publish(self, req: KeyPublish) -> Result:
         assert req.kid is not None
-        pub = sites.open_public(req.public_key)
+        if req.scheme not in sites.SCHEMES:
+            raise ValidationError(
+                f"scheme: {req.scheme!r} is not one of {', '.join(sites.SCHEMES)}"
+            )
+        try:
+            pub = sites.open_public(req.public_key)
+        except (KeyMismatchError, KeyFileError, GalleryError, DecodeError, ValueError) as exc:
+            # The bytes are not a loadable public key: key_file, as the spec says.
+            raise KeyFileError(f"the published public key does not load: {exc}") from None
         if pub.key_id != req.kid or pub.scheme != req.scheme:
             raise KeyMismatchError(
                 f"key.publish says {req.scheme}/{req.kid} but the key is {pub.scheme}/{pub.key_id}"
