@@ -112,7 +112,7 @@ EOF
 fi
 
 # 4. Link the Dlib weights into deepface's weights folder (offline Dlib model + dlib detector).
-if ! (cd "$REPO_ROOT" && "$PYTHON" -m cipherface.agents.faces --setup); then
+if ! (cd "$REPO_ROOT" && "$PYTHON" -m cipherface.faces --setup); then
     log "linking the Dlib weights failed; is the project installed? pip install -e '.[edge]'" >&2
     exit 1
 fi

@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "as a cloud-<name> account's ACL requires",
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        metavar="N",
+        help="most verifies scored in one engine call (default 32; 1 = no batching)",
+    )
     p.set_defaults(func=_cmd_cloud)
 
     p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
@@ -381,6 +388,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         agent_id=agent_id,
         sites=sites,
         share_group=None if args.no_share else "cipherface-cloud",
+        max_batch=args.max_batch,
     )
     stop = _stop_on_signals()
     agent.start()

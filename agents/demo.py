@@ -49,7 +49,7 @@ def _check_faces() -> dict[str, Path]:
     missing = [m for m in ("deepface", "dlib", "cv2") if importlib.util.find_spec(m) is None]
     if missing:
         raise LocalError(f"missing Python package(s) {', '.join(missing)}: {EDGE_EXTRA_HINT}")
-    from cipherface.agents.faces import find_photos
+    from cipherface.faces import find_photos
 
     names = sorted({p for p, _ in ENROLL} | {p for _, _, p, _ in PROBES})
     try:
@@ -95,9 +95,9 @@ def run_demo(
 
     from cipherface.agents.cloud import CloudAgent
     from cipherface.agents.edge import EdgeClient, decision_json
-    from cipherface.agents.faces import Embedder
     from cipherface.agents.mqtt import BrokerConfig
     from cipherface.crypto import sites
+    from cipherface.faces import Embedder
 
     with ExitStack() as stack:
         if keep is not None:

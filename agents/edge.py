@@ -430,7 +430,7 @@ class EdgeClient:
     def embedder(self) -> Any:
         """The face embedder (created on first use, for the key's face model)."""
         if self._embedder is None:
-            from cipherface.agents.faces import Embedder
+            from cipherface.faces import Embedder
 
             self._embedder = Embedder(model_name=self.model)
         return self._embedder

@@ -261,6 +261,7 @@ class Connection:
         on_message: called with each message (network thread).
         on_connected: called after each successful CONNACK with ``(connection,
             session_present)`` (network thread): subscribe and announce here.
+        receive_maximum: MQTT 5 ReceiveMaximum (QoS 1 messages in flight to us).
 
     Raises:
         InvalidArgumentError: an empty client id.
@@ -277,6 +278,7 @@ class Connection:
         will: tuple[str, bytes] | None = None,
         on_message: MessageHandler | None = None,
         on_connected: ConnectedHook | None = None,
+        receive_maximum: int = RECEIVE_MAXIMUM,
     ) -> None:
         if not client_id:
             raise InvalidArgumentError("an MQTT client id is required")
@@ -284,6 +286,7 @@ class Connection:
         self.client_id = client_id
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
+        self.receive_maximum = receive_maximum
         self._on_message = on_message
         self._on_connected = on_connected
         self._connack = threading.Event()
@@ -449,7 +452,7 @@ class Connection:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
             # Our own cap on unacknowledged QoS 1 deliveries, whatever the broker allows.
-            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            props.ReceiveMaximum = self.receive_maximum
             kwargs = {"clean_start": not self.persistent, "properties": props}
         # The first attempt is synchronous so that its exception names the cause
         # (DNS, refused, TLS); paho's loop thread then reconnects by itself.

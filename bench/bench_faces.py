@@ -16,8 +16,8 @@ import time
 import cv2
 import numpy as np
 
-from cipherface.agents.faces import Embedder, find_photos
 from cipherface.crypto import thresholds
+from cipherface.faces import Embedder, find_photos
 
 FRAME_W, FRAME_H = 1280, 720
 

@@ -21,12 +21,12 @@ from cipherface.errors import CipherFaceError, LocalError, RemoteError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from cipherface.crypto.compat import CipherFace, CipherFaceLite
+    from cipherface.compat import CipherFace, CipherFaceLite
 
 
 def __getattr__(name: str) -> Any:
     if name in ("CipherFace", "CipherFaceLite"):
-        from cipherface.crypto import compat
+        from cipherface import compat
 
         return getattr(compat, name)
     raise AttributeError(f"module 'cipherface' has no attribute {name!r}")

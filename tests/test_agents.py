@@ -375,10 +375,10 @@ class _StallingCloud(CloudAgent):
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def handle(self, topic: str, payload: bytes, **kw: Any) -> Any:
+    def handle_many(self, requests: Any) -> Any:
         self.entered.set()
         self.gate.wait(10)
-        return super().handle(topic, payload, **kw)
+        return super().handle_many(requests)
 
 
 def test_request_accepted_by_a_crashing_cloud_is_not_lost(

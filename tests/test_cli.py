@@ -310,8 +310,8 @@ def _need_faces(*names: str) -> dict[str, Path]:
     """The photos, or skip when the edge extra, its weights or the photos are missing."""
     import importlib.util
 
-    from cipherface.agents.faces import Embedder, find_photos
     from cipherface.errors import LocalError
+    from cipherface.faces import Embedder, find_photos
 
     for module in ("deepface", "dlib", "cv2"):
         if importlib.util.find_spec(module) is None:

@@ -1,4 +1,4 @@
-"""Face embedding (cipherface.agents.faces) and deepface thresholds (cipherface.crypto.thresholds).
+"""Face embedding (cipherface.faces) and deepface thresholds (cipherface.crypto.thresholds).
 
 The face-model tests use real photos fetched from PyPI by ``.ci/setup_data.sh`` and the
 offline Dlib weights of ``face-recognition-models``; they skip, saying so, where those are
@@ -243,7 +243,7 @@ def test_missing_weights_file_present_passes_check(tmp_path: Path) -> None:
 def test_lazy_loading_in_subprocess(tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
-        "import cipherface.agents.faces as f\n"
+        "import cipherface.faces as f\n"
         "before = sorted(m for m in ('deepface', 'cv2', 'dlib', 'onnxruntime') "
         "if m in sys.modules)\n"
         "e = f.Embedder()\n"

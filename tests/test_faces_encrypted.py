@@ -17,8 +17,8 @@ pytestmark = pytest.mark.faces
 def photos() -> dict[str, Path]:
     pytest.importorskip("deepface")
     pytest.importorskip("dlib")
-    from cipherface.agents.faces import find_photos
     from cipherface.errors import LocalError
+    from cipherface.faces import find_photos
 
     try:
         return find_photos(["obama", "obama2", "obama3", "biden"])

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
+from cipherface.compat_lite import CipherFaceLite
 from cipherface.crypto import phe, phe_gallery
-from cipherface.crypto.compat_lite import CipherFaceLite
 from cipherface.crypto.engine import EdgeCipher, Gallery
 from cipherface.crypto.keyfile import load_key_file
 from cipherface.errors import (

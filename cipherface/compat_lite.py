@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cipherface.compat import _b64, _FaceMixin, _unb64
 from cipherface.crypto import phe, phe_gallery, thresholds
-from cipherface.crypto.compat import _b64, _FaceMixin, _unb64
 from cipherface.errors import InvalidArgumentError, KeyFileError, PublicKeyOnlyError
 
 _MODELS = ("Dlib", "VGG-Face", "Facenet", "Facenet512", "ArcFace", "SFace")

@@ -38,7 +38,7 @@ from cipherface.crypto import ckks, rlwe, thresholds
 from cipherface.errors import DecodeError, InvalidArgumentError, PublicKeyOnlyError
 
 if TYPE_CHECKING:
-    from cipherface.agents.faces import Embedder
+    from cipherface.faces import Embedder
 
 _MODELS = ("Dlib", "VGG-Face", "Facenet", "Facenet512", "ArcFace", "SFace")
 
@@ -65,7 +65,7 @@ class _FaceMixin:
 
     def _faces(self) -> Embedder:
         if self._embedder is None:
-            from cipherface.agents.faces import Embedder
+            from cipherface.faces import Embedder
 
             self._embedder = Embedder(model_name=self.model_name, detector=self.face_detector)
         return self._embedder
@@ -260,7 +260,7 @@ class CipherFace(_FaceMixin):
 def __getattr__(name: str) -> Any:
     # CipherFaceLite lives in its own module; keep 0.0.2's import path working.
     if name == "CipherFaceLite":
-        from cipherface.crypto.compat_lite import CipherFaceLite
+        from cipherface.compat_lite import CipherFaceLite
 
         return CipherFaceLite
     raise AttributeError(name)
