@@ -44,6 +44,7 @@ from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.errors import InvalidArgumentError
+from cipherface.observe.logs import LOG_FORMATS, setup_logging
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -125,7 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cipherface {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: one line per request, -vv: debug)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=_env("CIPHERFACE_LOG_FORMAT") or "text",
+        help="text (default) or json: one JSON object per line (env CIPHERFACE_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -169,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as a cloud-<name> account's ACL requires",
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
+    _observe_options(p)
     p.add_argument(
         "--max-batch",
         type=int,
@@ -233,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", metavar="DIR", required=True, help="folder of incoming photos")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between scans (default 0.5)")
     p.add_argument("--max-photos", type=int, default=None, help="exit after this many photos")
+    _observe_options(p)
     p.set_defaults(func=_cmd_edge)
 
     p = sub.add_parser("demo", help="run everything locally", description=_cmd_demo.__doc__)
@@ -246,8 +259,49 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("health", help="probe a running agent", description=_cmd_health.__doc__)
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:9464/healthz",
+        help="the agent's health URL or host:port (default http://127.0.0.1:9464/healthz)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing when healthy")
+    _json_option(p)
+    p.set_defaults(func=_cmd_health)
+
     register_cli(sub)
     return parser
+
+
+def _observe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("operations (docs/operations.md)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_int_env("CIPHERFACE_METRICS_PORT"),
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on this port (env CIPHERFACE_METRICS_PORT; "
+        "default: off; 9464 is customary)",
+    )
+    g.add_argument(
+        "--metrics-host",
+        default=_env("CIPHERFACE_METRICS_HOST") or "127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 for a remote scraper)",
+    )
+    g.add_argument(
+        "--health-interval",
+        type=float,
+        default=30.0,
+        metavar="SEC",
+        help="seconds between the retained JSON health messages (default 30)",
+    )
+
+
+def _int_env(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -390,17 +444,22 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         share_group=None if args.no_share else "cipherface-cloud",
         max_batch=args.max_batch,
     )
+    from cipherface.agents.observed import cloud_health, observe_cloud
+
     stop = _stop_on_signals()
-    agent.start()
-    print(
-        f"cloud agent {agent_id} serving {', '.join(agent.filters())} on "
-        f"{agent.broker.url} (data: {args.data}); Ctrl-C to stop",
-        file=sys.stderr,
-        flush=True,
-    )
+    observed = observe_cloud(agent, port=args.metrics_port, host=args.metrics_host)
     try:
+        agent.start()
+        observed.start_health(cloud_health(agent, interval=args.health_interval))
+        print(
+            f"cloud agent {agent_id} serving {', '.join(agent.filters())} on "
+            f"{agent.broker.url} (data: {args.data}); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
     finally:
+        observed.stop()
         agent.stop()
     return EXIT_OK
 
@@ -538,17 +597,45 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     # A stable client id and a persistent session: results published while the daemon
     # reconnects are queued for it.
     client_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
+    from cipherface.agents.observed import edge_health, observe_edge
+
     with _edge_client(args, announce=True, persistent=True, client_id=client_id) as edge:
-        edge.embedder.warmup()  # pay the model load (and see missing weights) now
-        edge.ensure_key()
-        print(
-            f"watching {args.watch} for site {args.site}, gateway {args.gateway}; Ctrl-C to stop",
-            file=sys.stderr,
-            flush=True,
-        )
-        edge.watch(
-            args.watch, poll=args.poll, stop=stop, on_record=emit, max_photos=args.max_photos
-        )
+        observed, count = observe_edge(edge, port=args.metrics_port, host=args.metrics_host)
+        try:
+            observed.start_health(edge_health(edge, observed, interval=args.health_interval))
+            edge.embedder.warmup()  # pay the model load (and see missing weights) now
+            edge.ensure_key()
+            print(
+                f"watching {args.watch} for site {args.site}, gateway {args.gateway}; "
+                "Ctrl-C to stop",
+                file=sys.stderr,
+                flush=True,
+            )
+
+            def on_record(record: WatchRecord) -> None:
+                count(record)
+                emit(record)
+
+            edge.watch(
+                args.watch,
+                poll=args.poll,
+                stop=stop,
+                on_record=on_record,
+                max_photos=args.max_photos,
+            )
+        finally:
+            observed.stop()
+    return EXIT_OK
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Probe a running agent's /healthz (its --metrics-port): exit 0 when it is
+    connected to the broker, 3 otherwise (for container healthchecks and systemd)."""
+    from cipherface.observe.health import probe
+
+    doc = probe(args.url, timeout=args.timeout)
+    if not args.quiet:
+        print(json.dumps(doc) if args.json else f"{doc.get('role')} {doc.get('agent')}: ok")
     return EXIT_OK
 
 
@@ -575,12 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    if args.verbose < 2:
-        logging.getLogger("cipherface.agents.paho").setLevel(logging.WARNING)
+    setup_logging(args.verbose, args.log_format)
     func: Handler = args.func
     try:
         return int(func(args))
