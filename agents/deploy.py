@@ -14,14 +14,18 @@ role               username                may
 edge gateway       ``<site>.<gateway>``    publish ``<site>/req/<gateway>/#``,
                                            ``<site>/events/<gateway>``; read its
                                            ``res/<gateway>``, ``err/<gateway>``;
-                                           read/write ``<site>/status/<gateway>``;
+                                           read/write ``<site>/status/<gateway>``,
+                                           ``<site>/health/<gateway>``;
                                            read ``cloud/status/+``
 cloud worker       ``cloud-<name>``        read ``<s>/req/+/+`` and write
                                            ``<s>/res/+``, ``<s>/err/+`` for each site
                                            ``s`` it serves; read/write
-                                           ``cloud/status/cloud-<name>`` (its agent id
+                                           ``cloud/status/cloud-<name>`` and
+                                           ``cloud/health/cloud-<name>`` (its agent id
                                            is its username). Never ``events``.
-site integrator    ``<site>@<name>``       read ``<site>/events/+``, ``<site>/status/+``
+site integrator    ``<site>@<name>``       read ``<site>/events/+``, ``<site>/status/+``,
+                                           ``<site>/health/+``, ``cloud/status/+``,
+                                           ``cloud/health/+``
 broker healthcheck ``cipherface-health``   nothing (it only proves the broker answers)
 =================  ======================  ==========================================
 
@@ -208,6 +212,7 @@ class Account:
                 AclRule(access="read", topic=f"{base}/err/{gw}"),
                 AclRule(access="write", topic=f"{base}/events/{gw}"),
                 AclRule(access="readwrite", topic=f"{base}/status/{gw}"),
+                AclRule(access="readwrite", topic=f"{base}/health/{gw}"),
                 AclRule(access="read", topic=f"{PREFIX}/cloud/status/+"),
             )
         if self.role == "cloud":
@@ -222,12 +227,19 @@ class Account:
             rules.append(
                 AclRule(access="readwrite", topic=f"{PREFIX}/cloud/status/{self.username}")
             )
+            rules.append(
+                AclRule(access="readwrite", topic=f"{PREFIX}/cloud/health/{self.username}")
+            )
             return tuple(rules)
         if self.role == "integrator":
             assert self.site is not None
             return (
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/events/+"),
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/status/+"),
+                AclRule(access="read", topic=f"{PREFIX}/{self.site}/health/+"),
+                # Whether a cloud worker is up, and its load (JSON): no site data.
+                AclRule(access="read", topic=f"{PREFIX}/cloud/status/+"),
+                AclRule(access="read", topic=f"{PREFIX}/cloud/health/+"),
             )
         return ()
 
