@@ -10,7 +10,8 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``identify``   1:N against the site's gallery
 ``delete``     erase identities
 ``ids``        list the enrolled identities
-``edge``       gateway daemon: identify every photo dropped in ``--watch DIR``
+``edge``       camera gateway: ``--config FILE`` (Frigate, RTSP, MQTT, folders) or ``--watch DIR``
+``events``     print the integrator events (JSON decisions) of a site as they happen
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
 =============  ==============================================================
@@ -240,13 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     p.set_defaults(func=_cmd_ids)
 
-    p = sub.add_parser("edge", help="gateway daemon", description=_cmd_edge.__doc__)
+    p = sub.add_parser("edge", help="camera gateway daemon", description=_cmd_edge.__doc__)
     _edge_options(p)
-    p.add_argument("--watch", metavar="DIR", required=True, help="folder of incoming photos")
+    p.add_argument("--config", metavar="FILE", help="gateway config (TOML: docs/integrations.md)")
+    p.add_argument("--watch", metavar="DIR", help="folder of incoming photos (without --config)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between scans (default 0.5)")
-    p.add_argument("--max-photos", type=int, default=None, help="exit after this many photos")
+    p.add_argument("--max-photos", type=int, default=None, help="exit after this many outcomes")
     _observe_options(p)
     p.set_defaults(func=_cmd_edge)
+
+    p = sub.add_parser("events", help="print integrator events", description=_cmd_events.__doc__)
+    _broker_options(p)
+    p.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (default: all)")
+    p.add_argument("--person", metavar="NAME", help="only the matches of this person")
+    p.add_argument("--count", type=int, default=None, help="exit after this many events")
+    _json_option(p)
+    p.set_defaults(func=_cmd_events)
 
     p = sub.add_parser("demo", help="run everything locally", description=_cmd_demo.__doc__)
     p.add_argument(
@@ -582,46 +592,75 @@ def _cmd_ids(args: argparse.Namespace) -> int:
 
 
 def _cmd_edge(args: argparse.Namespace) -> int:
-    """Gateway daemon: identify every photo that appears in --watch DIR, publish each
-    decision, print it as a JSON line, and move the photo to DIR/done/ (or DIR/failed/
-    when it has no usable face). Runs until SIGINT/SIGTERM."""
-    from cipherface.agents.edge import WatchRecord
+    """Camera gateway: with --config FILE, the cameras, Frigate, thresholds and outputs it
+    lists (docs/integrations.md); with --watch DIR, identify every photo that appears in
+    DIR and move it to DIR/done/ (or DIR/failed/). Each outcome is published as integrator
+    JSON and printed as a JSON line. Runs until SIGINT/SIGTERM (or --max-photos)."""
+    from cipherface.cameras import cli as cameras
 
-    if os.path.exists(args.watch) and not os.path.isdir(args.watch):
+    if bool(args.config) == bool(args.watch):
+        raise _Usage("give --config FILE or --watch DIR (exactly one)")
+    if args.watch and os.path.exists(args.watch) and not os.path.isdir(args.watch):
         raise InvalidArgumentError(f"--watch {args.watch} is not a directory")
     stop = _stop_on_signals()
+    unknown = None
+    if args.config:
+        from cipherface.agents.edge import EdgeClient
+        from cipherface.cameras.config import load
+        from cipherface.crypto.sites import load_edge_cipher
 
-    def emit(record: WatchRecord) -> None:
-        print(json.dumps(record.to_json()), flush=True)
-
-    # A stable client id and a persistent session: results published while the daemon
-    # reconnects are queued for it.
-    client_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
+        cfg = load(args.config)
+        sources, outputs = cfg.sources(), cfg.outputs()
+        policies, default = dict(cfg.cameras), cfg.defaults
+        unknown = cfg.unknown_faces()
+        if args.max_photos is not None:
+            outputs.append(cameras.PrintOutput(limit=args.max_photos, stop=stop))
+        client_id = f"{cfg.site}.{cfg.gateway}"
+        edge = EdgeClient(
+            broker=cfg.cloud,
+            cipher=load_edge_cipher(cfg.keys),
+            site=cfg.site,
+            gateway=cfg.gateway,
+            timeout=args.timeout,
+            retries=args.retries,
+            announce=True,
+            persistent=True,
+            client_id=client_id,
+        )
+        mqtt = cfg.mqtt
+    else:
+        sources, outputs, default = cameras.watch_setup(
+            args.watch, poll=args.poll, max_photos=args.max_photos, stop=stop
+        )
+        policies = {}
+        # A stable client id and a persistent session: results published while the
+        # daemon reconnects are queued for it.
+        watch_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
+        edge = _edge_client(args, announce=True, persistent=True, client_id=watch_id)
+        mqtt = broker_config(args)
     from cipherface.agents.observed import edge_health, observe_edge
 
-    with _edge_client(args, announce=True, persistent=True, client_id=client_id) as edge:
-        observed, count = observe_edge(edge, port=args.metrics_port, host=args.metrics_host)
+    with edge:
+        observed, counter = observe_edge(edge, port=args.metrics_port, host=args.metrics_host)
+        outputs.append(counter)
         try:
             observed.start_health(edge_health(edge, observed, interval=args.health_interval))
             edge.embedder.warmup()  # pay the model load (and see missing weights) now
             edge.ensure_key()
-            print(
-                f"watching {args.watch} for site {args.site}, gateway {args.gateway}; "
-                "Ctrl-C to stop",
-                file=sys.stderr,
-                flush=True,
-            )
-
-            def on_record(record: WatchRecord) -> None:
-                count(record)
-                emit(record)
-
-            edge.watch(
-                args.watch,
-                poll=args.poll,
+            cameras.run_gateway(
+                edge=edge,
+                mqtt=mqtt,
+                sources=sources,
+                outputs=outputs,
+                policies=policies,
+                default_policy=default,
                 stop=stop,
-                on_record=on_record,
-                max_photos=args.max_photos,
+                unknown_faces=unknown,
+                announce=lambda what: print(
+                    f"gateway {edge.site}/{edge.gateway}: {what}; Ctrl-C to stop",
+                    file=sys.stderr,
+                    flush=True,
+                ),
             )
         finally:
             observed.stop()
@@ -636,6 +675,23 @@ def _cmd_health(args: argparse.Namespace) -> int:
     doc = probe(args.url, timeout=args.timeout)
     if not args.quiet:
         print(json.dumps(doc) if args.json else f"{doc.get('role')} {doc.get('agent')}: ok")
+    return EXIT_OK
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    """Print the integrator events (decisions, unknown faces, stale captures, errors) of
+    --site (or of every site the account may read) as they happen: one line each, or
+    their JSON with --json (docs/integrations.md)."""
+    from cipherface.cameras.cli import stream_events
+
+    stream_events(
+        broker=broker_config(args),
+        site=args.site,
+        person=args.person,
+        as_json=args.json,
+        count=args.count,
+        stop=_stop_on_signals(),
+    )
     return EXIT_OK
 
 

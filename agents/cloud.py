@@ -289,6 +289,11 @@ class CloudAgent:
         sites: serve only these sites (one subscription each, as the broker ACL of a
             ``cloud-<name>`` account requires); None serves every site.
         share_group: MQTT shared-subscription group; None subscribes without sharing.
+            At start the agent checks that the broker delivers shared subscriptions
+            (its own ``online`` status through a ``$share`` subscription); a broker
+            without them (NATS, RabbitMQ) gets plain subscriptions and a warning
+            instead of requests that silently never arrive.
+        share_check_s: seconds to wait for that self-test message.
         max_message_bytes: refuse (``too_large``) requests longer than this.
         max_reply_bytes: the largest reply to publish (at most the protocol's 64 MiB;
             lower it to the broker's ``message_size_limit``): an identify result that
@@ -320,6 +325,7 @@ class CloudAgent:
         reply_cache: ReplyCache | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
+        share_check_s: float = 3.0,
     ) -> None:
         if max_batch < 1 or not 1 <= receive_maximum <= 65535:
             raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
@@ -330,6 +336,12 @@ class CloudAgent:
         if share_group is not None:
             validate_id(share_group, what="share group")
         self.share_group = share_group
+        self.share_check_s = share_check_s
+        #: True once the start-up self-test found that the broker drops ``$share``
+        #: subscriptions and the agent fell back to plain ones.
+        self.share_fallback = False
+        self._share_probe: str | None = None
+        self._share_seen = threading.Event()
         self.broker = broker
         self.data_dir = Path(data_dir)
         self.max_message_bytes = max_message_bytes
@@ -415,10 +427,45 @@ class CloudAgent:
 
     def _on_connected(self, conn: Connection, session_present: bool) -> None:
         conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
+        if self._share_probe is not None and not self._share_seen.is_set():
+            # Self-test: our own status, published next, must come back through a
+            # shared subscription; brokers without $share accept the subscription
+            # and never deliver on it.
+            conn.subscribe([(self._share_probe, 1)], no_retained=True)
         conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+
+    def _check_share(self, conn: Connection) -> None:
+        """Wait for the self-test message; without it, fall back to plain subscriptions."""
+        probe = self._share_probe
+        if probe is None:
+            return
+        seen = self._share_seen.wait(self.share_check_s)
+        conn.unsubscribe([probe])
+        self._share_probe = None
+        if seen:
+            return
+        shared = self.filters()
+        self.share_group = None
+        self.share_fallback = True
+        conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
+        conn.unsubscribe(shared)
+        log.warning(
+            "the broker at %s did not deliver a shared subscription ($share) within %g s: "
+            "serving on plain subscriptions %s instead. Run ONE cloud agent per site on "
+            "this broker (or pass --no-share to skip this check); to run several workers, "
+            "use a broker with shared subscriptions (Mosquitto, EMQX, HiveMQ, VerneMQ; "
+            "see docs/deployment.md)",
+            self.broker.url,
+            self.share_check_s,
+            self.filters(),
+        )
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         # Network thread: hand off and return.
+        if msg.topic == self.status_topic:
+            self._share_seen.set()  # the $share self-test came back
+            self._conn_ack(msg)
+            return
         if msg.qos == 0:
             # Requests are QoS 1: QoS 0 has no flow control (the broker's in-flight cap
             # would not bound our queue) and no delivery guarantee to honour.
@@ -465,6 +512,8 @@ class CloudAgent:
         self._take_lock()
         self._prune_replies()
         self._start_workers()
+        if self.share_group is not None and self.share_check_s > 0:
+            self._share_probe = f"$share/{self.share_group}-selftest/{self.status_topic}"
         conn = Connection(
             config=self.broker,
             client_id=self.agent_id,
@@ -483,6 +532,7 @@ class CloudAgent:
             self._stop_worker()
             self._release_lock()
             raise
+        self._check_share(conn)
         log.info("cloud agent %s serving %s from %s", self.agent_id, self.filters(), self.data_dir)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:

@@ -512,6 +512,12 @@ class Connection:
         if result != paho.MQTT_ERR_SUCCESS:
             log.warning("%s: subscribe failed: %s", self.client_id, paho.error_string(result))
 
+    def unsubscribe(self, filters: list[str]) -> None:
+        """Drop subscriptions (thread-safe)."""
+        result, _ = self.client.unsubscribe(filters)
+        if result != paho.MQTT_ERR_SUCCESS:
+            log.warning("%s: unsubscribe failed: %s", self.client_id, paho.error_string(result))
+
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message received with ``manual_ack`` (thread-safe)."""
         self.client.ack(mid, qos)

@@ -11,9 +11,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
 from cipherface import __version__
 from cipherface.agents.cloud import CloudAgent, Outgoing
-from cipherface.agents.edge import EdgeClient, WatchRecord
+from cipherface.agents.edge import EdgeClient
 from cipherface.observe.health import (
     DEFAULT_INTERVAL_S,
     HealthPublisher,
@@ -144,11 +146,11 @@ def observe_edge(
     """Count and log every request of ``edge``; serve metrics when ``port`` is set.
 
     Returns:
-        ``(observed, on_record)``: call ``on_record(record)`` with each
-        :class:`~cipherface.agents.edge.WatchRecord` of the daemon (decisions and
-        rejected results are counted from them).
+        ``(observed, output)``: add ``output`` to the gateway's outputs
+        (cipherface.cameras): it counts the outcomes (``cipherface_outcomes_total``
+        by event type, and rejected results).
     """
-    counts = {"rejected_results": 0, "decisions": 0}
+    counts = {"rejected_results": 0, "outcomes": 0}
 
     def load() -> dict[str, Any]:
         conn = edge.connection
@@ -181,18 +183,43 @@ def observe_edge(
             seconds=seconds,
         )
 
-    def on_record(record: WatchRecord) -> None:
-        counts["decisions"] += record.decision is not None
-        if record.error_code == "result_rejected":
-            counts["rejected_results"] += 1
-
     edge.on_request = on_request
     server = None
     if port is not None:
         server = MetricsServer(
             metrics=metrics, health=lambda: _health("edge", agent, load()), port=port, host=host
         ).start()
-    return Observed(metrics=metrics, server=server, counts=counts, load=load), on_record
+    output = MetricsOutput(metrics, counts)
+    return Observed(metrics=metrics, server=server, counts=counts, load=load), output
+
+
+class MetricsOutput:
+    """A gateway output (cipherface.cameras ``Output``) that counts the outcomes."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: AgentMetrics, counts: dict[str, int]) -> None:
+        self.counts = counts
+        self.outcomes = Counter(
+            "cipherface_outcomes",
+            "gateway outcomes by event type (match, unknown, stale, error)",
+            ["role", "event_type", "error"],
+            registry=metrics.registry,
+        )
+
+    def start(self, bus: Any) -> None:
+        return None
+
+    def publish(self, event: Any, capture: Any) -> None:
+        kind = str(getattr(event, "event_type", "unknown"))
+        error = getattr(event, "error", None)
+        self.outcomes.labels("edge", kind, error or "").inc()
+        self.counts["outcomes"] += 1
+        if error == "result_rejected":
+            self.counts["rejected_results"] += 1
+
+    def close(self) -> None:
+        return None
 
 
 def edge_health(edge: EdgeClient, observed: Observed, *, interval: float) -> HealthPublisher:
@@ -208,4 +235,11 @@ def edge_health(edge: EdgeClient, observed: Observed, *, interval: float) -> Hea
     )
 
 
-__all__ = ["Observed", "cloud_health", "edge_health", "observe_cloud", "observe_edge"]
+__all__ = [
+    "MetricsOutput",
+    "Observed",
+    "cloud_health",
+    "edge_health",
+    "observe_cloud",
+    "observe_edge",
+]
