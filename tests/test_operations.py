@@ -282,9 +282,28 @@ def test_integrator_reads_cloud_status_and_health(
             observed.stop()
         reader.disconnect()
         reader.loop_stop()
+    _clear_retained(secure_broker, secure_deployment, "cloud-b")
     assert "cipherface/v1/cloud/status/cloud-b" in topics
     health = json.loads(topics["cipherface/v1/cloud/health/cloud-b"])
     assert health["role"] == "cloud" and "queue_depth" in health["load"]
+
+
+def _clear_retained(broker: LocalBroker, dep: Deployment, user: str) -> None:
+    """Empty the retained status and health of ``user`` (the broker is shared by the
+    session: test_deployment's ACL matrix counts every retained message)."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user)
+    c.username_pw_set(user, dep.password(user))
+    c.tls_set(ca_certs=str(dep.ca_cert_path))
+    c.connect("127.0.0.1", broker.tls_port or 0)
+    c.loop_start()
+    try:
+        for kind in ("status", "health"):
+            c.publish(
+                f"cipherface/v1/cloud/{kind}/{user}", b"", qos=1, retain=True
+            ).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 # ------------------------------------------------------ reconnects, no cloud
