@@ -374,3 +374,33 @@ def test_json_formatter_one_object_per_line() -> None:
     assert "\n" not in line
     doc = json.loads(line)
     assert (doc["msg"], doc["level"]) == ("a b", "ERROR") and "boom" in doc["exc"]
+
+
+# ------------------------------------------------------------------- papercuts
+@pytest.mark.faces
+def test_demo_on_a_broker_with_a_cloud_agent_uses_it(broker: Any, tmp_path: Path) -> None:
+    """Two agents in one shared-subscription group would split the demo's requests
+    (key_mismatch); the demo reads the retained statuses and uses the running one."""
+    import importlib.util
+
+    from cipherface.agents.cloud import CloudAgent
+    from cipherface.errors import LocalError
+    from cipherface.faces import Embedder, find_photos
+
+    for module in ("deepface", "dlib", "cv2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the edge extra ({module} missing)")
+    try:
+        Embedder().check_weights()
+        find_photos(["obama", "obama2", "obama3", "biden", "astronaut"])
+    except LocalError as exc:
+        pytest.skip(f"needs the photos and weights of .ci/setup_data.sh: {exc}")
+    agent_id = f"cloud-ops-demo-{secrets.token_hex(3)}"
+    with CloudAgent(broker=BrokerConfig(url=broker.url), data_dir=tmp_path, agent_id=agent_id):
+        out = cli("demo", "--broker", broker.url, "--json", timeout=180)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    cloud = next(r for r in records if r.get("step") == "cloud")
+    assert agent_id in cloud["agents"], cloud
+    decisions = [r for r in records if r.get("step") == "decision"]
+    assert len(decisions) == 4 and all(r["as_expected"] for r in decisions)
