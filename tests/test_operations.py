@@ -404,3 +404,73 @@ def test_demo_on_a_broker_with_a_cloud_agent_uses_it(broker: Any, tmp_path: Path
     assert agent_id in cloud["agents"], cloud
     decisions = [r for r in records if r.get("step") == "decision"]
     assert len(decisions) == 4 and all(r["as_expected"] for r in decisions)
+
+
+# ---------------------------------------------------------- shipped files, docs
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_compose_healthchecks_probe_the_agents() -> None:
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in ("cloud", "edge"):
+        svc = services[name]
+        test = svc["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "cipherface", "health"], test
+        port = svc["environment"]["CIPHERFACE_METRICS_PORT"]
+        assert test[-1] == f"127.0.0.1:{port}", test
+
+
+def test_systemd_units_parse_with_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cipherface.agents.cli import build_parser
+
+    units = sorted((REPO / "docs" / "systemd").glob("*.service"))
+    assert len(units) == 2
+    for unit in units:
+        lines = unit.read_text().splitlines()
+        env = dict(
+            line.removeprefix("Environment=").split("=", 1)
+            for line in lines
+            if line.startswith("Environment=")
+        )
+        assert any(line.startswith("EnvironmentFile=") for line in lines)  # the password
+        assert not any("--password" in line for line in lines)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        exec_start = next(x for x in lines if x.startswith("ExecStart=")).split()[1:]
+        args = build_parser().parse_args(exec_start)
+        assert args.metrics_port == int(env["CIPHERFACE_METRICS_PORT"])
+        assert args.log_format == "json" and args.verbose == 1
+
+
+def test_documented_dev_broker_config_ships_and_runs(tmp_path: Path) -> None:
+    import shutil
+
+    docs = "\n".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")])
+    named = set(re.findall(r"mosquitto -c (\S+)", docs))
+    assert named and all((REPO / n).is_file() for n in named), named
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    if binary is None:
+        pytest.skip("no mosquitto binary")
+    port = free_port()
+    conf = (
+        (REPO / "mosquitto-dev.conf")
+        .read_text()
+        .replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1")
+    )
+    (tmp_path / "dev.conf").write_text(conf + "\nuser root\n")
+    proc = subprocess.Popen([binary, "-c", "dev.conf"], cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                Connection(
+                    config=BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id="dev"
+                ).start()
+                break
+            except Exception:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
