@@ -14,6 +14,7 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``events``     print the integrator events (JSON decisions) of a site as they happen
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
+``gallery``    check, stats, export/import, compact the cloud's galleries
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
@@ -46,6 +47,7 @@ from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.errors import InvalidArgumentError
 from cipherface.observe.logs import LOG_FORMATS, setup_logging
+from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -169,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="required: galleries directory (or env CIPHERFACE_DATA)",
     )
     p.add_argument(
+        "--store",
+        default=_env("CIPHERFACE_STORE") or "sqlite:",
+        metavar="URL",
+        help="gallery store: sqlite:[DIR] (default: SQLite under --data) or "
+        "postgresql://USER@HOST/DB shared by several workers (env CIPHERFACE_STORE)",
+    )
+    p.add_argument(
         "--agent-id",
         default=None,
         help="client id / status id (default: the username, else cloud-local)",
@@ -182,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
     _observe_options(p)
+    p.add_argument(
+        "--share-group",
+        default="cipherface-cloud",
+        metavar="NAME",
+        help="shared-subscription group: workers of one group split the requests "
+        "(default cipherface-cloud)",
+    )
     p.add_argument(
         "--max-batch",
         type=int,
@@ -205,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--photo-dir",
         metavar="DIR",
         help="bulk from photos: DIR/<identity>/*.jpg (averaged) or DIR/<identity>.jpg",
+    )
+    p.add_argument(
+        "--frigate-faces",
+        metavar="DIR",
+        help="bulk from Frigate's face library: DIR/clips/faces/<name>/*.jpg ('train' skipped)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_option(p)
@@ -281,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_health)
 
     register_cli(sub)
+    register_gallery_cli(sub)
     return parser
 
 
@@ -451,7 +473,8 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         data_dir=args.data,
         agent_id=agent_id,
         sites=sites,
-        share_group=None if args.no_share else "cipherface-cloud",
+        share_group=None if args.no_share else args.share_group,
+        store=args.store,
         max_batch=args.max_batch,
     )
     from cipherface.agents.observed import cloud_health, observe_cloud
@@ -476,15 +499,18 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
-    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', or --photo-dir DIR of
-    DIR/<identity>/*.jpg or DIR/<identity>.jpg). Publishes the site's public key first
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', --photo-dir DIR of
+    DIR/<identity>/*.jpg or DIR/<identity>.jpg, or --frigate-faces DIR: Frigate's face
+    library, DIR/clips/faces/<name>/*.jpg). Publishes the site's public key first
     (idempotent)."""
     bulk = args.embeddings is not None
-    folder = args.photo_dir is not None
+    frigate = args.frigate_faces is not None
+    folder = args.photo_dir is not None or frigate
     single = args.identity is not None
-    if bulk + folder + single != 1:
+    if bulk + folder + single != 1 or (frigate and args.photo_dir is not None):
         raise _Usage(
-            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz or --photo-dir DIR"
+            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz, "
+            "--photo-dir DIR or --frigate-faces DIR"
         )
     if single and bool(args.photos) == (args.embedding is not None):
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
@@ -496,7 +522,13 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         committed.extend(chunk_ids)
 
     with _edge_client(args, publish_decisions=False) as edge:
-        if folder:
+        if frigate:
+            from cipherface.cameras.enroll import embed_library, library
+
+            ids, vectors, failures = embed_library(
+                edge, library(args.frigate_faces), progress=not args.no_progress
+            )
+        elif folder:
             ids, vectors, failures = edge.embed_folder(
                 args.photo_dir, progress=not args.no_progress
             )

@@ -26,7 +26,8 @@ Data directory (``--data DIR``)::
     DIR/.lock                          one agent per directory
     DIR/<site>/current                 key id of the site's latest key.publish
     DIR/<site>/keys/<kid>/public.key   the site's public key (from key.publish)
-    DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (crypto/store.py layout)
+    DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (gallery.sqlite3, docs/storage.md);
+                                       with --store postgresql://... it lives in that database
     DIR/<site>/replies/<gw>.<id>       replies of enroll/delete, for redeliveries after a restart
 """
 
@@ -75,6 +76,7 @@ from cipherface.errors import (
     LocalError,
     PayloadTooLargeError,
     RemoteError,
+    StorageCorruptError,
     ValidationError,
 )
 from cipherface.protocol import (
@@ -109,6 +111,8 @@ from cipherface.protocol import (
     result_topic,
     validate_id,
 )
+from cipherface.store import PG_SCHEMES, gallery_location, store_exists
+from cipherface.store.base import GalleryStore
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +172,10 @@ class Outgoing:
 class _SiteKeys:
     """The galleries of one data directory, opened on first use."""
 
-    def __init__(self, root: Path, *, max_open: int = 64) -> None:
+    def __init__(self, root: Path, *, max_open: int = 64, store: str = "sqlite:") -> None:
         self.root = root
+        self.store = store  # "sqlite:[ROOT]" or a postgresql:// URL (docs/storage.md)
+        self.shared = store.startswith(PG_SCHEMES)  # other workers may write the galleries
         # Most recently used last; the least recently used gallery is closed beyond
         # max_open, so keys published over time (or by a misbehaving gateway) cannot
         # pin an unbounded number of galleries in memory.
@@ -189,7 +195,7 @@ class _SiteKeys:
         path = d / sites.PUBLIC_NAME
         if not path.exists() or path.read_bytes() != public_key:
             write_atomic(path, public_key, mode=0o644)
-        gallery = self._gallery(site, kid)
+        gallery = self._gallery(site, kid, create=True)
         write_atomic(self.root / site / "current", kid.encode("ascii"), mode=0o644)
         return gallery
 
@@ -197,8 +203,11 @@ class _SiteKeys:
         with self._lock:
             return self._gallery(site, kid)
 
-    def _gallery(self, site: str, kid: str) -> Gallery:
+    def _gallery(self, site: str, kid: str, *, create: bool = False) -> Gallery:
         found = self._open.pop((site, kid), None)
+        if found is not None and self.shared and _store_of(found).stale():
+            found.close()  # another worker committed: reload its state
+            found = None
         if found is not None:
             self._open[(site, kid)] = found  # now the most recently used
             return found
@@ -207,7 +216,11 @@ class _SiteKeys:
             raise KeyMismatchError(
                 f"site {site!r} has no key {kid}: the edge must publish it first (key.publish)"
             )
-        gallery = sites.open_gallery(self.key_dir(site, kid) / "gallery", path.read_bytes())
+        where = gallery_location(self.store, site, kid, self.root)
+        if not create and not store_exists(where):
+            # Its key is registered, so it existed: never start it again empty.
+            raise StorageCorruptError(f"gallery {site}/{kid} is missing")
+        gallery = sites.open_gallery(where, path.read_bytes())
         if gallery.key_id != kid:
             gallery.close()
             raise KeyMismatchError(f"stored key of site {site!r} is not {kid}")
@@ -240,6 +253,13 @@ class _SiteKeys:
             except Exception:  # closing is best effort on shutdown
                 log.exception("closing a gallery failed")
         self._open.clear()
+
+
+def _store_of(gallery: Gallery) -> GalleryStore:
+    store = getattr(gallery, "store", None)
+    if not isinstance(store, GalleryStore):  # pragma: no cover - every engine has one
+        raise TypeError(f"{type(gallery).__name__} has no gallery store")
+    return store
 
 
 def ids_page(
@@ -305,6 +325,8 @@ class CloudAgent:
         max_batch: the most verifies scored in one engine call (1: no batching).
         receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
             to this agent before it acknowledges any.
+        store: gallery store: ``sqlite:`` (one SQLite file per gallery under
+            ``data_dir``), ``sqlite:ROOT``, or a ``postgresql://`` URL shared by workers.
 
     Raises:
         InvalidArgumentError: a bad agent id, site or share group.
@@ -326,6 +348,7 @@ class CloudAgent:
         max_batch: int = DEFAULT_MAX_BATCH,
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
         share_check_s: float = 3.0,
+        store: str = "sqlite:",
     ) -> None:
         if max_batch < 1 or not 1 <= receive_maximum <= 65535:
             raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
@@ -351,7 +374,7 @@ class CloudAgent:
         self.publish_timeout = publish_timeout
         self.cache = reply_cache if reply_cache is not None else ReplyCache()
         self._cache = LockedCache(self.cache)
-        self.keys = _SiteKeys(self.data_dir)
+        self.keys = _SiteKeys(self.data_dir, store=store)
         self.status_topic = cloud_status_topic(self.agent_id)
         #: Counters: ``requests``, ``results``, ``errors``, ``duplicates``.
         self.stats: dict[str, int] = {

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from cipherface.errors import InvalidArgumentError
+import numpy as np
+
+from cipherface.errors import FaceError, InvalidArgumentError
+from cipherface.protocol import is_valid_identity
 
 from .sources.folder import PHOTO_SUFFIXES
 
@@ -54,4 +57,38 @@ def library(path: str | os.PathLike[str]) -> dict[str, list[Path]]:
     return people
 
 
-__all__ = ["NOT_PEOPLE", "faces_root", "library"]
+def embed_library(
+    edge: Any, people: dict[str, list[Path]], *, progress: bool = True
+) -> tuple[list[str], Any, dict[str, str]]:
+    """Embed a :func:`library`: one template per person (the mean of their photos).
+
+    Photos without exactly one face are skipped and reported, never fatal.
+
+    Returns:
+        ``(ids, vectors, failures)`` as :meth:`EdgeClient.embed_folder` returns them.
+    """
+    from tqdm import tqdm
+
+    ids: list[str] = []
+    rows = []
+    failures: dict[str, str] = {}
+    total = sum(len(v) for v in people.values())
+    with tqdm(total=total, unit="photo", desc="embed", disable=not progress) as bar:
+        for name, photos in people.items():
+            vecs = []
+            for photo in photos:
+                try:
+                    vecs.append(edge.embed(photo, label=photo.name))
+                except FaceError as exc:
+                    failures[f"{name}/{photo.name}"] = str(exc)
+                bar.update(1)
+            if vecs and is_valid_identity(name):
+                mean = np.mean(vecs, axis=0)
+                ids.append(name)
+                rows.append(mean / np.linalg.norm(mean))
+            elif vecs:
+                failures[name] = "not a valid identity name"
+    return ids, np.stack(rows) if rows else np.zeros((0, edge.cipher.dim)), failures
+
+
+__all__ = ["NOT_PEOPLE", "embed_library", "faces_root", "library"]

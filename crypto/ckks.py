@@ -713,8 +713,12 @@ class CkksGallery:
             slots: list[tuple[int, str | None]] = [
                 (start + i, ident) for i, ident in enumerate(ids)
             ]
-            # Slots skipped for alignment stay None (free, masked in results).
-            self.store.commit(blocks=staged, slots=replaced + slots)
+            # Slots skipped for alignment stay None (free, masked in results). A block
+            # whose every template was replaced goes whole, in the same commit.
+            drop = self._dead_blocks({s for s, _ in replaced}, keep=b)
+            self.store.commit(blocks=staged, slots=replaced + slots, drop_blocks=drop)
+            for key in [k for k in self._cache if k[0] in drop]:
+                del self._cache[key]
             for slot, ident in slots:
                 assert ident is not None
                 self._index[ident] = slot
@@ -725,6 +729,16 @@ class CkksGallery:
         if name in self.store.blocks:
             return np.array(self._block(kind, b), dtype=np.uint64)
         return np.zeros(shape, dtype=np.uint64)
+
+    def _dead_blocks(self, dead: set[int], keep: int | None = None) -> list[str]:
+        """Files of the full blocks (other than ``keep``) left with no live slot."""
+        N, drop = self.params.n, []
+        for b in sorted({s // N for s in dead} - {keep}):
+            block = self.store.slots[b * N : (b + 1) * N]
+            full = len(block) == N
+            if full and all(x is None or b * N + i in dead for i, x in enumerate(block)):
+                drop += [f"col-{b:06d}", f"pack-{b:06d}"]
+        return drop
 
     # --------------------------------------------------------------- delete
     def delete(self, ids: Sequence[str]) -> int:
@@ -742,15 +756,8 @@ class CkksGallery:
         """
         if not ids:
             return 0
-        N = self.params.n
         slots: list[tuple[int, str | None]] = [(self._index[i], None) for i in ids]
-        dead = {s for s, _ in slots}
-        drop = []
-        for b in {s // N for s in dead}:
-            block = self.store.slots[b * N : (b + 1) * N]
-            full = len(block) == N
-            if full and all(x is None or b * N + i in dead for i, x in enumerate(block)):
-                drop += [f"col-{b:06d}", f"pack-{b:06d}"]
+        drop = self._dead_blocks({s for s, _ in slots})
         self.store.commit(slots=slots, drop_blocks=drop)
         for key in [k for k in self._cache if k[0] in drop]:
             del self._cache[key]

@@ -439,6 +439,28 @@ def test_unknown_faces_are_private_and_retention_limited(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------- gateway on a real broker
+#: docs/integrations.md, "The integrator event".
+DOCUMENTED_FIELDS = {
+    "event_type",
+    "site",
+    "gateway",
+    "camera",
+    "event_id",
+    "source",
+    "op",
+    "identity",
+    "match",
+    "confidence",
+    "captured_at",
+    "decided_at",
+    "expires_at",
+    "latency_ms",
+    "frames",
+    "error",
+    "message",
+}
+
+
 class StubEmbedder:
     """Maps a frame's label to a vector (the face model is tested elsewhere)."""
 
@@ -565,12 +587,28 @@ def test_folder_gateway_publishes_integrator_json(stack: dict[str, Any], tmp_pat
     assert events["alice-door.jpg"].event_type == "match"
     assert events["alice-door.jpg"].identity == "alice"
     assert events["alice-door.jpg"].confidence == 1.0
+    # No decrypted value leaves the edge: the JSON holds the documented fields only and
+    # no rendering of the similarity the gateway decrypted for this photo.
+    _, similarity = edge.best_match(edge.embed("alice-door.jpg", label="alice-door.jpg"))
+    payload = next(
+        m.payload.decode() for m in msgs if b"alice-door.jpg" in m.payload and m.topic == cam
+    )
+    assert set(json.loads(payload)) == DOCUMENTED_FIELDS
+    for digits in range(2, 8):
+        assert f"{similarity:.{digits}f}" not in payload
+        assert f"{1 - similarity:.{digits}f}" not in payload
     assert events["stranger.png"].event_type == "unknown"
     assert events["stranger.png"].identity is None
     assert (events["no-face.jpg"].event_type, events["no-face.jpg"].error) == ("error", "no_face")
     assert (events["stale.jpg"].event_type, events["stale.jpg"].frames) == ("stale", 0)
     assert str(inbox) not in json.dumps([e.to_dict() for e in events.values()])  # no paths
-    assert all(not m.retain for m in msgs if "/json/" in m.topic and "availability" not in m.topic)
+    # Never retained: a subscriber arriving now gets the availability and nothing else.
+    late = Listener(broker.url, [f"cipherface/v1/{site}/json/#"])
+    kept = late.drain(0.5)
+    late.close()
+    assert [(m.topic, m.payload, m.retain) for m in kept] == [
+        (availability_topic(site, GW), b"offline", True)
+    ]
     person = [m for m in msgs if m.topic == person_topic(site, GW, "alice")]
     assert len(person) == 1 and json.loads(person[0].payload)["camera"] == "door"
     # The protocol's msgpack decisions still go out for match and unknown.
@@ -619,3 +657,56 @@ def test_a_capture_that_goes_stale_during_the_work_is_never_decided(
     event = gw.handle(cap)
     assert event is not None and event.event_type == "stale" and event.identity is None
     assert published == [event] and not event.match
+
+
+def test_broker_acl_lets_a_gateway_publish_only_its_own_integrator_json(
+    secure_broker: Any, secure_deployment: Any
+) -> None:
+    """On the project's mosquitto.conf: a gateway writes its own json/ topics only; the
+    site's integrator reads them; nothing crosses sites."""
+    from cipherface.agents.deploy import Account
+
+    rules = {(r.access, r.topic) for r in Account.for_gateway("site-a", "gw1").acl_rules()}
+    assert ("write", "cipherface/v1/site-a/json/gw1/#") in rules
+    integrator = {(r.access, r.topic) for r in Account.for_integrator("site-a").acl_rules()}
+    assert ("read", "cipherface/v1/site-a/json/#") in integrator
+
+    def client(username: str) -> paho.Client:
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=username,
+            protocol=paho.MQTTv5,
+        )
+        c.username_pw_set(username, secure_deployment.password(username))
+        c.connect("127.0.0.1", secure_broker.port)
+        c.loop_start()
+        return c
+
+    got: queue.Queue[str] = queue.Queue()
+    reader = client("site-a@integrator")
+    ok = threading.Event()
+    reader.on_message = lambda c, u, m: got.put(m.topic)
+    reader.on_subscribe = lambda *a: ok.set()
+    reader.subscribe([("cipherface/v1/+/json/#", 1)])
+    assert ok.wait(5)
+    writer = client("site-a.gw1")
+    try:
+        for topic in (
+            camera_topic("site-a", "gw1", "front"),  # its own
+            camera_topic("site-a", "gw2", "front"),  # its neighbour's
+            camera_topic("site-b", "gw1", "front"),  # another site's
+            person_topic("site-a", "gw1", "alice"),
+        ):  # its own
+            writer.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        time.sleep(0.5)
+        seen = set()
+        while not got.empty():
+            seen.add(got.get_nowait())
+        assert seen == {
+            camera_topic("site-a", "gw1", "front"),
+            person_topic("site-a", "gw1", "alice"),
+        }
+    finally:
+        for c in (reader, writer):
+            c.disconnect()
+            c.loop_stop()

@@ -6,6 +6,8 @@ Real Mosquitto (conftest ``broker``), real CKKS galleries, synthetic 128-d vecto
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +22,10 @@ from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.dispatch import lane_for
 from cipherface.agents.edge import EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
+from cipherface.agents.shards import ShardedEdge, owner, shard_sites
 from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher, Gallery
+from cipherface.errors import PartialResultError
 from cipherface.protocol import (
     Enroll,
     Error,
@@ -173,3 +177,207 @@ def test_verify_is_not_held_behind_an_identify(
     finally:
         cloud.gate.set()
         cloud.stop(retire=True)
+
+
+# ------------------------------------------------------------------ the fleet
+def _worker(url: str, data: Path, agent_id: str, site: str, group: str, log: Path) -> Any:
+    """A ``cipherface cloud`` worker process (as users start them)."""
+    cmd = [sys.executable, "-c", "from cipherface.agents.cli import main; main()", "cloud"]
+    cmd += ["--broker", url, "--data", str(data), "--agent-id", agent_id, "--sites", site]
+    cmd += ["--share-group", group]
+    out = open(log, "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+    out.close()
+    deadline = time.monotonic() + 60
+    while b"serving" not in log.read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    return proc
+
+
+def _replica(data: Path, cipher: EdgeCipher, site: str, people: np.ndarray) -> None:
+    """A worker's copy of the site's gallery (the file store has one writer per copy)."""
+    kd = data / site / "keys" / cipher.key_id
+    kd.mkdir(parents=True)
+    (kd / sites.PUBLIC_NAME).write_bytes(cipher.public_key_bytes())
+    (data / site / "current").write_text(cipher.key_id)
+    g = sites.open_gallery(kd / "gallery", cipher.public_key_bytes())
+    g.enroll([f"p{i}" for i in range(len(people))], cipher.encrypt_templates(people))
+    g.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_worker_killed_mid_stream_loses_nothing(
+    broker: Any, tmp_path: Path, cipher: EdgeCipher, site: str, workers: int
+) -> None:
+    """Workers share the site's requests; one is killed (-9) mid-stream and restarted
+    under its id a second later (as a supervisor does). Every verify of every gateway is
+    answered, and answered right: requests the dead worker held are retried by the
+    edge with the same id (another worker answers) and redelivered to its successor."""
+    rng = np.random.default_rng(11)
+    people = unit(rng, 20)
+    group = f"g{secrets.token_hex(4)}"
+    ids = [f"w{i}-{secrets.token_hex(3)}" for i in range(workers)]
+    for wid in ids:
+        _replica(tmp_path / wid, cipher, site, people)
+    procs = {
+        wid: _worker(broker.url, tmp_path / wid, wid, site, group, tmp_path / f"{wid}.log")
+        for wid in ids
+    }
+    stop = threading.Event()
+    results: list[tuple[int, bool]] = []
+    failures: list[BaseException] = []
+
+    def gateway(g: int) -> None:
+        cfg = BrokerConfig(url=broker.url)
+        with EdgeClient(
+            broker=cfg, cipher=cipher, site=site, gateway=f"gw{g}", timeout=2.0, retries=5
+        ) as edge:
+            n = 0
+            while not stop.is_set():
+                who = (g * 7 + n) % len(people)
+                genuine = n % 3 != 0
+                probe = people[who] if genuine else people[(who + 1) % len(people)]
+                try:
+                    d = edge.verify(f"p{who}", vector=probe)
+                except Exception as exc:  # lost: the test fails below
+                    failures.append(exc)
+                    return
+                results.append((g, d.match == genuine))
+                n += 1
+
+    victim = ids[1]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            running = [pool.submit(gateway, g) for g in range(6)]
+            deadline = time.monotonic() + 60
+            while len(results) < 30 and time.monotonic() < deadline and not failures:
+                time.sleep(0.1)
+            before = len(results)
+            procs[victim].kill()  # SIGKILL: no DISCONNECT, nothing acknowledged after
+            procs[victim].wait()
+            time.sleep(1.0)
+            procs[victim] = _worker(
+                broker.url, tmp_path / victim, victim, site, group, tmp_path / "restart.log"
+            )
+            time.sleep(3.0)
+            stop.set()
+            for f in running:
+                f.result(60)
+    finally:
+        stop.set()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+    assert not failures, failures[:3]
+    assert before > 0 and len(results) > before + 20
+    assert all(ok for _, ok in results), "a wrong decision"
+    assert {g for g, _ in results} == set(range(6))
+
+
+# ------------------------------------------------------------ sharded galleries
+@pytest.fixture
+def shard_clouds(broker: Any, tmp_path: Path) -> Iterator[Callable[[list[str]], CloudAgent]]:
+    """One cloud agent per call, serving the given sites (own id, group and data)."""
+    made: list[CloudAgent] = []
+
+    def factory(sites_: list[str]) -> CloudAgent:
+        tag = secrets.token_hex(4)
+        agent = CloudAgent(
+            broker=BrokerConfig(url=broker.url),
+            data_dir=tmp_path / f"cloud-{tag}",
+            agent_id=f"cloud-{tag}",
+            sites=sites_,
+            share_group=f"g{tag}",
+        )
+        agent.start()
+        made.append(agent)
+        return agent
+
+    yield factory
+    for agent in made:
+        agent.stop(retire=True)
+
+
+def test_three_shards_identify_like_one_gallery_and_rebalance(
+    broker: Any,
+    cipher: EdgeCipher,
+    site: str,
+    shard_clouds: Callable[[list[str]], CloudAgent],
+) -> None:
+    rng = np.random.default_rng(21)
+    people = unit(rng, 30)
+    names = [f"n{i:02d}" for i in range(30)]
+    shards = shard_sites(site, 3)
+    whole = f"{site}-all"
+    shard_clouds([whole])
+    for shard in shards:
+        shard_clouds([shard])  # a worker per shard
+    cfg = BrokerConfig(url=broker.url)
+    with (
+        EdgeClient(broker=cfg, cipher=cipher, site=whole, gateway="gw") as single,
+        ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw") as sharded,
+    ):
+        single.publish_key()
+        sharded.publish_key()
+        single.enroll_bulk(names, people, progress=False)
+        assert sharded.enroll_bulk(names, people) == 30
+        spread = {s: sum(sharded.owner(n) == s for n in names) for s in shards}
+        assert all(v > 0 for v in spread.values()), spread
+        probes = [people[i] + 0.01 * rng.normal(size=DIM) for i in (0, 7, 19, 29)]
+        probes.append(unit(rng, 1)[0])  # a stranger
+        for probe in probes:
+            probe = probe / np.linalg.norm(probe)
+            want_id, want_sim = single.best_match(probe)
+            got = sharded.identify(probe)
+            assert not got.partial and got.identity == want_id
+            assert got.similarity == pytest.approx(want_sim, abs=1e-4)
+        assert sharded.verify("n07", vector=people[7]).match
+
+        # Rebalance onto a 4th shard: only the identities it wins move, and every
+        # identity is identified before and after.
+        shards4 = [*shards, f"{site}-s3"]
+        shard_clouds([shards4[3]])
+        moved = sharded.rebalance(shards4, dict(zip(names, people, strict=True)))
+        assert moved == sum(owner(n, shards4) != owner(n, shards) for n in names)
+        assert 0 < moved < 30
+        for i in (0, 7, 19, 29):
+            assert sharded.identify(people[i]).identity == names[i]
+        on_new = [n for n in names if owner(n, shards4) == shards4[3]]
+        assert sorted(i for i in sharded._client(shards4[3]).ids() if i) == sorted(on_new)
+
+
+def test_a_shard_down_gives_a_partial_result_never_a_silent_miss(
+    broker: Any,
+    cipher: EdgeCipher,
+    site: str,
+    shard_clouds: Callable[[list[str]], CloudAgent],
+) -> None:
+    rng = np.random.default_rng(22)
+    people = unit(rng, 12)
+    names = [f"m{i:02d}" for i in range(12)]
+    shards = shard_sites(site, 3)
+    workers = [shard_clouds([s]) for s in shards]
+    cfg = BrokerConfig(url=broker.url)
+    with ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw", timeout=10) as edge:
+        edge.publish_key()
+        edge.enroll_bulk(names, people)
+    down = shards[1]
+    victim = next(n for n in names if owner(n, shards) == down)
+    workers[1].stop()  # its requests now wait in its session: no answer
+    strict = ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw2", timeout=1.5,
+                         retries=0)  # fmt: skip
+    lenient = ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw3", timeout=1.5,
+                          retries=0, allow_partial=True)  # fmt: skip
+    with strict, lenient:
+        with pytest.raises(PartialResultError) as info:
+            strict.identify(people[names.index(victim)])
+        assert info.value.missing == (down,) and down in str(info.value)
+        assert info.value.code == "partial_result"
+        got = lenient.identify(people[names.index(victim)])
+        assert got.partial and got.missing == (down,) and not got.match
+        other = next(n for n in names if owner(n, shards) != down)
+        found = lenient.identify(people[names.index(other)])
+        assert found.partial and found.match and found.identity == other

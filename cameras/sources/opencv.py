@@ -92,7 +92,9 @@ class OpenCVSource:
         backoff = self.reconnect_s
         seq = 0
         while not self._stop.is_set():
-            cap = cv2.VideoCapture(self.url, cv2.CAP_FFMPEG)
+            # Bounded open and read: a dead RTSP peer must not hang the reader forever.
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
+            cap = cv2.VideoCapture(self.url, cv2.CAP_FFMPEG, params)
             if not cap.isOpened():
                 log.warning("%s: cannot open the stream; retrying in %.0f s", self.camera, backoff)
                 cap.release()
