@@ -84,6 +84,9 @@ ENV_VARS: Final = (
     "CIPHERFACE_DATA",
     "CIPHERFACE_SITE",
     "CIPHERFACE_GATEWAY",
+    "CIPHERFACE_METRICS_PORT",
+    "CIPHERFACE_LOG_FORMAT",
+    "CIPHERFACE_HOME",
 )
 #: What each of :data:`ENV_VARS` means.
 ENV_HELP: Final[Mapping[str, str]] = {
@@ -95,6 +98,10 @@ ENV_HELP: Final[Mapping[str, str]] = {
     "CIPHERFACE_DATA": "data directory (the cloud's encrypted galleries, the edge's state)",
     "CIPHERFACE_SITE": "site id (edge)",
     "CIPHERFACE_GATEWAY": "gateway id (edge)",
+    "CIPHERFACE_METRICS_PORT": "serve Prometheus /metrics and /healthz on this port "
+    "(docs/operations.md)",
+    "CIPHERFACE_LOG_FORMAT": "text or json",
+    "CIPHERFACE_HOME": "edge cache root: face model weights and photos (~/.cache/cipherface)",
 }
 
 HEALTH_USERNAME: Final = "cipherface-health"
