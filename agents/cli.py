@@ -105,6 +105,11 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
         help="required: key directory made by keygen (or env CIPHERFACE_KEYS)",
     )
     g.add_argument(
+        "--allow-insecure-key-permissions",
+        action="store_true",
+        help="load a private key that group/others can read (refused by default)",
+    )
+    g.add_argument(
         "--site", default=_env("CIPHERFACE_SITE"), help="required: site id (or env CIPHERFACE_SITE)"
     )
     g.add_argument(
@@ -204,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         metavar="N",
         help="most verifies scored in one engine call (default 32; 1 = no batching)",
+    )
+    p.add_argument(
+        "--fast-threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="threads serving verify and ids.get (default 2)",
     )
     p.set_defaults(func=_cmd_cloud)
 
@@ -379,7 +391,10 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from cipherface.crypto.sites import load_edge_cipher
 
     _require(args, "keys", "site", "gateway")
-    cipher = load_edge_cipher(args.keys)
+    cipher = load_edge_cipher(
+        args.keys,
+        allow_insecure_permissions=getattr(args, "allow_insecure_key_permissions", False),
+    )
     return EdgeClient(
         broker=broker_config(args),
         cipher=cipher,
@@ -476,6 +491,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         share_group=None if args.no_share else args.share_group,
         store=args.store,
         max_batch=args.max_batch,
+        fast_threads=args.fast_threads,
     )
     from cipherface.agents.observed import cloud_health, observe_cloud
 

@@ -833,11 +833,17 @@ class EdgeClient:
         match = similarity is not None and thresholds.is_match(similarity, self.model, self.metric)
         return self._decide("identify", best if match else None, match, t0, label)
 
-    def best_match(self, vector: npt.ArrayLike) -> tuple[str | None, float | None]:
+    def best_match(
+        self, vector: npt.ArrayLike, *, probe: bytes | None = None
+    ) -> tuple[str | None, float | None]:
         """The gallery's best-scoring identity for an embedding, and its similarity.
 
         The similarity is a decrypted score: it is for this process only (camera
         gateways apply their own thresholds to it) and must never be published.
+
+        Args:
+            vector: the probe embedding.
+            probe: its identify encryption, made once for several galleries (shards).
 
         Returns:
             ``(identity, similarity)``, or ``(None, None)`` for an empty gallery.
@@ -845,8 +851,9 @@ class EdgeClient:
         Raises:
             ResultRejectedError / PeerReportedError / RequestTimeoutError: see :meth:`identify`.
         """
-        vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
-        probe = self.cipher.encrypt_probe(vec, op="identify")
+        if probe is None:
+            vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
+            probe = self.cipher.encrypt_probe(vec, op="identify")
         for _ in range(2):
             with self._lock:
                 cache = self._ids_cache
