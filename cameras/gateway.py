@@ -121,6 +121,10 @@ class Gateway:
                 capture = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if self.stop_event.is_set():  # stopping: hand it back undecided (a folder keeps it)
+                if capture.done is not None:
+                    capture.done(None)
+                continue
             try:
                 self.handle(capture)
             except Exception:  # one capture never takes the daemon down
