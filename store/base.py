@@ -164,12 +164,15 @@ class Engine(ABC):
     def current_seq(self) -> int | None:
         """The committed ``seq`` (cheap): differs from ours when another worker wrote."""
 
-    def after_erase(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
-        """Push freed block bytes out of the engine's files (called after drops/replaces)."""
+    def after_commit(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Fold the commit into the main files and push freed block bytes out of them."""
 
     def block_bytes(self) -> int:
         """Bytes the gallery takes on disk (approximate for shared databases)."""
         return 0
+
+    def preserve_evidence(self) -> None:  # noqa: B027 - optional hook
+        """Damage was found: keep a copy of the engine's files before anything touches them."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -259,6 +262,7 @@ class GalleryStore:
 
     # ------------------------------------------------------------------ reading
     def _corrupt(self, what: str) -> StorageCorruptError:
+        self.engine.preserve_evidence()
         return StorageCorruptError(f"gallery {self.label}: {what}")
 
     def _load(self, snap: Snapshot) -> None:
@@ -470,11 +474,10 @@ class GalleryStore:
             self.blocks = new_blocks
             self.ids_version = row.ids_version
             self._row = row
-        if drops or any(st.ref.version > 1 for st in staged):
-            try:
-                self.engine.after_erase()
-            except Exception as exc:  # the commit stands; erasure is retried by compact
-                log.warning("gallery %s: pushing out freed blocks failed: %s", self.label, exc)
+        try:
+            self.engine.after_commit()
+        except Exception as exc:  # the commit stands; erasure is retried by compact
+            log.warning("gallery %s: checkpoint after commit failed: %s", self.label, exc)
 
     def close(self) -> None:
         """Release the database connection and any lock."""
