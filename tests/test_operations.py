@@ -550,3 +550,56 @@ def test_ctrl_c_during_bulk_enroll_says_what_was_committed(
     assert proc.returncode == 130, err
     assert "interrupted: the cloud confirmed" in err and f"of {n} identities" in err, err
     assert "p00000" in err and "Traceback" not in err, err
+
+
+@pytest.mark.faces
+def test_metrics_scraped_from_a_running_edge_daemon(running: RunningCloud, tmp_path: Path) -> None:
+    import importlib.util
+    import signal
+
+    from cipherface.errors import LocalError
+    from cipherface.faces import Embedder, find_photos
+
+    for module in ("deepface", "dlib", "cv2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the edge extra ({module} missing)")
+    try:
+        Embedder().check_weights()
+        photos = find_photos(["obama", "obama2", "astronaut"])
+    except LocalError as exc:
+        pytest.skip(f"needs the photos and weights of .ci/setup_data.sh: {exc}")
+    done = cli("enroll", *running.edge("--id", "obama", str(photos["obama"])))
+    assert done.returncode == 0, done.stderr
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("obama2", "astronaut"):
+        (inbox / photos[name].name).write_bytes(photos[name].read_bytes())
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cipherface.agents.cli", "edge", *running.edge(
+            "--watch", str(inbox), "--poll", "0.1", "--metrics-port", str(port),
+            "--health-interval", "1")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, text = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                text = scrape(port)
+            except OSError:
+                text = ""
+            if metric(text, "cipherface_outcomes_total") >= 2:
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert metric(text, "cipherface_outcomes_total", event_type="match") == 1, text
+        assert metric(text, "cipherface_outcomes_total", event_type="unknown") == 1, text
+        assert metric(text, "cipherface_requests_total", role="edge", op="identify") >= 2
+        assert metric(text, "cipherface_request_seconds_count", role="edge", op="identify") >= 2
+        assert metric(text, "cipherface_broker_connected", role="edge") == 1
+        assert cli("health", "--url", f"127.0.0.1:{port}", "-q").returncode == 0
+        doc = json.loads(retained(running.url, f"cipherface/v1/{running.site}/health/gw1"))
+        assert (doc["role"], doc["state"]) == ("edge", "online") and "outcomes" in doc["load"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
