@@ -39,7 +39,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -68,8 +68,10 @@ from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import (
     CipherFaceError,
+    DecodeError,
     GalleryError,
     InvalidArgumentError,
+    KeyFileError,
     KeyMismatchError,
     LocalError,
     PayloadTooLargeError,
@@ -125,8 +127,13 @@ _ERROR_TAG: Final = b"E"
 
 
 def _as_remote(exc: BaseException) -> BaseException:
-    """Engine argument errors about a peer's payload are gallery errors on the wire."""
-    if type(exc) is InvalidArgumentError:
+    """Engine errors about a peer's payload are gallery errors on the wire.
+
+    The envelope was valid by then: a payload or probe the engine cannot parse or
+    use "does not fit the gallery" (docs/protocol.md 6.4, 8.1), whatever the engine
+    called it.
+    """
+    if type(exc) in (InvalidArgumentError, DecodeError):
         return GalleryError(str(exc))
     return exc
 
@@ -395,6 +402,38 @@ class CloudAgent:
         self._conn: Connection | None = None
         self._idle = threading.Condition()
         self._busy = 0
+        #: Called after each request with (topic, replies, seconds): metrics and the
+        #: per-request log line (cipherface.observe, wired by the CLI).
+        self.on_request: Callable[[str, list[Outgoing], float], None] | None = None
+
+    @property
+    def connection(self) -> Connection | None:
+        """The broker connection while started (to publish health), else None."""
+        return self._conn
+
+    def load(self) -> dict[str, int]:
+        """Levels for metrics and health: requests queued and in progress, galleries
+        open, live templates in them, broker reconnections."""
+        queued = sum(q.qsize() for q in self._lanes.values())
+        with self.keys._lock:
+            galleries = list(self.keys._open.values())
+        templates = 0
+        for gallery in galleries:
+            try:
+                templates += sum(1 for i in gallery.ids() if i is not None)
+            except Exception as exc:  # closed meanwhile: it no longer counts
+                log.debug("gallery not counted: %s", exc)
+        conn = self._conn
+        return {
+            "queue_depth": queued,
+            "in_progress": max(0, self._busy - queued),
+            "galleries_open": len(galleries),
+            "templates": templates,
+            "duplicates": self.stats["duplicates"],
+            "replies_refused": self.stats["replies_refused"],
+            "broker_connected": int(conn is not None and conn.connected),
+            "broker_reconnects": conn.reconnects if conn is not None else 0,
+        }
 
     # ---------------------------------------------------------------- lifecycle
     def _status(self, state: Literal["online", "offline"]) -> bytes:
@@ -668,9 +707,14 @@ class CloudAgent:
             for _ in batch:
                 self._done()
             return
+        t0 = time.perf_counter()
         replies = self.handle_many(
             [(m.topic, bytes(m.payload), message_property(m, "CorrelationData")) for m in batch]
         )
+        if self.on_request is not None:
+            spent = time.perf_counter() - t0
+            for m, outgoing in zip(batch, replies, strict=True):
+                self.on_request(m.topic, outgoing, spent)
         for msg, outgoing in zip(batch, replies, strict=True):
             pending = Pending(msg=msg, conn=conn)
             for out in outgoing:
@@ -918,7 +962,15 @@ class CloudAgent:
 
     def _key_publish(self, req: KeyPublish) -> Result:
         assert req.kid is not None
-        pub = sites.open_public(req.public_key)
+        if req.scheme not in sites.SCHEMES:
+            raise ValidationError(
+                f"scheme: {req.scheme!r} is not one of {', '.join(sites.SCHEMES)}"
+            )
+        try:
+            pub = sites.open_public(req.public_key)
+        except (KeyMismatchError, KeyFileError, GalleryError, DecodeError, ValueError) as exc:
+            # The bytes are not a loadable public key: key_file, as the spec says.
+            raise KeyFileError(f"the published public key does not load: {exc}") from None
         if pub.key_id != req.kid or pub.scheme != req.scheme:
             raise KeyMismatchError(
                 f"key.publish says {req.scheme}/{req.kid} but the key is {pub.scheme}/{pub.key_id}"
