@@ -853,3 +853,64 @@ def test_cipherface_events_prints_the_live_stream(broker: Any) -> None:
         else:
             assert "MATCH alice (confidence 1.0)" in lines[0] and "gw1/front" in lines[0]
             assert "stale capture dropped" in lines[2]
+
+
+def test_cloud_trouble_keeps_a_folder_photo_and_reports_a_camera_capture(
+    stack: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cipherface.errors import PeerReportedError, RequestTimeoutError
+
+    edge = stack["edge"]
+    published: list[IntegratorEvent] = []
+
+    class Collect:
+        name = "collect"
+
+        def start(self, bus: Any) -> None: ...
+        def publish(self, event: IntegratorEvent, capture: Capture) -> None:
+            published.append(event)
+
+        def close(self) -> None: ...
+
+    gw = Gateway(
+        edge=edge,
+        bus=None,
+        outputs=[Collect()],  # type: ignore[arg-type]
+        default_policy=Policy(attempts=1, max_age_s=30),
+    )
+    inbox = tmp_path / "inbox"
+    src = FolderSource(path=inbox, camera="door", settle=0.0)
+    for d in (inbox, src.done_dir, src.failed_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    (inbox / "alice-door.jpg").write_bytes(b"x")
+    got: list[Capture] = []
+    ctx_stop = threading.Event()
+    from cipherface.cameras.capture import SourceContext
+
+    ctx = SourceContext(emit=got.append, bus=None, stop=ctx_stop)  # type: ignore[arg-type]
+    for exc in (
+        PeerReportedError("error", "internal error", retry=True),
+        RequestTimeoutError("no reply"),
+    ):
+
+        def boom(*a: Any, _exc: Exception = exc, **k: Any) -> Any:
+            raise _exc
+
+        monkeypatch.setattr(edge, "best_match", boom)
+        got.clear()
+        assert src.scan(ctx) == 1
+        assert src.scan(ctx) == 0  # in flight: not emitted twice
+        assert gw.handle(got[0]) is None  # kept for the next scan, nothing published
+        assert (inbox / "alice-door.jpg").exists() and not list(src.failed_dir.iterdir())
+        # The same trouble on a camera capture is reported (a camera has no "later").
+        cap = Capture(
+            camera="front",
+            event_id="e1",
+            source="frigate",
+            captured_at=time.time(),
+            frames=lambda: iter([Frame(image=b"x", label="alice-door")]),
+        )
+        ev = gw.handle(cap)
+        assert ev is not None and ev.event_type == "error" and ev.identity is None
+        assert ev.error == ("error" if isinstance(exc, PeerReportedError) else "timeout")
+    assert [e.event_type for e in published] == ["error", "error"]

@@ -156,7 +156,7 @@ class OpenCVSource:
                     source="opencv",
                     captured_at=time.time(),
                     frames=self._frames,
-                    extra={"periodic": True},
+                    periodic=True,
                     done=lambda event: idle.set(),
                 )
             )
