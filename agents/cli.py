@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="threads serving verify and ids.get (default 2)",
     )
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        help="benchmarks: one worker thread, replies awaited inline (the agent before lanes)",
+    )
     p.set_defaults(func=_cmd_cloud)
 
     p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
@@ -492,6 +497,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         store=args.store,
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,
+        serial=args.serial,
     )
     from cipherface.agents.observed import cloud_health, observe_cloud
 
