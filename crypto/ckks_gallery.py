@@ -278,7 +278,6 @@ class CkksGallery:
             DecodeError / KeyMismatchError: bad probe.
         """
         obj = decode(probe, self.pub, "probe-verify", DecodeError)
-        p = self.pub.rerandomise(obj.get("ct"), "probe-verify")
         N = self.params.n
         with self._lock:
             slot = self._index.get(identity)
@@ -292,7 +291,9 @@ class CkksGallery:
                 s < len(self.store.slots) and self.store.slots[s] is not None
                 for s in range(first, first + self.per_pack)
             ]
-        return pack_result(self.pub, ct, p, pos=o % self.per_pack, live=live)
+        return pack_result(
+            self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
+        )
 
     def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
         """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.

@@ -90,6 +90,24 @@ def _intt_rows(rows: U64, prime_idx: I64, qs: U64, tables: U64, n_invs: U64) -> 
         _intt_inplace(rows[r], qs[k], tables[k], n_invs[k])
 
 
+@numba.njit(cache=True, nogil=True)
+def _ntt_rows_serial(rows: U64, prime_idx: I64, qs: U64, tables: U64) -> None:
+    for r in range(rows.shape[0]):  # pragma: no cover - jit
+        k = prime_idx[r]
+        _ntt_inplace(rows[r], qs[k], tables[k])
+
+
+@numba.njit(cache=True, nogil=True)
+def _intt_rows_serial(rows: U64, prime_idx: I64, qs: U64, tables: U64, n_invs: U64) -> None:
+    for r in range(rows.shape[0]):  # pragma: no cover - jit
+        k = prime_idx[r]
+        _intt_inplace(rows[r], qs[k], tables[k], n_invs[k])
+
+
+#: At most this many rows run on one thread: starting the parallel pool costs more.
+SERIAL_ROWS = 4
+
+
 def _bitrev(n: int) -> I64:
     bits = n.bit_length() - 1
     idx = np.arange(n)
@@ -140,6 +158,12 @@ class Ring:
         k = out.shape[-2]
         rows = out.reshape(-1, self.n)
         idx = np.tile(np.arange(first, first + k, dtype=np.int64), rows.shape[0] // k)
+        if rows.shape[0] <= SERIAL_ROWS:  # a verify's few rows: no thread pool, no lock
+            if inverse:
+                _intt_rows_serial(rows, idx, self.q, self._inv, self._ninv)
+            else:
+                _ntt_rows_serial(rows, idx, self.q, self._fwd)
+            return out
         with PARALLEL_LOCK:
             if inverse:
                 _intt_rows(rows, idx, self.q, self._inv, self._ninv)
