@@ -529,12 +529,15 @@ def flood(params: seal.Params, small: npt.NDArray[np.bool_]) -> tuple[U64, U64]:
     return f0, f1
 
 
-def finish(pub: CkksPublic, prod: U64, small: npt.NDArray[np.bool_], *, compress: bool) -> bytes:
-    """Size-3 NTT product at ``(q0, q1)`` -> flooded (add_plain), rescaled SEAL ciphertext."""
-    res = ring_of(pub.params).rescale_ntt(prod, flood(pub.params, small))
-    return seal.ciphertext_bytes(
-        res, parms_id=pub.result_level, scale=pub.params.result_scale, compress=compress
-    )
+def finish_many(pub: CkksPublic, prods: U64, small: npt.NDArray[np.bool_]) -> list[bytes]:
+    """Size-3 NTT products ``(B, 3, 2, N)`` at ``(q0, q1)`` -> flooded (``add_plain``),
+    rescaled SEAL ciphertexts, one per product; ``small`` ``(B, N)`` as :func:`flood`."""
+    floods = [flood(pub.params, s) for s in small]
+    f0 = np.stack([f[0] for f in floods])
+    f1 = np.stack([f[1] for f in floods])
+    res = ring_of(pub.params).rescale_ntt(prods, (f0, f1))
+    lvl, scale = pub.result_level, pub.params.result_scale
+    return [seal.ciphertext_bytes(r, parms_id=lvl, scale=scale) for r in res]
 
 
 def product(ring: ntt.Ring, x: U64, y: U64) -> U64:

@@ -207,28 +207,29 @@ class Ring:
         return self.ntt(self.to_rns(e))
 
     def rescale_ntt(self, c: U64, flood: tuple[U64, U64] | None = None) -> U64:
-        """SEAL's ``add_plain`` (optional) then ``rescale_to_next`` on ``(s, 2, N)`` NTT data.
+        """SEAL's ``add_plain`` (optional) then ``rescale_to_next`` on ``(..., s, 2, N)`` NTT data.
 
         Args:
-            c: a size-``s`` ciphertext at primes ``(q0, q1)``, NTT domain.
-            flood: coefficient-domain residues ``(F mod q0, F mod q1)`` added to ``c0``
-                first (SEAL: ``add_plain`` of the plaintext ``NTT(F)``).
+            c: size-``s`` ciphertexts at primes ``(q0, q1)``, NTT domain (any leading
+                batch shape: one call transforms a whole batch).
+            flood: coefficient-domain residues ``(F mod q0, F mod q1)``, shape
+                ``(..., N)``, added to each ``c0`` first (SEAL: ``add_plain`` of ``NTT(F)``).
 
         Returns:
-            ``(s, 1, N)`` at ``q0``, NTT domain: ``(c - r) / q1`` with ``r`` the centred
-            residue of ``c mod q1``, exactly as SEAL rounds.
+            ``(..., s, 1, N)`` at ``q0``, NTT domain: ``(c - r) / q1`` with ``r`` the
+            centred residue of ``c mod q1``, exactly as SEAL rounds.
         """
         q0, q1 = int(self.q[0]), int(self.q[1])
-        last = self.intt(c[:, 1:2], first=1)[:, 0]  # (s, N) coefficients mod q1
+        last = self.intt(c[..., 1:2, :], first=1)[..., 0, :]  # (..., s, N) coefficients mod q1
         if flood is not None:
-            last[0] = (last[0] + flood[1]) % np.uint64(q1)
+            last[..., 0, :] = (last[..., 0, :] + flood[1]) % np.uint64(q1)
         r = self.centred(last, 1)  # SEAL adds q1/2, reduces, subtracts q1/2: the same
         r0 = np.mod(r, q0).astype(np.uint64)
-        if flood is not None:
-            r0[0] = (r0[0] + np.uint64(q0) - flood[0]) % np.uint64(q0)  # subtract r, add F
-        r_ntt = self.ntt(r0[:, None, :])[:, 0]
-        diff = (c[:, 0] + np.uint64(q0) - r_ntt) % np.uint64(q0)
-        return ((diff * np.uint64(pow(q1, -1, q0))) % np.uint64(q0))[:, None, :]
+        if flood is not None:  # subtract r, add F
+            r0[..., 0, :] = (r0[..., 0, :] + np.uint64(q0) - flood[0]) % np.uint64(q0)
+        r_ntt = self.ntt(r0[..., None, :])[..., 0, :]
+        diff = (c[..., 0, :] + np.uint64(q0) - r_ntt) % np.uint64(q0)
+        return ((diff * np.uint64(pow(q1, -1, q0))) % np.uint64(q0))[..., None, :]
 
 
 @cache
