@@ -133,6 +133,13 @@ class ZeroPool:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def stop(self) -> None:
+        """Drop the prepared encryptions and end the filling thread."""
+        with self._lock:
+            self._size = 0
+            self._items.clear()
+        self._wake.set()
+
     def take(self) -> U64:
         with self._lock:
             item = self._items.popleft() if self._items else None
@@ -145,13 +152,30 @@ class ZeroPool:
         return self._make() if item is None else item.astype(np.uint64)
 
     def _fill(self) -> None:
-        while True:
+        while self._size:
             self._wake.wait()
             self._wake.clear()
             while len(self._items) < self._size:
                 z = self._make().astype(np.uint32)  # residues < 2^30
                 with self._lock:
-                    self._items.append(z)
+                    if len(self._items) < self._size:
+                        self._items.append(z)
+
+
+_POOLS: collections.OrderedDict[str, ZeroPool] = collections.OrderedDict()
+_POOLS_LOCK = threading.Lock()
+MAX_POOLS = 8  # keys with encryptions of zero kept ready (most recently used)
+
+
+def _pool_for(pub: CkksPublic) -> ZeroPool:
+    """One pool per public key, shared by every object of that key; least recently used
+    pools beyond :data:`MAX_POOLS` are stopped (their memory and thread released)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.pop(pub.key_id, None) or ZeroPool(pub.encrypt_zero)
+        _POOLS[pub.key_id] = pool
+        while len(_POOLS) > MAX_POOLS:
+            _POOLS.popitem(last=False)[1].stop()
+        return pool
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -220,9 +244,9 @@ class CkksPublic:
             q=q,
         ).data
 
-    @functools.cached_property
+    @property
     def zeros(self) -> ZeroPool:
-        return ZeroPool(self.encrypt_zero)
+        return _pool_for(self)
 
     def rerandomise(self, data: object, what: str) -> U64:
         """Load a received ciphertext with SEAL and add a fresh public-key encryption of zero.
