@@ -16,11 +16,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md* mosquitto.conf ./
 COPY cipherface ./cipherface
 COPY crypto ./crypto
 COPY protocol ./protocol
 COPY agents ./agents
+COPY faces ./faces
+COPY cameras ./cameras
+COPY store ./store
+COPY observe ./observe
+COPY testing ./testing
 RUN pip install "/src${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 
 # An unprivileged user; /data and /keys are named volumes, which start with the
