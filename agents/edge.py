@@ -41,17 +41,21 @@ from cipherface.agents.mqtt import (
     publish_properties,
     wait_published,
 )
-from cipherface.crypto import thresholds
 from cipherface.crypto.engine import EdgeCipher
+from cipherface.crypto.guard import Guard
+from cipherface.crypto.judge import identify_decision, verify_decision
 from cipherface.errors import (
     BrokerConnectionError,
     CipherFaceError,
+    DecisionBudgetError,
     FaceError,
+    GatewayHaltedError,
     InvalidArgumentError,
     LocalError,
     PeerReportedError,
     RemoteError,
     RequestTimeoutError,
+    ResultForgedError,
     ResultRejectedError,
 )
 from cipherface.protocol import (
@@ -187,6 +191,12 @@ class EdgeClient:
         announce: keep a retained online/offline status (with a last will): daemons.
         persistent: keep an MQTT persistent session (a stable ``client_id`` is then
             needed), so results published while reconnecting are queued: daemons.
+        guard: the key's :class:`~cipherface.crypto.guard.Guard`
+            (:func:`~cipherface.crypto.guard.load_guard`): names travel as opaque
+            labels, every enrollment carries canaries, every result is checked against
+            them before a decision, decisions are budgeted. None for a key directory
+            made before trust secrets existed (unguarded: see docs/security.md).
+        on_forged: called with the error when a result is refused as forged (alerts).
 
     Raises:
         InvalidArgumentError: a bad site or gateway id, or bad timeouts.
@@ -206,6 +216,8 @@ class EdgeClient:
         publish_decisions: bool = True,
         announce: bool = False,
         persistent: bool = False,
+        guard: Guard | None = None,
+        on_forged: Callable[[ResultForgedError], None] | None = None,
     ) -> None:
         self.site = validate_id(site, what="site")
         self.gateway = validate_id(gateway, what="gateway")
@@ -220,6 +232,10 @@ class EdgeClient:
         self.publish_decisions = publish_decisions
         self.announce = announce
         self.persistent = persistent
+        self.guard = guard
+        self.on_forged = on_forged
+        #: Results refused as forged by this client (the key's total is in trust.state).
+        self.forged = 0
         self._embedder = embedder
         self._client_id = client_id or f"{self.site}.{self.gateway}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()
@@ -489,9 +505,22 @@ class EdgeClient:
             vecs = np.stack([self.embed(p) for p in photos])
         template = vecs.mean(axis=0)
         self.ensure_key()
-        payload = self.cipher.encrypt_templates(template[None, :])
+        labels, payload = self._enroll_payload([identity], template[None, :])
         self._prepare_randomness()
-        return self._ask(lambda: Enroll(**self._header(), ids=(identity,), payload=payload))
+        result = self._ask(lambda: Enroll(**self._header(), ids=labels, payload=payload))
+        return replace(result, enrolled=1) if result.enrolled == len(labels) else result
+
+    def _enroll_payload(
+        self, names: Sequence[str], vectors: FloatArray
+    ) -> tuple[tuple[str, ...], bytes]:
+        """The labels the cloud sees and the payload (canaries mixed in when guarded)."""
+        if self.guard is None:
+            return tuple(names), self.cipher.encrypt_templates(vectors)
+        labels, rows = self.guard.with_canaries(names, vectors)
+        return tuple(labels), self.cipher.encrypt_templates(rows)
+
+    def _label(self, name: str) -> str:
+        return name if self.guard is None else self.guard.seal(name)
 
     def _prepare_randomness(self) -> None:
         """Paillier family: precompute encryptions of zero in idle time (a daemon thread),
@@ -602,6 +631,8 @@ class EdgeClient:
         if vecs.shape[0] != len(names):
             raise InvalidArgumentError(f"{len(names)} ids for {vecs.shape[0]} embeddings")
         limit = self.cipher.max_templates_per_payload
+        if self.guard is not None:
+            limit = self.guard.payload_names(limit)
         size = min(limit, chunk or limit)
         if size < 1:
             raise InvalidArgumentError("chunk must be >= 1")
@@ -612,20 +643,21 @@ class EdgeClient:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="encrypt") as pool,
             tqdm(total=len(names), unit="face", desc="enroll", disable=not progress) as bar,
         ):
-            nxt: Future[bytes] | None = None
+            nxt: Future[tuple[tuple[str, ...], bytes]] | None = None
             if spans:
-                nxt = pool.submit(self.cipher.encrypt_templates, vecs[spans[0][0] : spans[0][1]])
+                lo, hi = spans[0]
+                nxt = pool.submit(self._enroll_payload, names[lo:hi], vecs[lo:hi])
             for i, (lo, hi) in enumerate(spans):
                 assert nxt is not None
-                payload = nxt.result()
+                chunk_ids, payload = nxt.result()
                 if i + 1 < len(spans):
                     a, b = spans[i + 1]
-                    nxt = pool.submit(self.cipher.encrypt_templates, vecs[a:b])
-                chunk_ids = tuple(names[lo:hi])
+                    nxt = pool.submit(self._enroll_payload, names[a:b], vecs[a:b])
                 result = self._ask(
                     lambda: Enroll(**self._header(), ids=chunk_ids, payload=payload)  # noqa: B023
                 )
-                stored += result.enrolled or 0
+                done = result.enrolled or 0
+                stored += hi - lo if done == len(chunk_ids) else done
                 bar.update(hi - lo)
         return stored
 
@@ -643,7 +675,7 @@ class EdgeClient:
         Raises:
             PeerReportedError / RequestTimeoutError: see :meth:`request`.
         """
-        names = (ids,) if isinstance(ids, str) else tuple(ids)
+        names = tuple(self._label(i) for i in ((ids,) if isinstance(ids, str) else ids))
         kid: str | None = None if all_keys else self.cipher.key_id
         result = self._ask(lambda: Delete(**self._header(kid=kid), ids=names))
         return result.deleted or 0
@@ -674,11 +706,30 @@ class EdgeClient:
                 version, slots = listed
                 with self._lock:
                     self._ids_cache = (version, slots)
-                return list(slots)
+                return self._names(slots)
             log.info("the gallery changed while its id list was paged: starting over")
         raise ResultRejectedError(
             f"the gallery changed during {IDS_RESTARTS + 1} listings of its ids; try again"
         )
+
+    def _names(self, labels: Sequence[str | None]) -> list[str | None]:
+        """User names of a listing: labels opened, canaries shown as free slots."""
+        if self.guard is None:
+            return list(labels)
+        try:
+            opened = self.guard.open_slots(labels)
+        except ResultForgedError as exc:
+            self._forged(exc)
+            raise
+        return [x if isinstance(x, str) else None for x in opened]
+
+    def _forged(self, exc: ResultForgedError) -> None:
+        self.forged += 1
+        if self.on_forged is not None:
+            try:
+                self.on_forged(exc)
+            except Exception:  # an alert hook must not change the outcome
+                log.exception("on_forged hook failed")
 
     def _list_ids(self, page_size: int) -> tuple[int, tuple[str | None, ...]] | None:
         """All pages of one gallery version, or None when the version moved meanwhile."""
@@ -754,16 +805,20 @@ class EdgeClient:
         """
         t0 = time.perf_counter()
         validate_identity(identity)
+        if self.guard is not None:
+            self.guard.admit()
         label = label or _label(photo)
         vec = self._probe_vector(photo, vector, label)
+        if self.guard is not None:
+            vec = self.guard.jitter(vec)
         probe = self.cipher.encrypt_probe(vec, op="verify")
-        result = self._ask(lambda: Verify(**self._header(), identity=identity, probe=probe))
+        sealed = self._label(identity)
+        result = self._ask(lambda: Verify(**self._header(), identity=sealed, probe=probe))
         if result.scores is None or result.count != 1:
             raise ResultRejectedError(f"a verify result must carry 1 score, got {result.count}")
-        score = float(self.cipher.decrypt_scores(result.scores, op="verify", count=1)[0])
-        if not np.isfinite(score):
-            raise ResultRejectedError("verify result decrypts to a non-finite score")
-        match = thresholds.is_match(score, self.model, self.metric)
+        match = verify_decision(self.cipher, self.guard, scores_blob=result.scores, probe=vec)
+        if self.guard is not None:
+            self.guard.decided()
         return self._decide("verify", identity, match, t0, label)
 
     def identify(
@@ -791,8 +846,12 @@ class EdgeClient:
             FaceError / PeerReportedError / RequestTimeoutError: see :meth:`verify`.
         """
         t0 = time.perf_counter()
+        if self.guard is not None:
+            self.guard.admit()
         label = label or _label(photo)
         vec = self._probe_vector(photo, vector, label)
+        if self.guard is not None:
+            vec = self.guard.jitter(vec)  # a replayed or pre-aimed result misses its canaries
         probe = self.cipher.encrypt_probe(vec, op="identify")
         for _ in range(2):
             with self._lock:
@@ -806,22 +865,19 @@ class EdgeClient:
                 break
         else:
             raise ResultRejectedError("the gallery keeps changing under identify; try again")
-        if result.count == 0:
-            return self._decide("identify", None, False, t0, label)  # empty gallery
-        if result.scores is None:
-            raise ResultRejectedError("an identify result without scores")
-        scores = self.cipher.decrypt_scores(result.scores, op="identify", count=result.count)
-        if scores.shape != (result.count,):
-            raise ResultRejectedError(f"identify result decrypts to shape {scores.shape}")
-        live = np.array([s is not None for s in slots], dtype=bool)
-        match, who = False, None
-        if live.any():
-            masked = np.where(live, scores, -np.inf)
-            best = int(np.argmax(masked))
-            if not np.isfinite(masked[best]):
-                raise ResultRejectedError("identify result decrypts to non-finite scores")
-            match = thresholds.is_match(float(masked[best]), self.model, self.metric)
-            who = slots[best] if match else None
+        try:
+            match, who = identify_decision(
+                self.cipher,
+                self.guard,
+                labels=slots if result.count else (),
+                scores_blob=result.scores,
+                probe=vec,
+            )
+        except ResultForgedError as exc:
+            self._forged(exc)
+            raise
+        if self.guard is not None:
+            self.guard.decided()
         return self._decide("identify", who, match, t0, label)
 
     def _result_slots(self, result: Result) -> tuple[str | None, ...] | None:
@@ -915,6 +971,8 @@ class EdgeClient:
         except (RequestTimeoutError, BrokerConnectionError) as exc:
             log.warning("%s: %s; will retry", path.name, exc)
             return None
+        except (GatewayHaltedError, DecisionBudgetError):
+            raise  # the daemon stops: the photo stays for after the rotation
         except PeerReportedError as exc:
             if exc.retry:  # e.g. the cloud's internal error: the photo stays for the next scan
                 log.warning("%s: %s; will retry", path.name, exc)

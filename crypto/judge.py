@@ -1,0 +1,88 @@
+"""Sans-IO decisions: from an encrypted result to match / no-match, checks first.
+
+The edge agent calls these after the transport has matched a result to its request;
+tests call them directly with results a malicious cloud crafted
+(tests/test_guard.py), so the code that decides is the code under attack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from cipherface.crypto import thresholds
+from cipherface.crypto.engine import EdgeCipher
+from cipherface.crypto.guard import Guard
+from cipherface.errors import ResultRejectedError
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def identify_decision(
+    cipher: EdgeCipher,
+    guard: Guard | None,
+    *,
+    labels: Sequence[str | None],
+    scores_blob: bytes | None,
+    probe: FloatArray,
+) -> tuple[bool, str | None]:
+    """Check and decrypt an identify result, then decide.
+
+    Args:
+        cipher: the edge cipher.
+        guard: the key's guard (None: unguarded key; no canary check, names in clear).
+        labels: the label of every scored slot, as the cloud listed them.
+        scores_blob: the result's encrypted scores (None only for an empty gallery).
+        probe: the L2-normalised vector that was encrypted.
+
+    Returns:
+        ``(match, identity)``: the best live slot's name when it matches, else None.
+
+    Raises:
+        ResultRejectedError: malformed or wrong-shaped result; never decrypted.
+        ResultForgedError: canaries off or labels forged (recorded by the guard).
+    """
+    if not labels:
+        return False, None
+    if scores_blob is None:
+        raise ResultRejectedError("an identify result without scores")
+    scores = cipher.decrypt_scores(scores_blob, op="identify", count=len(labels))
+    if scores.shape != (len(labels),):
+        raise ResultRejectedError(f"identify result decrypts to shape {scores.shape}")
+    names: Sequence[str | None] = labels
+    if guard is not None:
+        opened = guard.open_slots(labels)
+        guard.check(opened, scores, probe, packed=hasattr(cipher, "per_pack"))
+        names = [x if isinstance(x, str) else None for x in opened]
+    live = np.array([s is not None for s in names], dtype=bool)
+    if not live.any():
+        return False, None
+    masked = np.where(live, scores, -np.inf)
+    best = int(np.argmax(masked))
+    if not np.isfinite(masked[best]):
+        raise ResultRejectedError("identify result decrypts to non-finite scores")
+    match = thresholds.is_match(float(masked[best]), cipher.model, cipher.metric)
+    return match, (names[best] if match else None)
+
+
+def verify_decision(
+    cipher: EdgeCipher,
+    guard: Guard | None,
+    *,
+    scores_blob: bytes,
+    probe: FloatArray,
+) -> bool:
+    """Check and decrypt a verify result, then decide.
+
+    Raises:
+        ResultRejectedError: malformed or wrong-shaped result; never decrypted.
+    """
+    score = float(cipher.decrypt_scores(scores_blob, op="verify", count=1)[0])
+    if not np.isfinite(score):
+        raise ResultRejectedError("verify result decrypts to a non-finite score")
+    return thresholds.is_match(score, cipher.model, cipher.metric)
+
+
+__all__ = ["identify_decision", "verify_decision"]
