@@ -10,10 +10,12 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``identify``   1:N against the site's gallery
 ``delete``     erase identities
 ``ids``        list the enrolled identities
-``edge``       gateway daemon: identify every photo dropped in ``--watch DIR``
+``edge``       camera gateway: ``--config FILE`` (Frigate, RTSP, MQTT, folders) or ``--watch DIR``
+``events``     print the integrator events (JSON decisions) of a site as they happen
 ``guard``      forged results refused, decision budget, clear a halt
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
+``gallery``    check, stats, export/import, compact the cloud's galleries
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
@@ -43,6 +45,7 @@ from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -148,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="galleries directory (env CIPHERFACE_DATA)",
     )
     p.add_argument(
+        "--store",
+        default=_env("CIPHERFACE_STORE") or "sqlite:",
+        metavar="URL",
+        help="gallery store: sqlite:[DIR] (default: SQLite under --data) or "
+        "postgresql://USER@HOST/DB shared by several workers (env CIPHERFACE_STORE)",
+    )
+    p.add_argument(
         "--agent-id",
         default=None,
         help="client id / status id (default: the username, else cloud-local)",
@@ -160,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
         "as a cloud-<name> account's ACL requires",
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
+    p.add_argument(
+        "--share-group",
+        default="cipherface-cloud",
+        metavar="NAME",
+        help="shared-subscription group: workers of one group split the requests "
+        "(default cipherface-cloud)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        metavar="N",
+        help="most verifies scored in one engine call (default 32; 1 = no batching)",
+    )
     p.set_defaults(func=_cmd_cloud)
 
     p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
@@ -176,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--photo-dir",
         metavar="DIR",
         help="bulk from photos: DIR/<identity>/*.jpg (averaged) or DIR/<identity>.jpg",
+    )
+    p.add_argument(
+        "--frigate-faces",
+        metavar="DIR",
+        help="bulk from Frigate's face library: DIR/clips/faces/<name>/*.jpg ('train' skipped)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_option(p)
@@ -212,11 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     p.set_defaults(func=_cmd_ids)
 
-    p = sub.add_parser("edge", help="gateway daemon", description=_cmd_edge.__doc__)
+    p = sub.add_parser("edge", help="camera gateway daemon", description=_cmd_edge.__doc__)
     _edge_options(p)
-    p.add_argument("--watch", metavar="DIR", required=True, help="folder of incoming photos")
+    p.add_argument("--config", metavar="FILE", help="gateway config (TOML: docs/integrations.md)")
+    p.add_argument("--watch", metavar="DIR", help="folder of incoming photos (without --config)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between scans (default 0.5)")
-    p.add_argument("--max-photos", type=int, default=None, help="exit after this many photos")
+    p.add_argument("--max-photos", type=int, default=None, help="exit after this many outcomes")
     p.set_defaults(func=_cmd_edge)
 
     p = sub.add_parser(
@@ -232,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     p.set_defaults(func=_cmd_guard)
 
+    p = sub.add_parser("events", help="print integrator events", description=_cmd_events.__doc__)
+    _broker_options(p)
+    p.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (default: all)")
+    p.add_argument("--person", metavar="NAME", help="only the matches of this person")
+    p.add_argument("--count", type=int, default=None, help="exit after this many events")
+    _json_option(p)
+    p.set_defaults(func=_cmd_events)
+
     p = sub.add_parser("demo", help="run everything locally", description=_cmd_demo.__doc__)
     p.add_argument(
         "--broker",
@@ -244,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     register_cli(sub)
+    register_gallery_cli(sub)
     return parser
 
 
@@ -385,7 +424,9 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         data_dir=args.data,
         agent_id=agent_id,
         sites=sites,
-        share_group=None if args.no_share else "cipherface-cloud",
+        share_group=None if args.no_share else args.share_group,
+        store=args.store,
+        max_batch=args.max_batch,
     )
     stop = _stop_on_signals()
     agent.start()
@@ -404,22 +445,31 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll one identity (--id NAME with photos, or with --embedding FILE.npy) or many
-    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', or --photo-dir DIR of
-    DIR/<identity>/*.jpg or DIR/<identity>.jpg). Publishes the site's public key first
+    (--embeddings FILE.npz with arrays 'ids' and 'embeddings', --photo-dir DIR of
+    DIR/<identity>/*.jpg or DIR/<identity>.jpg, or --frigate-faces DIR: Frigate's face
+    library, DIR/clips/faces/<name>/*.jpg). Publishes the site's public key first
     (idempotent)."""
     bulk = args.embeddings is not None
-    folder = args.photo_dir is not None
+    frigate = args.frigate_faces is not None
+    folder = args.photo_dir is not None or frigate
     single = args.identity is not None
-    if bulk + folder + single != 1:
+    if bulk + folder + single != 1 or (frigate and args.photo_dir is not None):
         raise _Usage(
-            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz or --photo-dir DIR"
+            "give --id NAME (with PHOTOs or --embedding), --embeddings FILE.npz, "
+            "--photo-dir DIR or --frigate-faces DIR"
         )
     if single and bool(args.photos) == (args.embedding is not None):
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
     if (bulk or folder) and (args.photos or args.embedding):
         raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
     with _edge_client(args, publish_decisions=False) as edge:
-        if folder:
+        if frigate:
+            from cipherface.cameras.enroll import embed_library, library
+
+            ids, vectors, failures = embed_library(
+                edge, library(args.frigate_faces), progress=not args.no_progress
+            )
+        elif folder:
             ids, vectors, failures = edge.embed_folder(
                 args.photo_dir, progress=not args.no_progress
             )
@@ -521,30 +571,89 @@ def _cmd_guard(args: argparse.Namespace) -> int:
 
 
 def _cmd_edge(args: argparse.Namespace) -> int:
-    """Gateway daemon: identify every photo that appears in --watch DIR, publish each
-    decision, print it as a JSON line, and move the photo to DIR/done/ (or DIR/failed/
-    when it has no usable face). Runs until SIGINT/SIGTERM."""
-    from cipherface.agents.edge import WatchRecord
+    """Camera gateway: with --config FILE, the cameras, Frigate, thresholds and outputs it
+    lists (docs/integrations.md); with --watch DIR, identify every photo that appears in
+    DIR and move it to DIR/done/ (or DIR/failed/). Each outcome is published as integrator
+    JSON and printed as a JSON line. Runs until SIGINT/SIGTERM (or --max-photos)."""
+    from cipherface.cameras import cli as cameras
 
+    if bool(args.config) == bool(args.watch):
+        raise _Usage("give --config FILE or --watch DIR (exactly one)")
     stop = _stop_on_signals()
+    unknown = None
+    if args.config:
+        from cipherface.agents.edge import EdgeClient
+        from cipherface.cameras.config import load
+        from cipherface.crypto.sites import load_edge_cipher
 
-    def emit(record: WatchRecord) -> None:
-        print(json.dumps(record.to_json()), flush=True)
+        cfg = load(args.config)
+        sources, outputs = cfg.sources(), cfg.outputs()
+        policies, default = dict(cfg.cameras), cfg.defaults
+        unknown = cfg.unknown_faces()
+        if args.max_photos is not None:
+            outputs.append(cameras.PrintOutput(limit=args.max_photos, stop=stop))
+        client_id = f"{cfg.site}.{cfg.gateway}"
+        from cipherface.crypto.guard import load_guard
 
-    # A stable client id and a persistent session: results published while the daemon
-    # reconnects are queued for it.
-    client_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
-    with _edge_client(args, announce=True, persistent=True, client_id=client_id) as edge:
+        cipher = load_edge_cipher(cfg.keys)
+        edge = EdgeClient(
+            broker=cfg.cloud,
+            cipher=cipher,
+            guard=load_guard(cfg.keys, cipher, budget=args.decision_budget),
+            site=cfg.site,
+            gateway=cfg.gateway,
+            timeout=args.timeout,
+            retries=args.retries,
+            announce=True,
+            persistent=True,
+            client_id=client_id,
+        )
+        mqtt = cfg.mqtt
+    else:
+        sources, outputs, default = cameras.watch_setup(
+            args.watch, poll=args.poll, max_photos=args.max_photos, stop=stop
+        )
+        policies = {}
+        # A stable client id and a persistent session: results published while the
+        # daemon reconnects are queued for it.
+        watch_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
+        edge = _edge_client(args, announce=True, persistent=True, client_id=watch_id)
+        mqtt = broker_config(args)
+    with edge:
         edge.embedder.warmup()  # pay the model load (and see missing weights) now
         edge.ensure_key()
-        print(
-            f"watching {args.watch} for site {args.site}, gateway {args.gateway}; Ctrl-C to stop",
-            file=sys.stderr,
-            flush=True,
+        cameras.run_gateway(
+            edge=edge,
+            mqtt=mqtt,
+            sources=sources,
+            outputs=outputs,
+            policies=policies,
+            default_policy=default,
+            stop=stop,
+            unknown_faces=unknown,
+            announce=lambda what: print(
+                f"gateway {edge.site}/{edge.gateway}: {what}; Ctrl-C to stop",
+                file=sys.stderr,
+                flush=True,
+            ),
         )
-        edge.watch(
-            args.watch, poll=args.poll, stop=stop, on_record=emit, max_photos=args.max_photos
-        )
+    return EXIT_OK
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    """Print the integrator events (decisions, unknown faces, stale captures, errors) of
+    --site (or of every site the account may read) as they happen: one line each, or
+    their JSON with --json (docs/integrations.md)."""
+    from cipherface.cameras.cli import stream_events
+
+    stream_events(
+        broker=broker_config(args),
+        site=args.site,
+        person=args.person,
+        as_json=args.json,
+        count=args.count,
+        stop=_stop_on_signals(),
+    )
     return EXIT_OK
 
 

@@ -6,14 +6,17 @@ ciphertexts, results carry encrypted scores that only the site's edge can decryp
 Message flow (docs/agents.md):
 
 1. paho's network thread receives a request (QoS 1, shared subscription, persistent
-   session) and only puts it on a queue: a slow identify never starves keepalive.
-2. The worker thread decodes and validates it (:func:`cipherface.protocol.decode_request`),
+   session) and only puts it on its lane's queue (:mod:`cipherface.agents.dispatch`):
+   verify and ids.get in the fast lane, identify and the writes in the slow lane, so a
+   slow identify never starves keepalive nor holds a verify back.
+2. A lane's worker decodes and validates it (:func:`cipherface.protocol.decode_request`),
    answers a duplicate from the :class:`~cipherface.protocol.ReplyCache`, otherwise runs
-   the gallery engine and encodes a ``result`` -- or an ``error`` carrying the
-   exception's stable ``code``: one bad message never stops the agent.
+   the gallery engine (the fast lane batches the verifies waiting for one gallery) and
+   encodes a ``result`` -- or an ``error`` carrying the exception's stable ``code``:
+   one bad message never stops the agent.
 3. It publishes the reply (QoS 1) on the requester's ``res`` / ``err`` topic, derived
    from the request *topic* (which the broker's ACL vouches for), never from a
-   ResponseTopic the sender chose, and waits for the broker's PUBACK.
+   ResponseTopic the sender chose, and moves on; the ack thread waits for the PUBACK.
 4. Only then does it acknowledge the request (``manual_ack``): a crash before that
    makes the broker redeliver it, and the reply cache (plus replies of enroll and
    delete persisted on disk) makes the redelivery harmless.
@@ -23,7 +26,8 @@ Data directory (``--data DIR``)::
     DIR/.lock                          one agent per directory
     DIR/<site>/current                 key id of the site's latest key.publish
     DIR/<site>/keys/<kid>/public.key   the site's public key (from key.publish)
-    DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (crypto/store.py layout)
+    DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (gallery.sqlite3, docs/storage.md);
+                                       with --store postgresql://... it lives in that database
     DIR/<site>/replies/<gw>.<id>       replies of enroll/delete, for redeliveries after a restart
 """
 
@@ -43,12 +47,21 @@ from typing import Final, Literal
 import paho.mqtt.client as paho
 
 from cipherface import __version__
+from cipherface.agents.dispatch import (
+    DEFAULT_MAX_BATCH,
+    AckQueue,
+    Lane,
+    LockedCache,
+    Pending,
+    drain,
+    group_by,
+    lane_for,
+)
 from cipherface.agents.mqtt import (
     BrokerConfig,
     Connection,
     message_property,
     publish_properties,
-    wait_published,
 )
 from cipherface.crypto import sites
 from cipherface.crypto.engine import Gallery
@@ -61,6 +74,7 @@ from cipherface.errors import (
     LocalError,
     PayloadTooLargeError,
     RemoteError,
+    StorageCorruptError,
     ValidationError,
 )
 from cipherface.protocol import (
@@ -95,6 +109,8 @@ from cipherface.protocol import (
     result_topic,
     validate_id,
 )
+from cipherface.store import PG_SCHEMES, gallery_location, store_exists
+from cipherface.store.base import GalleryStore
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +129,20 @@ def _as_remote(exc: BaseException) -> BaseException:
     if type(exc) is InvalidArgumentError:
         return GalleryError(str(exc))
     return exc
+
+
+#: Unacknowledged requests the broker may have in flight to the agent (MQTT 5): enough
+#: for a batch of verifies from many gateways while the previous batch is acknowledged.
+CLOUD_RECEIVE_MAXIMUM: Final = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    """A decoded request that is not a duplicate: the engine still has to run it."""
+
+    req: Request
+    key: object
+    echo: bytes | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,28 +165,42 @@ class Outgoing:
 class _SiteKeys:
     """The galleries of one data directory, opened on first use."""
 
-    def __init__(self, root: Path, *, max_open: int = 64) -> None:
+    def __init__(self, root: Path, *, max_open: int = 64, store: str = "sqlite:") -> None:
         self.root = root
+        self.store = store  # "sqlite:[ROOT]" or a postgresql:// URL (docs/storage.md)
+        self.shared = store.startswith(PG_SCHEMES)  # other workers may write the galleries
         # Most recently used last; the least recently used gallery is closed beyond
         # max_open, so keys published over time (or by a misbehaving gateway) cannot
         # pin an unbounded number of galleries in memory.
         self._open: dict[tuple[str, str], Gallery] = {}
         self.max_open = max_open
+        self._lock = threading.RLock()  # both lanes open galleries
 
     def key_dir(self, site: str, kid: str) -> Path:
         return self.root / site / "keys" / kid
 
     def register(self, site: str, kid: str, public_key: bytes) -> Gallery:
+        with self._lock:
+            return self._register(site, kid, public_key)
+
+    def _register(self, site: str, kid: str, public_key: bytes) -> Gallery:
         d = self.key_dir(site, kid)
         path = d / sites.PUBLIC_NAME
         if not path.exists() or path.read_bytes() != public_key:
             write_atomic(path, public_key, mode=0o644)
-        gallery = self.gallery(site, kid)
+        gallery = self._gallery(site, kid, create=True)
         write_atomic(self.root / site / "current", kid.encode("ascii"), mode=0o644)
         return gallery
 
     def gallery(self, site: str, kid: str) -> Gallery:
+        with self._lock:
+            return self._gallery(site, kid)
+
+    def _gallery(self, site: str, kid: str, *, create: bool = False) -> Gallery:
         found = self._open.pop((site, kid), None)
+        if found is not None and self.shared and _store_of(found).stale():
+            found.close()  # another worker committed: reload its state
+            found = None
         if found is not None:
             self._open[(site, kid)] = found  # now the most recently used
             return found
@@ -165,7 +209,11 @@ class _SiteKeys:
             raise KeyMismatchError(
                 f"site {site!r} has no key {kid}: the edge must publish it first (key.publish)"
             )
-        gallery = sites.open_gallery(self.key_dir(site, kid) / "gallery", path.read_bytes())
+        where = gallery_location(self.store, site, kid, self.root)
+        if not create and not store_exists(where):
+            # Its key is registered, so it existed: never start it again empty.
+            raise StorageCorruptError(f"gallery {site}/{kid} is missing")
+        gallery = sites.open_gallery(where, path.read_bytes())
         if gallery.key_id != kid:
             gallery.close()
             raise KeyMismatchError(f"stored key of site {site!r} is not {kid}")
@@ -188,12 +236,23 @@ class _SiteKeys:
         return sorted(p.name for p in base.iterdir() if (p / sites.PUBLIC_NAME).is_file())
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for gallery in self._open.values():
             try:
                 gallery.close()
             except Exception:  # closing is best effort on shutdown
                 log.exception("closing a gallery failed")
         self._open.clear()
+
+
+def _store_of(gallery: Gallery) -> GalleryStore:
+    store = getattr(gallery, "store", None)
+    if not isinstance(store, GalleryStore):  # pragma: no cover - every engine has one
+        raise TypeError(f"{type(gallery).__name__} has no gallery store")
+    return store
 
 
 def ids_page(
@@ -243,6 +302,11 @@ class CloudAgent:
         sites: serve only these sites (one subscription each, as the broker ACL of a
             ``cloud-<name>`` account requires); None serves every site.
         share_group: MQTT shared-subscription group; None subscribes without sharing.
+            At start the agent checks that the broker delivers shared subscriptions
+            (its own ``online`` status through a ``$share`` subscription); a broker
+            without them (NATS, RabbitMQ) gets plain subscriptions and a warning
+            instead of requests that silently never arrive.
+        share_check_s: seconds to wait for that self-test message.
         max_message_bytes: refuse (``too_large``) requests longer than this.
         max_reply_bytes: the largest reply to publish (at most the protocol's 64 MiB;
             lower it to the broker's ``message_size_limit``): an identify result that
@@ -251,6 +315,11 @@ class CloudAgent:
         publish_timeout: seconds to wait for the broker to acknowledge a reply before
             giving up on acknowledging the request (it will then be redelivered).
         reply_cache: the dedup cache (default: 10k entries, 256 MB, 15 min).
+        max_batch: the most verifies scored in one engine call (1: no batching).
+        receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
+            to this agent before it acknowledges any.
+        store: gallery store: ``sqlite:`` (one SQLite file per gallery under
+            ``data_dir``), ``sqlite:ROOT``, or a ``postgresql://`` URL shared by workers.
 
     Raises:
         InvalidArgumentError: a bad agent id, site or share group.
@@ -269,12 +338,26 @@ class CloudAgent:
         max_reply_bytes: int = MAX_MESSAGE_BYTES,
         publish_timeout: float = 30.0,
         reply_cache: ReplyCache | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
+        share_check_s: float = 3.0,
+        store: str = "sqlite:",
     ) -> None:
+        if max_batch < 1 or not 1 <= receive_maximum <= 65535:
+            raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
+        self.max_batch = max_batch
+        self.receive_maximum = receive_maximum
         self.agent_id = validate_id(agent_id, what="agent id")
         self.sites = None if sites is None else tuple(validate_id(s, what="site") for s in sites)
         if share_group is not None:
             validate_id(share_group, what="share group")
         self.share_group = share_group
+        self.share_check_s = share_check_s
+        #: True once the start-up self-test found that the broker drops ``$share``
+        #: subscriptions and the agent fell back to plain ones.
+        self.share_fallback = False
+        self._share_probe: str | None = None
+        self._share_seen = threading.Event()
         self.broker = broker
         self.data_dir = Path(data_dir)
         self.max_message_bytes = max_message_bytes
@@ -283,7 +366,8 @@ class CloudAgent:
         self.max_reply_bytes = max_reply_bytes
         self.publish_timeout = publish_timeout
         self.cache = reply_cache if reply_cache is not None else ReplyCache()
-        self.keys = _SiteKeys(self.data_dir)
+        self._cache = LockedCache(self.cache)
+        self.keys = _SiteKeys(self.data_dir, store=store)
         self.status_topic = cloud_status_topic(self.agent_id)
         #: Counters: ``requests``, ``results``, ``errors``, ``duplicates``.
         self.stats: dict[str, int] = {
@@ -294,9 +378,14 @@ class CloudAgent:
             "dropped_qos0": 0,
             "dropped_retained": 0,
             "replies_refused": 0,
+            "batches": 0,
         }
-        self._inbox: queue.Queue[paho.MQTTMessage | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
+        self._lanes: dict[Lane, queue.Queue[paho.MQTTMessage | None]] = {
+            "fast": queue.Queue(),
+            "slow": queue.Queue(),
+        }
+        self._workers: list[threading.Thread] = []
+        self._acks: AckQueue | None = None
         self._lock_fd: int | None = None
         self._conn: Connection | None = None
         self._idle = threading.Condition()
@@ -322,10 +411,45 @@ class CloudAgent:
 
     def _on_connected(self, conn: Connection, session_present: bool) -> None:
         conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
+        if self._share_probe is not None and not self._share_seen.is_set():
+            # Self-test: our own status, published next, must come back through a
+            # shared subscription; brokers without $share accept the subscription
+            # and never deliver on it.
+            conn.subscribe([(self._share_probe, 1)], no_retained=True)
         conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+
+    def _check_share(self, conn: Connection) -> None:
+        """Wait for the self-test message; without it, fall back to plain subscriptions."""
+        probe = self._share_probe
+        if probe is None:
+            return
+        seen = self._share_seen.wait(self.share_check_s)
+        conn.unsubscribe([probe])
+        self._share_probe = None
+        if seen:
+            return
+        shared = self.filters()
+        self.share_group = None
+        self.share_fallback = True
+        conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
+        conn.unsubscribe(shared)
+        log.warning(
+            "the broker at %s did not deliver a shared subscription ($share) within %g s: "
+            "serving on plain subscriptions %s instead. Run ONE cloud agent per site on "
+            "this broker (or pass --no-share to skip this check); to run several workers, "
+            "use a broker with shared subscriptions (Mosquitto, EMQX, HiveMQ, VerneMQ; "
+            "see docs/deployment.md)",
+            self.broker.url,
+            self.share_check_s,
+            self.filters(),
+        )
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         # Network thread: hand off and return.
+        if msg.topic == self.status_topic:
+            self._share_seen.set()  # the $share self-test came back
+            self._conn_ack(msg)
+            return
         if msg.qos == 0:
             # Requests are QoS 1: QoS 0 has no flow control (the broker's in-flight cap
             # would not bound our queue) and no delivery guarantee to honour.
@@ -343,7 +467,7 @@ class CloudAgent:
             return
         with self._idle:
             self._busy += 1
-        self._inbox.put(msg)
+        self._lanes[lane_for(msg.topic)].put(msg)
 
     def _conn_ack(self, msg: paho.MQTTMessage) -> None:
         conn = self._conn
@@ -371,9 +495,9 @@ class CloudAgent:
             return
         self._take_lock()
         self._prune_replies()
-        self._worker = threading.Thread(target=self._work, name=f"{self.agent_id}-worker")
-        self._worker.daemon = True
-        self._worker.start()
+        self._start_workers()
+        if self.share_group is not None and self.share_check_s > 0:
+            self._share_probe = f"$share/{self.share_group}-selftest/{self.status_topic}"
         conn = Connection(
             config=self.broker,
             client_id=self.agent_id,
@@ -382,6 +506,7 @@ class CloudAgent:
             will=(self.status_topic, self._status("offline")),
             on_message=self._on_message,
             on_connected=self._on_connected,
+            receive_maximum=self.receive_maximum,
         )
         self._conn = conn
         try:
@@ -391,6 +516,7 @@ class CloudAgent:
             self._stop_worker()
             self._release_lock()
             raise
+        self._check_share(conn)
         log.info("cloud agent %s serving %s from %s", self.agent_id, self.filters(), self.data_dir)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -436,17 +562,38 @@ class CloudAgent:
         self._release_lock()
         log.info("cloud agent %s stopped", self.agent_id)
 
+    def _start_workers(self) -> None:
+        self._acks = AckQueue(
+            name=f"{self.agent_id}-acks",
+            publish_timeout=self.publish_timeout,
+            current=lambda: self._conn,
+            done=self._done,
+            refused=self._reply_refused,
+        )
+        self._workers = [
+            threading.Thread(target=self._work, args=(lane,), name=f"{self.agent_id}-{lane}")
+            for lane in self._lanes
+        ]
+        for worker in self._workers:
+            worker.daemon = True
+            worker.start()
+
     def _stop_worker(self) -> bool:
-        """Stop the worker; False if it is still running (then galleries stay open)."""
+        """Stop the workers; False if one is still running (then galleries stay open)."""
         alive = False
-        if self._worker is not None:
-            self._inbox.put(None)
-            self._worker.join(timeout=self.publish_timeout + 5)
-            alive = self._worker.is_alive()
-            self._worker = None
+        for inbox in self._lanes.values():
+            inbox.put(None)
+        for worker in self._workers:
+            worker.join(timeout=self.publish_timeout + 5)
+            alive = alive or worker.is_alive()
+        self._workers = []
+        if self._acks is not None:
+            alive = not self._acks.stop(self.publish_timeout + 5) or alive
+            self._acks = None
         # Requests not yet handled stay unacknowledged: the broker redelivers them.
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
+        for inbox in self._lanes.values():
+            while not inbox.empty():
+                inbox.get_nowait()
         with self._idle:
             self._busy = 0
             self._idle.notify_all()
@@ -473,62 +620,61 @@ class CloudAgent:
         self.stop()
 
     # ------------------------------------------------------------------- worker
-    def _work(self) -> None:
+    def _done(self) -> None:
+        with self._idle:
+            self._busy = max(0, self._busy - 1)
+            self._idle.notify_all()
+
+    def _reply_refused(self, topic: str, reason: str) -> None:
+        self.stats["replies_refused"] += 1
+        log.error("the broker refused the reply on %s (%s)", topic, reason)
+
+    def _work(self, lane: Lane) -> None:
+        inbox = self._lanes[lane]
+        limit = self.max_batch if lane == "fast" else 1
         last_prune = time.monotonic()
         while True:
             try:
-                msg = self._inbox.get(timeout=60.0)
+                msg = inbox.get(timeout=60.0)
             except queue.Empty:
-                msg = None
-                if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                if lane == "slow" and time.monotonic() - last_prune > PRUNE_EVERY_S:
                     self._prune_replies()  # stored replies expire while we run, too
                     last_prune = time.monotonic()
                 continue
             if msg is None:
                 return
+            batch, stop = drain(inbox, msg, limit)
             try:
-                self._serve(msg)
-            except Exception:  # never let one message end the worker
-                log.exception("unexpected failure serving %s", msg.topic)
-            finally:
-                with self._idle:
-                    self._busy = max(0, self._busy - 1)
-                    self._idle.notify_all()
+                self._serve(batch)
+            except Exception:  # never let one batch end the worker
+                log.exception("unexpected failure serving %s", [m.topic for m in batch])
+                for _ in batch:
+                    self._done()
+            if stop:
+                return
 
-    def _serve(self, msg: paho.MQTTMessage) -> None:
-        conn = self._conn
-        if conn is None:
+    def _serve(self, batch: list[paho.MQTTMessage]) -> None:
+        """Answer a batch of requests: run them, publish the replies, queue the acks."""
+        conn, acks = self._conn, self._acks
+        if conn is None or acks is None:
+            for _ in batch:
+                self._done()
             return
-        outgoing = self.handle(
-            msg.topic, bytes(msg.payload), correlation=message_property(msg, "CorrelationData")
+        replies = self.handle_many(
+            [(m.topic, bytes(m.payload), message_property(m, "CorrelationData")) for m in batch]
         )
-        delivered = True
-        for out in outgoing:
-            info = conn.publish(
-                out.topic,
-                out.payload,
-                qos=1,
-                properties=publish_properties(correlation=out.correlation),
-            )
-            ok = wait_published(info, self.publish_timeout)
-            # Leaving a request unacked while still connected would use up one of the
-            # broker's in-flight slots for good: wait as long as the connection lives
-            # (if it drops, the broker redelivers the request to the next session).
-            while not ok and conn.connected and self._conn is conn:
-                ok = wait_published(info, 5.0)
-            reason = conn.refused(info) if ok else None
-            if reason is not None:
-                # Waiting or redelivery cannot help (ACL, size): ack so the agent keeps
-                # serving, and say loudly that this reply never reached the gateway.
-                self.stats["replies_refused"] += 1
-                log.error("the broker refused the reply on %s (%s)", out.topic, reason)
-            delivered = ok and delivered
-        if delivered:
-            conn.ack(msg.mid, msg.qos)
-        else:
-            log.warning(
-                "reply to %s not acknowledged by the broker; request left unacked", msg.topic
-            )
+        for msg, outgoing in zip(batch, replies, strict=True):
+            pending = Pending(msg=msg, conn=conn)
+            for out in outgoing:
+                info = conn.publish(
+                    out.topic,
+                    out.payload,
+                    qos=1,
+                    properties=publish_properties(correlation=out.correlation),
+                )
+                pending.infos.append(info)
+                pending.topics.append(out.topic)
+            acks.put(pending)
 
     # ------------------------------------------------------------ request logic
     def handle(
@@ -545,6 +691,63 @@ class CloudAgent:
             Zero or one :class:`Outgoing` (zero: the topic is not a request topic, so
             there is nobody to answer).
         """
+        return self.handle_many([(topic, payload, correlation)])[0]
+
+    def handle_many(
+        self, requests: Sequence[tuple[str, bytes, bytes | None]]
+    ) -> list[list[Outgoing]]:
+        """:meth:`handle` for several requests, verifies of one gallery in one engine call.
+
+        Args:
+            requests: ``(topic, payload, correlation)`` of each request.
+
+        Returns:
+            The replies of each request, in order.
+        """
+        admitted = [self._admit(t, p, correlation=c) for t, p, c in requests]
+        jobs = [(i, a) for i, a in enumerate(admitted) if isinstance(a, _Job)]
+        out: list[list[Outgoing]] = [a if isinstance(a, list) else [] for a in admitted]
+        verifies = [(i, j) for i, j in jobs if isinstance(j.req, Verify) and j.req.kid]
+        for i, job in jobs:
+            if not (isinstance(job.req, Verify) and job.req.kid):
+                out[i] = self._run(job, None)
+        groups = group_by(verifies, lambda ij: (ij[1].req.site, ij[1].req.kid))
+        for (site, kid), members in groups.items():
+            computed = self._verify_batch(site, kid, [verifies[m][1] for m in members])
+            for m, done in zip(members, computed, strict=True):
+                i, job = verifies[m]
+                out[i] = self._run(job, done)
+        return out
+
+    def _verify_batch(
+        self, site: str, kid: str | None, jobs: list[_Job]
+    ) -> list[bytes | Exception]:
+        """Scores of verify jobs against one gallery (the engine's batch call if it has one)."""
+        self.stats["batches"] += 1
+        try:
+            assert kid is not None
+            gallery = self.keys.gallery(site, kid)
+        except Exception as exc:  # every job of the batch gets the same error
+            return [exc] * len(jobs)
+        items = []
+        for job in jobs:
+            assert isinstance(job.req, Verify)
+            items.append((job.req.identity, job.req.probe))
+        many = getattr(gallery, "verify_many", None)
+        if len(items) > 1 and many is not None:
+            return list(many(items))
+        found: list[bytes | Exception] = []
+        for identity, probe in items:
+            try:
+                found.append(gallery.verify(identity, probe))
+            except Exception as exc:
+                found.append(exc)
+        return found
+
+    def _admit(
+        self, topic: str, payload: bytes, *, correlation: bytes | None = None
+    ) -> list[Outgoing] | _Job:
+        """Decode a request; the reply when there is nothing to compute, else a job."""
         self.stats["requests"] += 1
         try:
             rt = parse_request_topic(topic)
@@ -563,7 +766,7 @@ class CloudAgent:
         echo = correlation if correlation is not None else correlation_data(req.id)
         key = dedup_key(req)
         now = time.monotonic()
-        claim = self.cache.claim(key, now=now)
+        claim = self._cache.claim(key, now=now)
         if claim.state == "done":
             assert claim.reply is not None
             self.stats["duplicates"] += 1
@@ -574,12 +777,24 @@ class CloudAgent:
         stored = self._persisted_reply(req) if isinstance(req, _MUTATING) else None
         if stored is not None:
             self.stats["duplicates"] += 1
-            self.cache.put(key, _RESULT_TAG + stored, now=time.monotonic())
+            self._cache.put(key, _RESULT_TAG + stored, now=time.monotonic())
             return [
                 Outgoing(topic=result_topic(req.site, req.gw), payload=stored, correlation=echo)
             ]
+        return _Job(req=req, key=key, echo=echo)
+
+    def _run(self, job: _Job, computed: bytes | Exception | None) -> list[Outgoing]:
+        """Run a job (or finish one whose verify scores ``computed`` came from a batch)."""
+        req, key, echo = job.req, job.key, job.echo
         try:
-            result = self._execute(req)
+            if isinstance(computed, Exception):
+                raise computed
+            if computed is not None:
+                assert isinstance(req, Verify)
+                gallery = self.keys.gallery(req.site, req.kid or "")
+                result = result_for(req, ids_version=gallery.ids_version, scores=computed, count=1)
+            else:
+                result = self._execute(req)
             reply = encode(result)
         except Exception as exc:
             if not isinstance(exc, CipherFaceError):
@@ -589,11 +804,11 @@ class CloudAgent:
             out, retry = self._error_retry(_as_remote(exc), req.site, req.gw, req.id, req.kid, echo)
             if not retry:
                 # Final: a duplicate gets the same answer (docs/protocol.md section 10).
-                self.cache.put(key, _ERROR_TAG + out.payload, now=time.monotonic())
+                self._cache.put(key, _ERROR_TAG + out.payload, now=time.monotonic())
             else:
-                self.cache.release(key)  # transient: a later copy runs afresh
+                self._cache.release(key)  # transient: a later copy runs afresh
             return [out]
-        self.cache.put(key, _RESULT_TAG + reply, now=time.monotonic())
+        self._cache.put(key, _RESULT_TAG + reply, now=time.monotonic())
         if isinstance(req, _MUTATING):
             self._persist_reply(req, reply)
         self.stats["results"] += 1

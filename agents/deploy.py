@@ -207,6 +207,8 @@ class Account:
                 AclRule(access="read", topic=f"{base}/res/{gw}"),
                 AclRule(access="read", topic=f"{base}/err/{gw}"),
                 AclRule(access="write", topic=f"{base}/events/{gw}"),
+                # Camera gateways' integrator JSON (docs/integrations.md).
+                AclRule(access="write", topic=f"{base}/json/{gw}/#"),
                 AclRule(access="readwrite", topic=f"{base}/status/{gw}"),
                 AclRule(access="read", topic=f"{PREFIX}/cloud/status/+"),
             )
@@ -227,6 +229,7 @@ class Account:
             assert self.site is not None
             return (
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/events/+"),
+                AclRule(access="read", topic=f"{PREFIX}/{self.site}/json/#"),
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/status/+"),
             )
         return ()

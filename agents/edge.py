@@ -41,15 +41,13 @@ from cipherface.agents.mqtt import (
     publish_properties,
     wait_published,
 )
+from cipherface.crypto import thresholds
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.crypto.guard import Guard
-from cipherface.crypto.judge import identify_decision, verify_decision
+from cipherface.crypto.judge import identify_best, verify_decision
 from cipherface.errors import (
     BrokerConnectionError,
-    CipherFaceError,
-    DecisionBudgetError,
     FaceError,
-    GatewayHaltedError,
     InvalidArgumentError,
     LocalError,
     PeerReportedError,
@@ -106,39 +104,6 @@ FloatArray = npt.NDArray[np.float64]
 class _Waiter:
     event: threading.Event = field(default_factory=threading.Event)
     reply: Result | Error | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class WatchRecord:
-    """What the gateway daemon did with one photo.
-
-    Args:
-        photo: the file name.
-        decision: the decision, or None when the photo failed.
-        error_code: the error's code when it failed.
-        error: the error message when it failed.
-        moved_to: where the file went (``done/`` or ``failed/``), or None if left in place.
-    """
-
-    photo: str
-    decision: Decision | None = None
-    error_code: str | None = None
-    error: str | None = None
-    moved_to: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON line the daemon prints."""
-        if self.decision is not None:
-            return {**decision_json(self.decision), "moved_to": self.moved_to}
-        return {
-            "op": "identify",
-            "identity": None,
-            "match": False,
-            "latency_ms": None,
-            "photo": self.photo,
-            "error": {"code": self.error_code, "message": self.error},
-            "moved_to": self.moved_to,
-        }
 
 
 def decision_json(decision: Decision) -> dict[str, Any]:
@@ -846,10 +811,31 @@ class EdgeClient:
             FaceError / PeerReportedError / RequestTimeoutError: see :meth:`verify`.
         """
         t0 = time.perf_counter()
-        if self.guard is not None:
-            self.guard.admit()
         label = label or _label(photo)
         vec = self._probe_vector(photo, vector, label)
+        best, similarity = self.best_match(vec)
+        match = similarity is not None and thresholds.is_match(similarity, self.model, self.metric)
+        return self._decide("identify", best if match else None, match, t0, label)
+
+    def best_match(self, vector: npt.ArrayLike) -> tuple[str | None, float | None]:
+        """The gallery's best-scoring identity for an embedding, and its similarity.
+
+        The similarity is a decrypted score: it is for this process only (camera
+        gateways apply their own thresholds to it) and must never be published. With a
+        guard, the result's canaries are checked first and the call counts as a decision
+        against the key's budget.
+
+        Returns:
+            ``(identity, similarity)``, or ``(None, None)`` for an empty gallery.
+
+        Raises:
+            ResultForgedError: the result's canaries are off (see docs/security.md).
+            GatewayHaltedError / DecisionBudgetError: the guard refuses to decide.
+            ResultRejectedError / PeerReportedError / RequestTimeoutError: see :meth:`identify`.
+        """
+        if self.guard is not None:
+            self.guard.admit()
+        vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
         if self.guard is not None:
             vec = self.guard.jitter(vec)  # a replayed or pre-aimed result misses its canaries
         probe = self.cipher.encrypt_probe(vec, op="identify")
@@ -866,7 +852,7 @@ class EdgeClient:
         else:
             raise ResultRejectedError("the gallery keeps changing under identify; try again")
         try:
-            match, who = identify_decision(
+            best = identify_best(
                 self.cipher,
                 self.guard,
                 labels=slots if result.count else (),
@@ -878,7 +864,7 @@ class EdgeClient:
             raise
         if self.guard is not None:
             self.guard.decided()
-        return self._decide("identify", who, match, t0, label)
+        return best
 
     def _result_slots(self, result: Result) -> tuple[str | None, ...] | None:
         """The slot list the scores of ``result`` refer to, or None if it cannot be known."""
@@ -901,96 +887,6 @@ class EdgeClient:
             )
         return cache[1]
 
-    # ------------------------------------------------------------ gateway mode
-    def watch(
-        self,
-        folder: str | os.PathLike[str],
-        *,
-        poll: float = 0.5,
-        settle: float = 0.3,
-        stop: threading.Event | None = None,
-        on_record: Callable[[WatchRecord], None] | None = None,
-        max_photos: int | None = None,
-    ) -> int:
-        """Gateway daemon: identify each new photo that appears in ``folder``.
-
-        Each photo becomes a decision (published as an event), then moves to
-        ``folder/done/``; a photo that cannot be processed (no face, unreadable,
-        refused by the cloud) moves to ``folder/failed/`` and the daemon carries on.
-        Photos are picked up once unchanged for ``settle`` seconds (writers should
-        still write to a dot-file and rename it into place). On a timeout or a lost
-        broker the photo stays for the next round.
-
-        Args:
-            folder: the folder to watch (created).
-            poll: seconds between scans.
-            settle: minimum age (mtime) of a file before it is read.
-            stop: set it to end the loop (default: run until interrupted).
-            on_record: called with each :class:`WatchRecord`.
-            max_photos: return after this many photos (tests, batch runs).
-
-        Returns:
-            The number of photos processed.
-        """
-        base = Path(folder)
-        done, failed = base / "done", base / "failed"
-        for d in (base, done, failed):
-            d.mkdir(parents=True, exist_ok=True)
-        stop = stop or threading.Event()
-        processed = 0
-        while not stop.is_set():
-            now = time.time()
-            for path in sorted(base.iterdir()):
-                if stop.is_set() or (max_photos is not None and processed >= max_photos):
-                    break
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                if (
-                    not path.is_file()
-                    or path.name.startswith(".")
-                    or path.suffix.lower() not in PHOTO_SUFFIXES
-                    or now - st.st_mtime < settle
-                ):
-                    continue
-                record = self._watch_one(path, done, failed)
-                if record is None:
-                    continue
-                processed += 1
-                if on_record is not None:
-                    on_record(record)
-            if max_photos is not None and processed >= max_photos:
-                break
-            stop.wait(poll)
-        return processed
-
-    def _watch_one(self, path: Path, done: Path, failed: Path) -> WatchRecord | None:
-        try:
-            decision = self.identify(path, label=path.name)
-        except (RequestTimeoutError, BrokerConnectionError) as exc:
-            log.warning("%s: %s; will retry", path.name, exc)
-            return None
-        except (GatewayHaltedError, DecisionBudgetError):
-            raise  # the daemon stops: the photo stays for after the rotation
-        except PeerReportedError as exc:
-            if exc.retry:  # e.g. the cloud's internal error: the photo stays for the next scan
-                log.warning("%s: %s; will retry", path.name, exc)
-                return None
-            return self._watch_failed(path, failed, exc)
-        except CipherFaceError as exc:
-            return self._watch_failed(path, failed, exc)
-        dest = _move(path, done)
-        return WatchRecord(photo=path.name, decision=decision, moved_to=dest)
-
-    def _watch_failed(self, path: Path, failed: Path, exc: CipherFaceError) -> WatchRecord:
-        dest = _move(path, failed)
-        code = exc.remote_code if isinstance(exc, PeerReportedError) else exc.code
-        message = exc.message if isinstance(exc, PeerReportedError) else str(exc)
-        if not isinstance(exc, FaceError):
-            log.warning("%s failed: %s", path.name, exc)
-        return WatchRecord(photo=path.name, error_code=code, error=message, moved_to=dest)
-
 
 def _label(photo: Any) -> str | None:
     if isinstance(photo, str | os.PathLike):
@@ -998,22 +894,9 @@ def _label(photo: Any) -> str | None:
     return None
 
 
-def _move(path: Path, folder: Path) -> str | None:
-    target = folder / path.name
-    if target.exists():
-        target = folder / f"{path.stem}-{secrets.token_hex(3)}{path.suffix}"
-    try:
-        os.replace(path, target)
-    except OSError as exc:
-        log.warning("cannot move %s to %s: %s", path, folder, exc)
-        return None
-    return str(target)
-
-
 __all__ = [
     "IDS_RESTARTS",
     "PHOTO_SUFFIXES",
     "EdgeClient",
-    "WatchRecord",
     "decision_json",
 ]

@@ -192,6 +192,7 @@ class Connection:
         on_message: called with each message (network thread).
         on_connected: called after each successful CONNACK with ``(connection,
             session_present)`` (network thread): subscribe and announce here.
+        receive_maximum: MQTT 5 ReceiveMaximum (QoS 1 messages in flight to us).
 
     Raises:
         InvalidArgumentError: an empty client id.
@@ -208,6 +209,7 @@ class Connection:
         will: tuple[str, bytes] | None = None,
         on_message: MessageHandler | None = None,
         on_connected: ConnectedHook | None = None,
+        receive_maximum: int = RECEIVE_MAXIMUM,
     ) -> None:
         if not client_id:
             raise InvalidArgumentError("an MQTT client id is required")
@@ -215,6 +217,7 @@ class Connection:
         self.client_id = client_id
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
+        self.receive_maximum = receive_maximum
         self._on_message = on_message
         self._on_connected = on_connected
         self._connack = threading.Event()
@@ -349,7 +352,7 @@ class Connection:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
             # Our own cap on unacknowledged QoS 1 deliveries, whatever the broker allows.
-            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            props.ReceiveMaximum = self.receive_maximum
             kwargs = {"clean_start": not self.persistent, "properties": props}
         try:
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive, **kwargs)
@@ -400,6 +403,12 @@ class Connection:
         result, _ = self.client.subscribe(subs)
         if result != paho.MQTT_ERR_SUCCESS:
             log.warning("%s: subscribe failed: %s", self.client_id, paho.error_string(result))
+
+    def unsubscribe(self, filters: list[str]) -> None:
+        """Drop subscriptions (thread-safe)."""
+        result, _ = self.client.unsubscribe(filters)
+        if result != paho.MQTT_ERR_SUCCESS:
+            log.warning("%s: unsubscribe failed: %s", self.client_id, paho.error_string(result))
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message received with ``manual_ack`` (thread-safe)."""

@@ -124,6 +124,18 @@ class StorageCorruptError(StorageError):
     code = "storage_corrupt"
 
 
+class StorageFullError(StorageError):
+    """No space left for a gallery write; nothing was changed, the same write may succeed later."""
+
+    code = "storage_full"
+
+
+class StorageConflictError(StorageError):
+    """Another worker changed the gallery first; nothing was changed, retry the request."""
+
+    code = "storage_busy"
+
+
 # -------------------------------------------------------------------------- remote
 class RemoteError(CipherFaceError):
     """The peer sent something we refuse: the fault is on the other side.
@@ -209,6 +221,22 @@ class RequestTimeoutError(CipherFaceError, builtins.TimeoutError):
     """No answer arrived in time (after the configured retries)."""
 
     code = "timeout"
+
+
+class PartialResultError(CipherFaceError):
+    """Some shards of a sharded gallery did not answer: the result covers only part of
+    the gallery, so "nobody matched" cannot be concluded (edge-local).
+
+    Args:
+        message: what happened.
+        missing: the shards that did not answer.
+    """
+
+    code = "partial_result"
+
+    def __init__(self, message: str, *, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class BrokerConnectionError(CipherFaceError, ConnectionError):

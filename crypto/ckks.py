@@ -344,6 +344,29 @@ def lwe_result(pub: CkksPublic, x: U64, y: U64, offset: int) -> bytes:
     )
 
 
+def lwe_results(pub: CkksPublic, xs: U64, ys: U64, offsets: Sequence[int]) -> list[bytes]:
+    """:func:`lwe_result` for a batch: ``xs``, ``ys`` are ``(B, 2, k, N)``.
+
+    One inverse NTT over the whole batch instead of one per verify (the per-call cost
+    of the parallel kernel dominates a single verify); each sample gets its own
+    flooding noise, so a result is distributed exactly as :func:`lwe_result`'s."""
+    r = rlwe.ring_for(pub.params)
+    x0, x1, y0, y1 = xs[:, 0], xs[:, 1], ys[:, 0], ys[:, 1]
+    prod = np.stack([r.mul(x0, y0), (r.mul(x0, y1) + r.mul(x1, y0)) % r.qcol, r.mul(x1, y1)], 1)
+    coeff = r.intt(prod)  # (B, 3, k, N)
+    flood = np.frombuffer(secrets.token_bytes(8 * r.n * len(offsets)), dtype="<i8")
+    flood = (flood >> (63 - FLOOD_BITS)).reshape(len(offsets), r.n)
+    coeff[:, 0] = (coeff[:, 0] + r.to_rns(flood)) % r.qcol
+    res = r.rescale(coeff)  # (B, 3, 1, N)
+    out = []
+    for i, offset in enumerate(offsets):
+        one = _shift_down(res[i], offset, int(r.q[0]))
+        body = {**_header(pub, "result-verify"), "count": 1, "b": int(one[0, 0, 0])}
+        body["a"] = _pack32(one[1:])
+        out.append(cast(bytes, msgpack.packb(body, use_bin_type=True)))
+    return out
+
+
 def encode_forward(fx: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
     """Template layout: coefficient ``i`` holds feature ``i``."""
     out = np.zeros(n, dtype=np.int64)
@@ -690,8 +713,12 @@ class CkksGallery:
             slots: list[tuple[int, str | None]] = [
                 (start + i, ident) for i, ident in enumerate(ids)
             ]
-            # Slots skipped for alignment stay None (free, masked in results).
-            self.store.commit(blocks=staged, slots=replaced + slots)
+            # Slots skipped for alignment stay None (free, masked in results). A block
+            # whose every template was replaced goes whole, in the same commit.
+            drop = self._dead_blocks({s for s, _ in replaced}, keep=b)
+            self.store.commit(blocks=staged, slots=replaced + slots, drop_blocks=drop)
+            for key in [k for k in self._cache if k[0] in drop]:
+                del self._cache[key]
             for slot, ident in slots:
                 assert ident is not None
                 self._index[ident] = slot
@@ -702,6 +729,16 @@ class CkksGallery:
         if name in self.store.blocks:
             return np.array(self._block(kind, b), dtype=np.uint64)
         return np.zeros(shape, dtype=np.uint64)
+
+    def _dead_blocks(self, dead: set[int], keep: int | None = None) -> list[str]:
+        """Files of the full blocks (other than ``keep``) left with no live slot."""
+        N, drop = self.params.n, []
+        for b in sorted({s // N for s in dead} - {keep}):
+            block = self.store.slots[b * N : (b + 1) * N]
+            full = len(block) == N
+            if full and all(x is None or b * N + i in dead for i, x in enumerate(block)):
+                drop += [f"col-{b:06d}", f"pack-{b:06d}"]
+        return drop
 
     # --------------------------------------------------------------- delete
     def delete(self, ids: Sequence[str]) -> int:
@@ -719,15 +756,8 @@ class CkksGallery:
         """
         if not ids:
             return 0
-        N = self.params.n
         slots: list[tuple[int, str | None]] = [(self._index[i], None) for i in ids]
-        dead = {s for s, _ in slots}
-        drop = []
-        for b in {s // N for s in dead}:
-            block = self.store.slots[b * N : (b + 1) * N]
-            full = len(block) == N
-            if full and all(x is None or b * N + i in dead for i, x in enumerate(block)):
-                drop += [f"col-{b:06d}", f"pack-{b:06d}"]
+        drop = self._dead_blocks({s for s, _ in slots})
         self.store.commit(slots=slots, drop_blocks=drop)
         for key in [k for k in self._cache if k[0] in drop]:
             del self._cache[key]
@@ -761,6 +791,40 @@ class CkksGallery:
             b, o = divmod(slot, self.params.n)
             ct = self._block("pack", b)[o // self.per_pack].astype(np.uint64)
         return lwe_result(self.pub, ct, p, (o % self.per_pack) * self.dim)
+
+    def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
+        """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.
+
+        Returns:
+            Per item, the result bytes or the exception :meth:`verify` would raise.
+        """
+        out: list[bytes | Exception] = [b""] * len(items)
+        good: list[int] = []
+        xs, ys, offsets = [], [], []
+        for i, (identity, probe) in enumerate(items):
+            try:
+                p = self._probe(probe, "probe-verify", 1)[0]
+                with self._lock:
+                    slot = self._index.get(identity)
+                    if slot is None:
+                        raise UnknownIdentityError(
+                            f"identity {identity!r} is not enrolled at this site"
+                        )
+                    b, o = divmod(slot, self.params.n)
+                    ct = self._block("pack", b)[o // self.per_pack]
+            except Exception as exc:  # per item, as verify() would raise it
+                out[i] = exc
+                continue
+            good.append(i)
+            xs.append(ct)
+            ys.append(p)
+            offsets.append((o % self.per_pack) * self.dim)
+        if good:
+            x = np.stack(xs).astype(np.uint64)
+            y = np.stack(ys).astype(np.uint64)
+            for i, res in zip(good, lwe_results(self.pub, x, y, offsets), strict=True):
+                out[i] = res
+        return out
 
     def identify(self, probe: bytes) -> tuple[bytes, int]:
         """Encrypted similarities against every slot (free/deleted slots: random).

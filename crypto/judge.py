@@ -20,15 +20,15 @@ from cipherface.errors import ResultRejectedError
 FloatArray = npt.NDArray[np.float64]
 
 
-def identify_decision(
+def identify_best(
     cipher: EdgeCipher,
     guard: Guard | None,
     *,
     labels: Sequence[str | None],
     scores_blob: bytes | None,
     probe: FloatArray,
-) -> tuple[bool, str | None]:
-    """Check and decrypt an identify result, then decide.
+) -> tuple[str | None, float | None]:
+    """Check and decrypt an identify result; the best live identity and its similarity.
 
     Args:
         cipher: the edge cipher.
@@ -38,14 +38,14 @@ def identify_decision(
         probe: the L2-normalised vector that was encrypted.
 
     Returns:
-        ``(match, identity)``: the best live slot's name when it matches, else None.
+        ``(identity, similarity)`` of the best live slot; ``(None, None)`` when none.
 
     Raises:
         ResultRejectedError: malformed or wrong-shaped result; never decrypted.
         ResultForgedError: canaries off or labels forged (recorded by the guard).
     """
     if not labels:
-        return False, None
+        return None, None
     if scores_blob is None:
         raise ResultRejectedError("an identify result without scores")
     scores = cipher.decrypt_scores(scores_blob, op="identify", count=len(labels))
@@ -58,13 +58,30 @@ def identify_decision(
         names = [x if isinstance(x, str) else None for x in opened]
     live = np.array([s is not None for s in names], dtype=bool)
     if not live.any():
-        return False, None
+        return None, None
     masked = np.where(live, scores, -np.inf)
     best = int(np.argmax(masked))
     if not np.isfinite(masked[best]):
         raise ResultRejectedError("identify result decrypts to non-finite scores")
-    match = thresholds.is_match(float(masked[best]), cipher.model, cipher.metric)
-    return match, (names[best] if match else None)
+    return names[best], float(masked[best])
+
+
+def identify_decision(
+    cipher: EdgeCipher,
+    guard: Guard | None,
+    *,
+    labels: Sequence[str | None],
+    scores_blob: bytes | None,
+    probe: FloatArray,
+) -> tuple[bool, str | None]:
+    """:func:`identify_best`, then the key's model threshold: ``(match, identity)``."""
+    who, similarity = identify_best(
+        cipher, guard, labels=labels, scores_blob=scores_blob, probe=probe
+    )
+    if similarity is None:
+        return False, None
+    match = thresholds.is_match(similarity, cipher.model, cipher.metric)
+    return match, (who if match else None)
 
 
 def verify_decision(
@@ -85,4 +102,4 @@ def verify_decision(
     return thresholds.is_match(score, cipher.model, cipher.metric)
 
 
-__all__ = ["identify_decision", "verify_decision"]
+__all__ = ["identify_best", "identify_decision", "verify_decision"]

@@ -223,17 +223,14 @@ def _worker_init(public_key: bytes) -> None:  # pragma: no cover - runs in a chi
 
 
 def _worker_run(
-    plan: _Plan, jobs: list[tuple[str | None, int]]
+    plan: _Plan, jobs: list[tuple[npt.NDArray[Any] | None, int]]
 ) -> list[bytes]:  # pragma: no cover - runs in a child process
     scorer: _Scorer = _WORKER["scorer"]
     width = scorer.pub.ct_bytes
     out = []
-    for path, addend in jobs:
+    for arr, addend in jobs:
         rows = None
-        if path is not None:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.shape != _WORKER["shape"] or arr.dtype != np.uint8:
-                raise StorageCorruptError(f"gallery block {path} has shape {arr.shape}")
+        if arr is not None:  # checked by the store (digest) and the parent (shape)
             rows = _array_to_rows(arr)
         out.append(scorer.result(rows, plan, addend).to_bytes(width, "big"))
     return out
@@ -558,7 +555,7 @@ class PheGallery:
         self.store = GalleryStore(path, meta=meta)
         for k in ("format", "packing", "ct_bytes"):
             if self.store.meta.get(k) != meta[k]:
-                raise GalleryError(f"gallery {path} has {k}={self.store.meta.get(k)!r}")
+                raise GalleryError(f"gallery {self.store.label} has {k}={self.store.meta.get(k)!r}")
         self._rw = _RWLock()
         self._workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
         self._pool: ProcessPoolExecutor | None = None
@@ -875,16 +872,16 @@ class PheGallery:
         with self._rw.read():
             nb = self._nblocks()
             slots = self.store.slots
-            jobs: list[tuple[str | None, int]] = []
+            jobs: list[tuple[npt.NDArray[Any] | None, int]] = []
             for b in range(nb):
                 keep = [bool(self._slot(slots, b * k + s)) for s in range(k)]
-                src = None
+                arr = None
                 if b in self._existing:
+                    # In memory and digest-checked by the store; workers get the bytes.
                     arr = self.store.load_block(self._name(b))
-                    src = getattr(arr, "filename", None)
-                    if src is None:  # pragma: no cover - GalleryStore always memory-maps
-                        raise StorageCorruptError(f"gallery block {b} is not a file")
-                jobs.append((str(src) if src is not None else None, self._mask(keep)))
+                    if arr.shape != (self.dim + 1, self._width) or arr.dtype != np.uint8:
+                        raise StorageCorruptError(f"gallery block {b} has shape {arr.shape}")
+                jobs.append((arr, self._mask(keep)))
             if self._workers <= 1 or nb < _POOL_MIN_BLOCKS:
                 out = self._run_local(plan, jobs)
             else:
@@ -900,15 +897,14 @@ class PheGallery:
                 out = self._on_pool(run)
         return self._result("identify", nb * k, b"".join(out)), nb * k
 
-    def _run_local(self, plan: _Plan, jobs: list[tuple[str | None, int]]) -> list[bytes]:
+    def _run_local(
+        self, plan: _Plan, jobs: list[tuple[npt.NDArray[Any] | None, int]]
+    ) -> list[bytes]:
         scorer = self._local_scorer()
         out = []
-        for path, addend in jobs:
+        for arr, addend in jobs:
             rows = None
-            if path is not None:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-                if arr.shape != (self.dim + 1, self._width):
-                    raise StorageCorruptError(f"gallery block {path} has shape {arr.shape}")
+            if arr is not None:
                 rows = _array_to_rows(arr)
             out.append(scorer.result(rows, plan, addend).to_bytes(self._width, "big"))
         return out

@@ -45,7 +45,17 @@ _HEX_ID_RE: Final = re.compile(HEX_ID_PATTERN)
 _CODE_RE: Final = re.compile(CODE_PATTERN)
 
 #: Error codes after which the same operation may succeed if tried again later.
-RETRYABLE_CODES: Final = frozenset({"error", "expired", "timeout", "broker_unreachable"})
+RETRYABLE_CODES: Final = frozenset(
+    {
+        "error",
+        "expired",
+        "timeout",
+        "broker_unreachable",
+        "storage_error",
+        "storage_full",
+        "storage_busy",
+    }
+)
 
 HEADER_FIELDS: Final = ("id", "corr", "site", "gw", "kid", "ts", "exp")
 

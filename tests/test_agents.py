@@ -23,13 +23,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cipherface.agents.cloud import CloudAgent
-from cipherface.agents.edge import IDS_RESTARTS, EdgeClient, WatchRecord
+from cipherface.agents.edge import IDS_RESTARTS, EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
 from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import (
     InvalidArgumentError,
-    NoFaceError,
     PeerReportedError,
     RequestTimeoutError,
     ResultRejectedError,
@@ -375,10 +374,10 @@ class _StallingCloud(CloudAgent):
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def handle(self, topic: str, payload: bytes, **kw: Any) -> Any:
+    def handle_many(self, requests: Any) -> Any:
         self.entered.set()
         self.gate.wait(10)
-        return super().handle(topic, payload, **kw)
+        return super().handle_many(requests)
 
 
 def test_request_accepted_by_a_crashing_cloud_is_not_lost(
@@ -812,61 +811,6 @@ def test_secure_broker_tls_acl(
         cloud.stop(retire=True)
 
 
-class _StubEmbedder:
-    """Maps a photo's file name to a vector (the face model is tested elsewhere)."""
-
-    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
-        self.vectors = vectors
-
-    def represent(self, photo: Any, *, name: str | None = None) -> np.ndarray:
-        stem = Path(photo).stem
-        if stem not in self.vectors:
-            raise NoFaceError(f"no face in {Path(photo).name}")
-        return self.vectors[stem]
-
-
-def test_gateway_watch_folder(
-    broker: Any,
-    make_cloud: CloudFactory,
-    make_edge: Callable[..., EdgeClient],
-    site: str,
-    tmp_path: Path,
-    rng: np.random.Generator,
-) -> None:
-    make_cloud()
-    alice, stranger = unit(rng, 2)
-    edge = make_edge(
-        embedder=_StubEmbedder({"alice-door": near(alice, rng), "stranger": stranger}),
-        announce=True,
-    )
-    edge.enroll("alice", embeddings=alice)
-    events = Sniffer(broker.url, [events_topic(site, GW)])
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for name in ("alice-door.jpg", "no-face.jpg", "stranger.png", "notes.txt", ".partial.jpg"):
-        (inbox / name).write_bytes(b"not really an image")
-    records: list[WatchRecord] = []
-    try:
-        count = edge.watch(inbox, poll=0.05, settle=0.0, on_record=records.append, max_photos=3)
-        assert count == 3
-        by_photo = {r.photo: r for r in records}
-        assert by_photo["alice-door.jpg"].decision.identity == "alice"
-        assert by_photo["stranger.png"].decision.match is False
-        assert by_photo["no-face.jpg"].decision is None
-        assert by_photo["no-face.jpg"].error_code == "no_face"
-        assert by_photo["no-face.jpg"].to_json()["error"]["code"] == "no_face"
-        assert sorted(p.name for p in (inbox / "done").iterdir()) == [
-            "alice-door.jpg",
-            "stranger.png",
-        ]
-        assert [p.name for p in (inbox / "failed").iterdir()] == ["no-face.jpg"]
-        assert (inbox / "notes.txt").exists() and (inbox / ".partial.jpg").exists()
-        published = [decode(m.payload) for m in events.drain(0.5)]
-        assert sorted(d.photo for d in published) == ["alice-door.jpg", "stranger.png"]
-    finally:
-        events.close()
-
-
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 def test_qos0_and_retained_requests_are_never_served(
     broker: Any,
@@ -913,23 +857,6 @@ def test_qos0_and_retained_requests_are_never_served(
     finally:
         sniff.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # clear it
         sniff.close()
-
-
-def test_watch_keeps_a_photo_when_the_cloud_says_retry(
-    make_edge: Callable[..., EdgeClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    edge = make_edge()
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    (inbox / "door.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-
-    def busy(*a: Any, **k: Any) -> None:
-        raise PeerReportedError("error", "internal error", retry=True)
-
-    monkeypatch.setattr(edge, "identify", busy)
-    assert edge._watch_one(inbox / "door.jpg", inbox / "done", inbox / "failed") is None
-    assert (inbox / "door.jpg").exists()  # left for the next scan, not failed/
-    assert not (inbox / "failed").exists()
 
 
 def test_refused_publishes_are_remembered_not_counted_as_delivered(broker: Any) -> None:

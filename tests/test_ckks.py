@@ -305,26 +305,23 @@ def test_gallery_delete_reload_and_replace(big_gallery, tmp_path: Path) -> None:
 
 
 def test_gallery_detects_corruption(big_gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    edge, path, _, _ = big_gallery
+    edge, path, _, ids = big_gallery
     import shutil
 
-    for how in ("flip", "truncate", "journal"):
+    for how in ("flip", "truncate", "name"):
         work = tmp_path / how
         shutil.copytree(path, work)
-        if how == "journal":
-            j = work / "journal.log"
-            data = bytearray(j.read_bytes())
-            data[12] ^= 0xFF  # inside the first record, not the tail
-            j.write_bytes(bytes(data))
+        db = work / "gallery.sqlite3"
+        data = bytearray(db.read_bytes())
+        if how == "name":  # one flipped byte in a stored identity (a wrong-name risk)
+            at = data.index(ids[3].encode())
+            data[at] ^= 0x01
+        elif how == "flip":
+            data[len(data) // 2 + 1000] ^= 0x10
         else:
-            block = sorted((work / "blocks").glob("col-*.npy"))[0]
-            data = bytearray(block.read_bytes())
-            if how == "flip":
-                data[len(data) // 2] ^= 0x10
-                block.write_bytes(bytes(data))
-            else:
-                block.write_bytes(bytes(data[: len(data) // 2]))
-        with pytest.raises(StorageCorruptError, match=r"corrupt|checksum|truncated"):
+            data = data[: len(data) // 2]
+        db.write_bytes(bytes(data))
+        with pytest.raises(StorageCorruptError, match=r"corrupt|checksum|damaged|fails"):
             CkksGallery(path=work, public=edge.pub)
 
 

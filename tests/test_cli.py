@@ -353,10 +353,12 @@ def test_edge_daemon_with_real_photos(setup: Setup) -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    lines = {r["photo"]: r for r in map(json.loads, out.stdout.splitlines())}
+    lines = {r["event_id"]: r for r in map(json.loads, out.stdout.splitlines())}
     assert lines["obama2.jpg"]["identity"] == "obama" and lines["obama2.jpg"]["match"] is True
     assert lines["astronaut.png"]["match"] is False
-    assert lines["blank.png"]["error"]["code"] in ("image_unreadable", "no_face")
+    assert lines["astronaut.png"]["event_type"] == "unknown"
+    assert lines["blank.png"]["event_type"] == "error"
+    assert lines["blank.png"]["error"] in ("image_unreadable", "no_face")
     assert (inbox / "done" / "obama2.jpg").exists()
     assert (inbox / "failed" / "blank.png").exists()
 

@@ -1,0 +1,154 @@
+"""Cloud throughput: closed-loop verifies from 1, 10 and 50 gateways, old agent beside new.
+
+Starts its own Mosquitto (the project's mosquitto.conf, dev profile) and, for each
+agent under test, a ``cipherface cloud`` process on one CKKS gallery; then drives
+``--gateways`` closed-loop verify streams (bench/loadgen.py: one connection, probes
+encrypted up front, every 25th result decrypted and checked) for ``--seconds`` each.
+
+The baseline is the agent of ``--baseline`` (a git commit; default: the single-thread
+agent before issue 11) exported to a temp dir and run with the same Python, so both
+rows come from the same machine in the same minute.
+
+    python bench/bench_fleet.py                         # 1, 10, 50 gateways, 20 s each
+    python bench/bench_fleet.py --gateways 50 --seconds 60 --json out.json
+    python bench/bench_fleet.py --no-baseline           # this tree only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import VerifyLoad
+
+from cipherface.agents.broker import LocalBroker
+from cipherface.crypto import sites
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "9b3ca41"  # main before issue 11: one worker thread, PUBACK waited inline
+SITE = "bench"
+DIM = 128
+
+
+def build(data: Path, keys: Path, n: int) -> tuple[Any, list[str], np.ndarray]:
+    kid = sites.generate_key_dir(keys, dim=DIM)
+    cipher = sites.load_edge_cipher(keys)
+    kd = data / SITE / "keys" / kid
+    kd.mkdir(parents=True)
+    (kd / sites.PUBLIC_NAME).write_bytes(cipher.public_key_bytes())
+    (data / SITE / "current").write_text(kid)
+    g = sites.open_gallery(kd / "gallery", cipher.public_key_bytes())
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(n, DIM))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = [f"p{i}" for i in range(n)]
+    for lo in range(0, n, 1024):
+        g.enroll(ids[lo : lo + 1024], cipher.encrypt_templates(v[lo : lo + 1024]))
+    g.close()
+    return cipher, ids, v
+
+
+def export_tree(commit: str, dest: Path) -> Path:
+    """The project at ``commit``, importable as ``cipherface`` (rooms linked in)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for room in ("crypto", "protocol", "agents"):
+        link = dest / "cipherface" / room
+        if not link.exists():
+            link.symlink_to(Path("..") / room)
+    return dest
+
+
+def start_cloud(tree: Path, url: str, data: Path, extra: list[str], log: Path) -> Any:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    cmd = [sys.executable, "-c", "from cipherface.agents.cli import main; main()", "cloud"]
+    cmd += ["--broker", url, "--data", str(data), "--agent-id", "bench-cloud", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    deadline = time.monotonic() + 30
+    while b"serving" not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"cloud did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def stop_cloud(proc: Any) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--gateways", default="1,10,50")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--templates", type=int, default=1000)
+    ap.add_argument("--baseline", default=BASELINE, help="git commit of the old agent")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cf-bench-fleet-"))
+    rows: list[dict[str, Any]] = []
+    try:
+        cipher, ids, vectors = build(work / "data", work / "keys", args.templates)
+        agents: list[tuple[str, Path, list[str]]] = []
+        if not args.no_baseline:
+            old = export_tree(args.baseline, work / "old")
+            agents.append((f"baseline {args.baseline} (1 thread)", old, []))
+        agents.append(("this tree, --max-batch 1", ROOT, ["--max-batch", "1"]))
+        agents.append(("this tree (lanes + batches of 32)", ROOT, []))
+        with LocalBroker(profile="dev") as broker:
+            for label, tree, extra in agents:
+                for g in [int(x) for x in args.gateways.split(",")]:
+                    proc = start_cloud(tree, broker.url, work / "data", extra, work / "cloud.log")
+                    try:
+                        load = VerifyLoad(
+                            host=broker.host,
+                            port=broker.port,
+                            site=SITE,
+                            cipher=cipher,
+                            identities=ids,
+                            vectors=vectors,
+                            gateways=g,
+                        )
+                        rep = load.run(args.seconds)
+                    finally:
+                        stop_cloud(proc)
+                    row = {"agent": label, **rep.row()}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{platform.node()}: {os.cpu_count()} cores, shared machine; {args.seconds:g} s each")
+    print("| agent | gateways | verifies/s | p50 ms | p99 ms | lost | wrong (checked) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['agent']} | {r['gateways']} | {r['verifies_per_s']} | {r['p50_ms']} | "
+            f"{r['p99_ms']} | {r['resent']} | {r['wrong']} ({r['checked']}) |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Gallery storage engines: SQLite on one host, PostgreSQL for a fleet.
+
+``open_store(location, meta=...)`` returns a :class:`GalleryStore`; a location is
+
+* a directory path, or ``sqlite:DIR`` -- one SQLite file ``DIR/gallery.sqlite3``;
+  a directory holding the old journal layout is migrated on first open;
+* ``postgresql://USER@HOST:PORT/DB#NAME`` -- gallery ``NAME`` in that database.
+
+A ``#label`` fragment names the gallery in errors (the cloud uses ``site/kid``), so
+errors that reach a gateway never carry a server path or database URL.
+See docs/storage.md for the design and guarantees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cipherface.errors import InvalidArgumentError, StorageError
+from cipherface.store.base import BlockRef, Engine, GalleryStore, StagedBlock
+from cipherface.store.legacy import is_legacy, read_legacy, retire_legacy
+from cipherface.store.sqlite import DB_NAME, SqliteEngine, gallery_exists
+
+log = logging.getLogger(__name__)
+MIGRATING_NAME = "gallery.migrating.sqlite3"
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def split_location(location: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """``(engine, where, label)``: engine is ``sqlite`` or ``postgresql``."""
+    text = os.fspath(location)
+    if text.startswith(PG_SCHEMES):
+        dsn, _, name = text.partition("#")
+        if not name:
+            raise InvalidArgumentError("a PostgreSQL gallery location needs '#name'")
+        return "postgresql", dsn, name
+    if text.startswith("sqlite:"):
+        text = text[len("sqlite:") :]
+    where, sep, label = text.partition("#")
+    return "sqlite", where, label if sep else where
+
+
+def gallery_location(store: str, site: str, kid: str, data_dir: str | os.PathLike[str]) -> str:
+    """Where the cloud keeps site ``site``'s gallery for key ``kid``.
+
+    Args:
+        store: ``sqlite:`` / ``sqlite:ROOT`` (ROOT defaults to ``data_dir``) or a
+            ``postgresql://`` URL.
+    """
+    label = f"{site}/{kid}"
+    if store.startswith(PG_SCHEMES):
+        return f"{store.partition('#')[0]}#{label}"
+    root = store[len("sqlite:") :] if store.startswith("sqlite:") else store
+    base = Path(root or data_dir)
+    return f"sqlite:{base / site / 'keys' / kid / 'gallery'}#{label}"
+
+
+def store_exists(location: str | os.PathLike[str]) -> bool:
+    """Whether a gallery was ever created there (new database or old layout)."""
+    engine, where, label = split_location(location)
+    if engine == "sqlite":
+        return gallery_exists(where) or is_legacy(where)
+    from cipherface.store.postgres import PostgresEngine
+
+    return PostgresEngine(where, name=label).current_seq() is not None
+
+
+def open_engine(location: str | os.PathLike[str]) -> Engine:
+    engine, where, label = split_location(location)
+    if engine == "postgresql":
+        from cipherface.store.postgres import PostgresEngine
+
+        return PostgresEngine(where, name=label)
+    return SqliteEngine(where, label=label)
+
+
+def open_store(
+    location: str | os.PathLike[str],
+    *,
+    meta: dict[str, Any] | None = None,
+    verify: bool = True,
+    accept_torn_tail: bool = False,
+) -> GalleryStore:
+    """Open (or create, when ``meta`` is given) the gallery at ``location``.
+
+    Raises:
+        StorageCorruptError: the gallery (or the old layout being migrated) is damaged.
+        StorageFullError: no space left (e.g. while migrating).
+        GalleryError: ``meta`` disagrees with the stored gallery, or no gallery and no meta.
+        StorageError: locked by another process, or the database is unreachable.
+    """
+    eng = open_engine(location)
+    try:
+        if isinstance(eng, SqliteEngine) and is_legacy(eng.dir):
+            if not gallery_exists(eng.dir):
+                migrate_legacy(eng.dir, label=eng.label, accept_torn_tail=accept_torn_tail)
+                eng.reopen()
+            else:
+                log.warning(
+                    "gallery %s: old layout files beside the database are ignored", eng.label
+                )
+        return GalleryStore(eng, meta=meta, verify=verify)
+    except BaseException:
+        eng.close()
+        raise
+
+
+def migrate_legacy(
+    directory: str | os.PathLike[str], *, label: str, accept_torn_tail: bool = False
+) -> None:
+    """One-shot migration of an old-layout gallery into ``gallery.sqlite3``.
+
+    The database is built under another name and renamed into place only when whole
+    and verified; the old files are removed afterwards (kept in ``legacy/`` when
+    anything was in doubt). A crash at any point leaves the old gallery readable.
+
+    Raises:
+        StorageCorruptError: the old gallery fails a check (nothing is changed).
+    """
+    d = Path(directory)
+    old = read_legacy(d, label=label, accept_torn_tail=accept_torn_tail)
+    for suffix in ("", "-wal", "-shm", ".new", ".lock"):
+        Path(str(d / MIGRATING_NAME) + suffix).unlink(missing_ok=True)  # our own leftovers
+    eng = SqliteEngine(d, label=label, db_name=MIGRATING_NAME)
+    try:
+        st = GalleryStore(eng, meta=old.meta, verify=False)
+        k = _per_block(old.meta)
+        live_blocks = {int(n.rpartition("-")[2]) for n in old.blocks if n[-1:].isdigit()}
+        suspect = [
+            s
+            for s, ident in enumerate(old.slots)
+            if not ident and (k is None or s // k in live_blocks)
+        ]
+        for name in sorted(old.blocks):
+            arr = np.load(old.block_path(d, name), allow_pickle=False)
+            st.commit(blocks=[st.stage_block(name, arr)])
+        st.commit(
+            slots=list(enumerate(old.slots)),
+            mark_dead=suspect,
+            ids_version=old.ids_version + 1,  # edges holding the old list refresh it
+        )
+        st.verify_blocks()
+    finally:
+        eng.close()
+    src = d / MIGRATING_NAME
+    os.replace(src, d / DB_NAME)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    Path(str(src) + ".lock").unlink(missing_ok=True)
+    retire_legacy(d, old, label=label)
+    log.info("gallery %s: migrated %d slots, %d blocks", label, len(old.slots), len(old.blocks))
+
+
+def _per_block(meta: dict[str, Any]) -> int | None:
+    from cipherface.store.base import slots_per_block
+
+    return slots_per_block(meta)
+
+
+__all__ = [
+    "BlockRef",
+    "Engine",
+    "GalleryStore",
+    "StagedBlock",
+    "StorageError",
+    "gallery_location",
+    "migrate_legacy",
+    "open_store",
+    "split_location",
+    "store_exists",
+]

@@ -1,0 +1,481 @@
+"""The gallery store: one interface over a transactional metadata database and
+immutable, checksummed ciphertext blocks.
+
+A gallery's state is a list of slots (``None`` free, ``""`` dead for the Paillier
+layout, else an identity), a map of named blocks (numpy arrays, one immutable
+*version* each) and ``ids_version``. Engines (:mod:`cipherface.store.sqlite`,
+:mod:`cipherface.store.postgres`) keep it in one database; every change is one
+transaction, and the in-memory copy changes only after that transaction commits.
+
+Integrity does not rely on the engine: every row carries a 63-bit BLAKE2b check of
+its own fields, the gallery row holds the count and the sum of those checks (so a
+lost or added row is seen as well as a flipped one), and every block carries the
+BLAKE2b-256 digest of its bytes, verified at open and again on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import struct
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from cipherface.errors import GalleryError, StorageCorruptError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # the schema/row-check version written in every gallery row
+_MASK = (1 << 63) - 1  # row checks fit a signed 64-bit database integer
+_I64 = struct.Struct(">q")
+
+
+def row_check(*fields: object) -> int:
+    """63-bit BLAKE2b check of a row's fields (type-tagged, so None != "" != 0)."""
+    h = hashlib.blake2b(digest_size=8, person=b"cf-store-row")
+    for f in fields:
+        if f is None:
+            h.update(b"N")
+        elif isinstance(f, bool):
+            h.update(b"T" if f else b"F")
+        elif isinstance(f, int):
+            h.update(b"I" + _I64.pack(f))
+        elif isinstance(f, str):
+            b = f.encode("utf-8", "surrogatepass")
+            h.update(b"S" + _I64.pack(len(b)) + b)
+        elif isinstance(f, bytes):
+            h.update(b"B" + _I64.pack(len(f)) + f)
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"cannot check a {type(f).__name__}")
+    return int.from_bytes(h.digest(), "big") & _MASK
+
+
+def block_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotRow:
+    slot: int
+    ident: str | None
+    dead: bool  # held an identity whose ciphertext may still be in its block
+
+    @property
+    def check(self) -> int:
+        return row_check("slot", self.slot, self.ident, self.dead)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockRef:
+    """One committed block version (the row; the bytes live in the database)."""
+
+    name: str
+    version: int
+    nbytes: int
+    digest: str
+
+    @property
+    def check(self) -> int:
+        return row_check("block", self.name, self.version, self.nbytes, self.digest)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GalleryRow:
+    format: int
+    meta: bytes  # msgpack map
+    ids_version: int
+    seq: int  # +1 per commit: the optimistic-concurrency token of shared engines
+    nslots: int
+    slot_sum: int
+    block_sum: int
+    nblocks: int
+
+    @property
+    def check(self) -> int:
+        return row_check(
+            "gallery",
+            self.format,
+            self.meta,
+            self.ids_version,
+            self.seq,
+            self.nslots,
+            self.slot_sum,
+            self.block_sum,
+            self.nblocks,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagedBlock:
+    """A block version written by :meth:`GalleryStore.stage_block`, published by commit."""
+
+    ref: BlockRef
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """Everything an engine reads at open (rows are checked by the caller)."""
+
+    gallery: GalleryRow
+    gallery_check: int
+    slots: list[tuple[SlotRow, int]]  # (row, stored check)
+    blocks: list[tuple[BlockRef, int]]
+
+
+class Engine(ABC):
+    """What a database must do for :class:`GalleryStore` (one gallery per instance)."""
+
+    label: str  # names the gallery in errors: never a server path
+
+    @abstractmethod
+    def read(self) -> Snapshot | None:
+        """The committed state, or None when the gallery does not exist."""
+
+    @abstractmethod
+    def create(self, gallery: GalleryRow) -> None:
+        """Create the gallery (one transaction)."""
+
+    @abstractmethod
+    def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
+        """A block's row, its stored check and its bytes; None if the row is missing."""
+
+    @abstractmethod
+    def write(
+        self,
+        *,
+        expect_seq: int,
+        gallery: GalleryRow,
+        slots: list[SlotRow],
+        blocks: list[StagedBlock],
+        drop: list[str],
+    ) -> None:
+        """Apply one change in one transaction; raise on any failure (nothing applied)."""
+
+    @abstractmethod
+    def current_seq(self) -> int | None:
+        """The committed ``seq`` (cheap): differs from ours when another worker wrote."""
+
+    def after_erase(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Push freed block bytes out of the engine's files (called after drops/replaces)."""
+
+    def block_bytes(self) -> int:
+        """Bytes the gallery takes on disk (approximate for shared databases)."""
+        return 0
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def slots_per_block(meta: dict[str, Any]) -> int | None:
+    """How many slots a block covers (block ``<kind>-<number>`` covers number*k ..)."""
+    params, packing = meta.get("params"), meta.get("packing")
+    if isinstance(params, dict) and isinstance(params.get("n"), int):
+        return int(params["n"])
+    if isinstance(packing, dict) and isinstance(packing.get("slots"), int):
+        return int(packing["slots"])
+    return None
+
+
+def block_number(name: str) -> int | None:
+    _, _, tail = name.rpartition("-")
+    return int(tail) if tail.isdigit() else None
+
+
+def encode_array(array: npt.NDArray[Any]) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_array(data: bytes, what: str) -> npt.NDArray[Any]:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StorageCorruptError(f"{what} cannot be read: {exc}") from exc
+    arr.flags.writeable = False  # shared by caches: nobody edits a committed version
+    return arr
+
+
+class GalleryStore:
+    """One gallery: slots, blocks and ``ids_version`` over an :class:`Engine`.
+
+    Not thread-safe for writers (one writer per gallery object; the galleries lock).
+
+    Args:
+        engine: the database holding this gallery.
+        meta: required to create a gallery; checked against the stored one otherwise
+            (``scheme``, ``key_id``, ``dim`` must match).
+        verify: read every block and check its digest at open.
+
+    Raises:
+        StorageCorruptError: a row or block fails its check, or rows are missing.
+        GalleryError: ``meta`` disagrees with the stored gallery, or no gallery and no meta.
+        StorageError: the database cannot be read.
+    """
+
+    def __init__(
+        self, engine: Engine, *, meta: dict[str, Any] | None = None, verify: bool = True
+    ) -> None:
+        self.engine = engine
+        self.label = engine.label
+        self._lock = threading.Lock()
+        snap = engine.read()
+        if snap is None:
+            if meta is None:
+                raise GalleryError(f"no gallery {self.label}")
+            row = GalleryRow(
+                format=FORMAT,
+                meta=msgpack.packb(meta, use_bin_type=True),
+                ids_version=0,
+                seq=0,
+                nslots=0,
+                slot_sum=0,
+                block_sum=0,
+                nblocks=0,
+            )
+            engine.create(row)
+            snap = engine.read()
+            if snap is None:
+                raise StorageCorruptError(f"gallery {self.label} vanished after creation")
+        self._load(snap)
+        if meta is not None:
+            for k in ("scheme", "key_id", "dim"):
+                if k in meta and self.meta.get(k) != meta[k]:
+                    raise GalleryError(
+                        f"gallery {self.label} holds {k}={self.meta.get(k)!r}, not "
+                        f"{meta[k]!r}: re-enroll under the new key or use another gallery"
+                    )
+        if verify:
+            self.verify_blocks()
+
+    # ------------------------------------------------------------------ reading
+    def _corrupt(self, what: str) -> StorageCorruptError:
+        return StorageCorruptError(f"gallery {self.label}: {what}")
+
+    def _load(self, snap: Snapshot) -> None:
+        g = snap.gallery
+        if snap.gallery_check != g.check:
+            raise self._corrupt("the gallery row fails its check")
+        if g.format != FORMAT:
+            raise self._corrupt(f"unknown store format {g.format}")
+        try:
+            meta = msgpack.unpackb(g.meta, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise self._corrupt(f"meta cannot be read: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise self._corrupt("meta is not a map")
+        slots: list[str | None] = [None] * g.nslots
+        dead = bytearray(g.nslots)
+        seen = bytearray(g.nslots)
+        total = 0
+        for row, stored in snap.slots:
+            if stored != row.check or not 0 <= row.slot < g.nslots or seen[row.slot]:
+                raise self._corrupt(f"slot row {row.slot} fails its check")
+            seen[row.slot] = 1
+            slots[row.slot] = row.ident
+            dead[row.slot] = row.dead
+            total += stored
+        if len(snap.slots) != g.nslots or total & _MASK != g.slot_sum:
+            raise self._corrupt(
+                f"{g.nslots} slot rows expected, {len(snap.slots)} found (rows lost or altered)"
+            )
+        blocks: dict[str, BlockRef] = {}
+        total = 0
+        for ref, stored in snap.blocks:
+            if stored != ref.check or ref.name in blocks:
+                raise self._corrupt(f"block row {ref.name!r} fails its check")
+            blocks[ref.name] = ref
+            total += stored
+        if len(blocks) != g.nblocks or total & _MASK != g.block_sum:
+            raise self._corrupt(
+                f"{g.nblocks} block rows expected, {len(blocks)} found (rows lost or altered)"
+            )
+        self.meta: dict[str, Any] = meta
+        self.slots: list[str | None] = slots
+        self.blocks: dict[str, BlockRef] = blocks
+        self.ids_version = g.ids_version
+        self._dead = dead
+        self._row = g
+
+    @property
+    def seq(self) -> int:
+        return self._row.seq
+
+    def stale(self) -> bool:
+        """True when another process committed since we read (shared engines)."""
+        cur = self.engine.current_seq()
+        return cur != self._row.seq
+
+    def dead_slots(self) -> int:
+        """Slots whose identity was deleted or replaced while its block still exists."""
+        k = slots_per_block(self.meta)
+        if k is None:
+            return sum(self._dead)
+        live = {n for n in (block_number(b) for b in self.blocks) if n is not None}
+        return sum(1 for s, d in enumerate(self._dead) if d and s // k in live)
+
+    def live_count(self) -> int:
+        return sum(1 for s in self.slots if s)
+
+    def load_block(self, name: str) -> npt.NDArray[Any]:
+        """Read a committed block into memory, verifying its digest (read-only array).
+
+        Raises:
+            KeyError: no such block.
+            StorageCorruptError: the block is missing, truncated or altered.
+        """
+        ref = self.blocks[name]
+        got = self.engine.read_block(name)
+        if got is None:
+            raise self._corrupt(f"block {name} is missing")
+        row, stored, data = got
+        if row != ref or stored != ref.check:
+            raise self._corrupt(f"block {name} row changed under us (version {row.version})")
+        if len(data) != ref.nbytes:
+            raise self._corrupt(f"block {name} is {len(data)} bytes, expected {ref.nbytes}")
+        if block_digest(data) != ref.digest:
+            raise self._corrupt(f"block {name} fails its checksum")
+        return decode_array(data, f"gallery {self.label}: block {name}")
+
+    def verify_blocks(self) -> None:
+        """Read every block and check its size and digest.
+
+        Raises:
+            StorageCorruptError: a block is missing, truncated or altered.
+        """
+        for name in sorted(self.blocks):
+            self.load_block(name)
+
+    # ------------------------------------------------------------------ writing
+    def stage_block(self, name: str, array: npt.NDArray[Any]) -> StagedBlock:
+        """Prepare a new version of block ``name`` (nothing is written until :meth:`commit`)."""
+        data = encode_array(array)
+        version = self.blocks[name].version + 1 if name in self.blocks else 1
+        ref = BlockRef(name=name, version=version, nbytes=len(data), digest=block_digest(data))
+        return StagedBlock(ref=ref, data=data)
+
+    def commit(
+        self,
+        *,
+        blocks: Iterable[StagedBlock] = (),
+        slots: Iterable[tuple[int, str | None]] = (),
+        drop_blocks: Iterable[str] = (),
+        mark_dead: Iterable[int] = (),
+        ids_version: int | None = None,
+    ) -> None:
+        """Publish staged blocks, slot changes and block drops in one transaction.
+
+        ``mark_dead`` (migration, import) flags free slots whose old ciphertext may still
+        be in their block; ``ids_version`` sets the version (never lower than now).
+
+        Durable on return; on any exception nothing changed, in memory or on disk.
+
+        Raises:
+            StorageFullError: no space left (retryable).
+            StorageConflictError: another worker wrote this gallery first (retryable).
+            StorageError: the database failed.
+        """
+        staged = list(blocks)
+        changes = list(slots)
+        drops = [n for n in dict.fromkeys(drop_blocks) if n in self.blocks]
+        with self._lock:
+            g = self._row
+            nslots = g.nslots
+            for s, _ in changes:
+                if s < 0:
+                    raise ValueError(f"slot {s} < 0")
+                nslots = max(nslots, s + 1)
+            rows: dict[int, SlotRow] = {
+                s: SlotRow(slot=s, ident=None, dead=False) for s in range(g.nslots, nslots)
+            }
+
+            def current(s: int) -> SlotRow:
+                if s in rows:
+                    return rows[s]
+                return SlotRow(slot=s, ident=self.slots[s], dead=bool(self._dead[s]))
+
+            slot_sum = g.slot_sum
+            old_checks: dict[int, int] = {}
+            for s, ident in changes:
+                prev = current(s)
+                if s < g.nslots and s not in old_checks:
+                    old_checks[s] = prev.check
+                dead = not ident and (bool(prev.ident) or prev.dead)
+                rows[s] = SlotRow(slot=s, ident=ident, dead=dead)
+            for s in mark_dead:
+                prev = current(s)
+                if not prev.ident and not prev.dead:
+                    if s < g.nslots and s not in old_checks:
+                        old_checks[s] = prev.check
+                    rows[s] = replace(prev, dead=True)
+            k = slots_per_block(self.meta)
+            if k is not None:  # a dropped block takes its dead slots' ciphertext with it
+                for name in drops:
+                    b = block_number(name)
+                    if b is None:
+                        continue
+                    for s in range(b * k, min((b + 1) * k, nslots)):
+                        prev = current(s)
+                        if prev.dead:
+                            if s < g.nslots and s not in old_checks:
+                                old_checks[s] = prev.check
+                            rows[s] = replace(prev, dead=False)
+            slot_sum = slot_sum - sum(old_checks.values()) + sum(r.check for r in rows.values())
+            new_blocks = dict(self.blocks)
+            block_sum = g.block_sum
+            for name in drops:
+                block_sum -= new_blocks.pop(name).check
+            for st in staged:
+                old = new_blocks.get(st.ref.name)
+                if old is not None:
+                    block_sum -= old.check
+                new_blocks[st.ref.name] = st.ref
+                block_sum += st.ref.check
+            row = GalleryRow(
+                format=FORMAT,
+                meta=g.meta,
+                ids_version=max(
+                    g.ids_version + (1 if changes or drops else 0),
+                    g.ids_version if ids_version is None else ids_version,
+                ),
+                seq=g.seq + 1,
+                nslots=nslots,
+                slot_sum=slot_sum & _MASK,
+                block_sum=block_sum & _MASK,
+                nblocks=len(new_blocks),
+            )
+            self.engine.write(
+                expect_seq=g.seq,
+                gallery=row,
+                slots=sorted(rows.values(), key=lambda r: r.slot),
+                blocks=staged,
+                drop=drops,
+            )
+            # Committed: only now does the in-memory state follow.
+            if nslots > len(self.slots):
+                self.slots.extend([None] * (nslots - len(self.slots)))
+                self._dead.extend(bytes(nslots - len(self._dead)))
+            for s, r in rows.items():
+                self.slots[s] = r.ident
+                self._dead[s] = r.dead
+            self.blocks = new_blocks
+            self.ids_version = row.ids_version
+            self._row = row
+        if drops or any(st.ref.version > 1 for st in staged):
+            try:
+                self.engine.after_erase()
+            except Exception as exc:  # the commit stands; erasure is retried by compact
+                log.warning("gallery %s: pushing out freed blocks failed: %s", self.label, exc)
+
+    def close(self) -> None:
+        """Release the database connection and any lock."""
+        self.engine.close()

@@ -1,0 +1,325 @@
+"""PostgreSQL engine (psycopg 3): many cloud workers share one database.
+
+All galleries live in three tables (``cf_galleries``, ``cf_slots``, ``cf_blocks``),
+blocks as ``bytea`` (stored EXTERNAL: ciphertext does not compress). Every commit
+locks the gallery row (``SELECT ... FOR UPDATE``) and checks ``seq``: a worker whose
+copy is older gets :class:`~cipherface.errors.StorageConflictError` (retryable) and
+never overwrites another worker's commit; :meth:`GalleryStore.stale` tells a worker
+to reload. One connection per process and database URL serves every gallery.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from cipherface.errors import (
+    StorageConflictError,
+    StorageCorruptError,
+    StorageError,
+    StorageFullError,
+)
+from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
+
+_T = TypeVar("_T")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cf_galleries (
+    gid BIGSERIAL PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+    format INTEGER NOT NULL, meta BYTEA NOT NULL, ids_version BIGINT NOT NULL,
+    seq BIGINT NOT NULL, nslots BIGINT NOT NULL, slot_sum BIGINT NOT NULL,
+    block_sum BIGINT NOT NULL, nblocks BIGINT NOT NULL, chk BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS cf_slots (
+    gid BIGINT NOT NULL REFERENCES cf_galleries (gid), slot BIGINT NOT NULL,
+    ident TEXT, dead BOOLEAN NOT NULL, chk BIGINT NOT NULL, PRIMARY KEY (gid, slot));
+CREATE TABLE IF NOT EXISTS cf_blocks (
+    gid BIGINT NOT NULL REFERENCES cf_galleries (gid), name TEXT NOT NULL,
+    version INTEGER NOT NULL, nbytes BIGINT NOT NULL, digest TEXT NOT NULL,
+    chk BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (gid, name));
+ALTER TABLE cf_blocks ALTER COLUMN data SET STORAGE EXTERNAL;
+"""
+_GCOLS = "format, meta, ids_version, seq, nslots, slot_sum, block_sum, nblocks, chk"
+_SELECT_GALLERY = f"SELECT gid, {_GCOLS} FROM cf_galleries WHERE name = %s"  # noqa: S608
+_INSERT_GALLERY = (
+    f"INSERT INTO cf_galleries (name, {_GCOLS}) "  # noqa: S608 - constant column list
+    "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (name) DO NOTHING"
+)
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise StorageError(
+            'the PostgreSQL store needs psycopg 3: pip install "cipherface-mqtt[postgres]"'
+        ) from exc
+    return psycopg
+
+
+def pg_error(exc: BaseException, label: str, doing: str) -> StorageError:
+    """Map a psycopg error to the project's storage errors (no DSN or host in the text)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    if state == "53100":  # disk_full
+        return StorageFullError(f"gallery {label}: no space left while {doing}")
+    if state.startswith("XX0"):  # data_corrupted, index_corrupted
+        return StorageCorruptError(f"gallery {label}: database damaged ({state})")
+    return StorageError(f"gallery {label}: {doing} failed ({type(exc).__name__} {state})".strip())
+
+
+class _Shared:
+    """One connection per database URL per process (galleries come and go, 64 at once)."""
+
+    _lock = threading.Lock()
+    _conns: dict[str, tuple[Any, threading.RLock]] = {}  # noqa: RUF012
+
+    @classmethod
+    def get(cls, dsn: str) -> tuple[Any, threading.RLock]:
+        with cls._lock:
+            got = cls._conns.get(dsn)
+            if got is not None and not got[0].closed:
+                return got
+            pg = _psycopg()
+            conn = pg.connect(dsn, autocommit=True)
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(7305716)")  # one schema creator
+                conn.execute(_SCHEMA)
+            got = (conn, threading.RLock())
+            cls._conns[dsn] = got
+            return got
+
+    @classmethod
+    def drop(cls, dsn: str, conn: Any) -> None:
+        with cls._lock:
+            if cls._conns.get(dsn, (None,))[0] is conn:
+                del cls._conns[dsn]
+        try:
+            conn.close()
+        except Exception:  # noqa: S110 - a broken connection may fail to close
+            pass
+
+    @classmethod
+    def close_all(cls) -> None:
+        with cls._lock:
+            conns, cls._conns = list(cls._conns.values()), {}
+        for conn, _ in conns:
+            conn.close()
+
+
+class PostgresEngine(Engine):
+    """A gallery named ``name`` in the PostgreSQL database at ``dsn``.
+
+    Args:
+        dsn: ``postgresql://...`` URL.
+        name: the gallery's unique name (the cloud uses ``site/kid``); also its label.
+
+    Raises:
+        StorageError: the database is unreachable.
+    """
+
+    def __init__(self, dsn: str, *, name: str) -> None:
+        self.dsn = dsn
+        self.name = name
+        self.label = name
+        self.gid: int | None = None
+        self._run(lambda c: None, "connecting")
+
+    def _run(self, fn: Callable[[Any], _T], doing: str) -> _T:
+        pg = _psycopg()
+        try:
+            conn, lock = _Shared.get(self.dsn)
+        except pg.Error as exc:
+            raise pg_error(exc, self.label, "connecting") from exc
+        with lock:
+            try:
+                return fn(conn)
+            except pg.OperationalError as exc:
+                if conn.broken or conn.closed:
+                    _Shared.drop(self.dsn, conn)
+                raise pg_error(exc, self.label, doing) from exc
+            except pg.Error as exc:
+                raise pg_error(exc, self.label, doing) from exc
+
+    @contextmanager
+    def _tx(self, conn: Any) -> Iterator[Any]:
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    # ------------------------------------------------------------------ reading
+    def read(self) -> Snapshot | None:
+        def go(conn: Any) -> Snapshot | None:
+            with self._tx(conn) as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur.execute(_SELECT_GALLERY, (self.name,))
+                g = cur.fetchone()
+                if g is None:
+                    return None
+                self.gid = int(g[0])
+                row = GalleryRow(
+                    format=g[1],
+                    meta=bytes(g[2]),
+                    ids_version=g[3],
+                    seq=g[4],
+                    nslots=g[5],
+                    slot_sum=g[6],
+                    block_sum=g[7],
+                    nblocks=g[8],
+                )
+                cur.execute(
+                    "SELECT slot, ident, dead, chk FROM cf_slots WHERE gid = %s", (self.gid,)
+                )
+                slots = [
+                    (SlotRow(slot=s, ident=i, dead=bool(d)), c) for s, i, d, c in cur.fetchall()
+                ]
+                cur.execute(
+                    "SELECT name, version, nbytes, digest, chk FROM cf_blocks WHERE gid = %s",
+                    (self.gid,),
+                )
+                blocks = [
+                    (BlockRef(name=n, version=v, nbytes=b, digest=d), c)
+                    for n, v, b, d, c in cur.fetchall()
+                ]
+            return Snapshot(gallery=row, gallery_check=g[9], slots=slots, blocks=blocks)
+
+        return self._run(go, "reading")
+
+    def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
+        def go(conn: Any) -> tuple[BlockRef, int, bytes] | None:
+            with conn.cursor(binary=True) as cur:
+                cur.execute(
+                    "SELECT version, nbytes, digest, chk, data FROM cf_blocks "
+                    "WHERE gid = %s AND name = %s",
+                    (self.gid, name),
+                )
+                got = cur.fetchone()
+            if got is None:
+                return None
+            v, nb, d, c, data = got
+            return BlockRef(name=name, version=v, nbytes=nb, digest=d), c, bytes(data)
+
+        return self._run(go, f"reading block {name}")
+
+    def current_seq(self) -> int | None:
+        def go(conn: Any) -> int | None:
+            got = conn.execute(
+                "SELECT seq FROM cf_galleries WHERE name = %s", (self.name,)
+            ).fetchone()
+            return None if got is None else int(got[0])
+
+        return self._run(go, "reading")
+
+    # ------------------------------------------------------------------ writing
+    def create(self, gallery: GalleryRow) -> None:
+        def go(conn: Any) -> None:
+            with self._tx(conn) as cur:
+                cur.execute(_INSERT_GALLERY, (self.name, *_gvals(gallery)))
+
+        self._run(go, "creating the gallery")
+
+    def write(
+        self,
+        *,
+        expect_seq: int,
+        gallery: GalleryRow,
+        slots: list[SlotRow],
+        blocks: list[StagedBlock],
+        drop: list[str],
+    ) -> None:
+        def go(conn: Any) -> None:
+            with self._tx(conn) as cur:
+                cur.execute("SELECT seq FROM cf_galleries WHERE gid = %s FOR UPDATE", (self.gid,))
+                got = cur.fetchone()
+                if got is None:
+                    raise StorageCorruptError(f"gallery {self.label}: gallery row missing")
+                if got[0] != expect_seq:
+                    raise StorageConflictError(
+                        f"gallery {self.label} was changed by another worker; retry"
+                    )
+                if slots:
+                    cur.executemany(
+                        "INSERT INTO cf_slots (gid, slot, ident, dead, chk) "
+                        "VALUES (%s,%s,%s,%s,%s) "
+                        "ON CONFLICT (gid, slot) DO UPDATE SET ident = EXCLUDED.ident, "
+                        "dead = EXCLUDED.dead, chk = EXCLUDED.chk",
+                        [(self.gid, r.slot, r.ident, r.dead, r.check) for r in slots],
+                    )
+                if drop:
+                    cur.execute(
+                        "DELETE FROM cf_blocks WHERE gid = %s AND name = ANY(%s)", (self.gid, drop)
+                    )
+                for st in blocks:
+                    r = st.ref
+                    cur.execute(
+                        "INSERT INTO cf_blocks (gid, name, version, nbytes, digest, chk, data) "
+                        "VALUES (%s,%s,%s,%s,%s,%s,%b) ON CONFLICT (gid, name) DO UPDATE SET "
+                        "version = EXCLUDED.version, nbytes = EXCLUDED.nbytes, "
+                        "digest = EXCLUDED.digest, chk = EXCLUDED.chk, data = EXCLUDED.data",
+                        (self.gid, r.name, r.version, r.nbytes, r.digest, r.check, st.data),
+                    )
+                cur.execute(
+                    "UPDATE cf_galleries SET format=%s, meta=%s, ids_version=%s, seq=%s, "
+                    "nslots=%s, slot_sum=%s, block_sum=%s, nblocks=%s, chk=%s WHERE gid = %s",
+                    (*_gvals(gallery), self.gid),
+                )
+
+        self._run(go, "committing")
+
+    def vacuum(self) -> None:
+        """VACUUM the block table: dead block versions' pages become reusable."""
+        self._run(lambda c: c.execute("VACUUM cf_blocks"), "vacuuming")
+
+    def block_bytes(self) -> int:
+        def go(conn: Any) -> int:
+            got = conn.execute(
+                "SELECT coalesce(sum(pg_column_size(data)), 0) FROM cf_blocks WHERE gid = %s",
+                (self.gid,),
+            ).fetchone()
+            return int(got[0])
+
+        return self._run(go, "measuring")
+
+    def close(self) -> None:
+        pass  # the connection is shared by the process's galleries
+
+
+def _gvals(g: GalleryRow) -> tuple[Any, ...]:
+    return (
+        g.format,
+        g.meta,
+        g.ids_version,
+        g.seq,
+        g.nslots,
+        g.slot_sum,
+        g.block_sum,
+        g.nblocks,
+        g.check,
+    )
+
+
+def drop_gallery(dsn: str, name: str) -> bool:
+    """Delete a gallery and all its rows (used by import's rollback and by tests)."""
+    eng = PostgresEngine(dsn, name=name)
+
+    def go(conn: Any) -> bool:
+        with conn.transaction():
+            got = conn.execute("SELECT gid FROM cf_galleries WHERE name = %s", (name,)).fetchone()
+            if got is None:
+                return False
+            for t in ("cf_blocks", "cf_slots"):
+                conn.execute(f"DELETE FROM {t} WHERE gid = %s", (got[0],))  # noqa: S608
+            conn.execute("DELETE FROM cf_galleries WHERE gid = %s", (got[0],))
+            return True
+
+    return eng._run(go, "dropping")
+
+
+def rename_gallery(dsn: str, old: str, new: str) -> None:
+    """Give a gallery another name in one statement (import builds under a temp name)."""
+    eng = PostgresEngine(dsn, name=old)
+    eng._run(
+        lambda c: c.execute("UPDATE cf_galleries SET name = %s WHERE name = %s", (new, old)),
+        "renaming",
+    )
+
+
+__all__ = ["PostgresEngine", "drop_gallery", "pg_error", "rename_gallery"]

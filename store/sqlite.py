@@ -1,0 +1,332 @@
+"""SQLite engine: one database file per gallery (WAL, synchronous=FULL, secure_delete).
+
+One file per gallery keeps damage to one site's gallery from reaching the others, and
+makes a gallery one file to back up. Blocks are BLOBs in the same database, so a
+commit covers metadata and ciphertext in one transaction (see docs/storage.md for the
+measurement behind that choice). ``secure_delete`` zeroes freed pages and every commit
+that frees a block ends with a TRUNCATE checkpoint, so a replaced or dropped block's
+bytes leave both the database and its WAL right after the commit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import IO
+
+from cipherface.errors import (
+    StorageCorruptError,
+    StorageError,
+    StorageFullError,
+)
+from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
+
+DB_NAME = "gallery.sqlite3"
+_SCHEMA = """
+CREATE TABLE gallery (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    format INTEGER NOT NULL, meta BLOB NOT NULL, ids_version INTEGER NOT NULL,
+    seq INTEGER NOT NULL, nslots INTEGER NOT NULL, slot_sum INTEGER NOT NULL,
+    block_sum INTEGER NOT NULL, nblocks INTEGER NOT NULL, chk INTEGER NOT NULL);
+CREATE TABLE slots (
+    slot INTEGER PRIMARY KEY, ident TEXT, dead INTEGER NOT NULL, chk INTEGER NOT NULL);
+CREATE TABLE blocks (
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, nbytes INTEGER NOT NULL,
+    digest TEXT NOT NULL, chk INTEGER NOT NULL, data BLOB NOT NULL);
+"""
+_FULL = {"SQLITE_FULL"}
+_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"}
+
+
+def db_error(exc: BaseException, label: str, doing: str) -> StorageError:
+    """Map a sqlite3/OS error to the project's storage errors (no paths in the text)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    errno = getattr(exc, "errno", None)
+    if name in _FULL or "disk is full" in text or errno == 28:  # ENOSPC
+        return StorageFullError(f"gallery {label}: no space left while {doing}")
+    if name in _CORRUPT or "malformed" in text or "not a database" in text:
+        return StorageCorruptError(f"gallery {label}: database damaged ({name or text})")
+    return StorageError(f"gallery {label}: {doing} failed ({name or type(exc).__name__})")
+
+
+def gallery_exists(directory: str | os.PathLike[str]) -> bool:
+    return (Path(directory) / DB_NAME).exists()
+
+
+class SqliteEngine(Engine):
+    """A gallery in ``directory/gallery.sqlite3``, locked to one process (flock).
+
+    Args:
+        directory: the gallery directory (created if missing).
+        db_name: the database file's name in it.
+        label: how errors name the gallery (e.g. ``site/kid``).
+
+    Raises:
+        StorageError: locked by another process, or the database cannot be opened.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, label: str, db_name: str = DB_NAME
+    ) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / db_name
+        self.label = label
+        self._mu = threading.Lock()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock = ".lock" if db_name == DB_NAME else db_name + ".lock"  # .lock: as before
+            self._lockfile: IO[bytes] = open(self.dir / lock, "a+b")
+        except OSError as exc:
+            raise db_error(exc, label, "opening") from exc
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lockfile.close()
+            raise StorageError(f"gallery {label} is open in another process") from None
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = self._connect()
+        except BaseException:
+            self._lockfile.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if not self.path.exists():
+            return None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(f"gallery {self.label}: WAL mode refused ({mode})")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")
+            db.execute("PRAGMA cell_size_check=ON")
+            return db
+        except sqlite3.Error as exc:
+            raise db_error(exc, self.label, "opening") from exc
+
+    def reopen(self) -> None:
+        """Connect to a database file put in place after this engine opened (migration)."""
+        with self._mu:
+            if self._db is None:
+                self._db = self._connect()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageCorruptError(f"gallery {self.label}: database missing")
+        return self._db
+
+    # ------------------------------------------------------------------ reading
+    def read(self) -> Snapshot | None:
+        if self._db is None:
+            if Path(str(self.path) + "-wal").exists():  # its log survived: not a new gallery
+                raise StorageCorruptError(f"gallery {self.label}: database file missing")
+            return None
+        with self._mu:
+            try:
+                db = self._db
+                g = db.execute(
+                    "SELECT format, meta, ids_version, seq, nslots, slot_sum, block_sum, "
+                    "nblocks, chk FROM gallery WHERE id = 1"
+                ).fetchall()
+                if len(g) != 1:
+                    raise StorageCorruptError(f"gallery {self.label}: gallery row missing")
+                f = g[0]
+                row = GalleryRow(
+                    format=f[0],
+                    meta=bytes(f[1]),
+                    ids_version=f[2],
+                    seq=f[3],
+                    nslots=f[4],
+                    slot_sum=f[5],
+                    block_sum=f[6],
+                    nblocks=f[7],
+                )
+                slots = [
+                    (SlotRow(slot=s, ident=i, dead=bool(d)), c)
+                    for s, i, d, c in db.execute("SELECT slot, ident, dead, chk FROM slots")
+                ]
+                blocks = [
+                    (BlockRef(name=n, version=v, nbytes=b, digest=d), c)
+                    for n, v, b, d, c in db.execute(
+                        "SELECT name, version, nbytes, digest, chk FROM blocks"
+                    )
+                ]
+            except sqlite3.Error as exc:
+                raise db_error(exc, self.label, "reading") from exc
+            except (TypeError, ValueError) as exc:
+                raise StorageCorruptError(f"gallery {self.label}: bad row ({exc})") from exc
+        return Snapshot(gallery=row, gallery_check=f[8], slots=slots, blocks=blocks)
+
+    def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
+        with self._mu:
+            try:
+                got = (
+                    self._conn()
+                    .execute(
+                        "SELECT version, nbytes, digest, chk, data FROM blocks WHERE name = ?",
+                        (name,),
+                    )
+                    .fetchone()
+                )
+            except sqlite3.Error as exc:
+                raise db_error(exc, self.label, f"reading block {name}") from exc
+        if got is None:
+            return None
+        v, nb, d, c, data = got
+        return BlockRef(name=name, version=v, nbytes=nb, digest=d), c, bytes(data)
+
+    def current_seq(self) -> int | None:
+        with self._mu:
+            try:
+                got = self._conn().execute("SELECT seq FROM gallery WHERE id = 1").fetchone()
+            except sqlite3.Error as exc:
+                raise db_error(exc, self.label, "reading") from exc
+        return None if got is None else int(got[0])
+
+    # ------------------------------------------------------------------ writing
+    def create(self, gallery: GalleryRow) -> None:
+        tmp = Path(str(self.path) + ".new")
+        try:
+            for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+                p.unlink(missing_ok=True)
+            db = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=DELETE")
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript("BEGIN;" + _SCHEMA)
+                _put_gallery(db, gallery, insert=True)
+                db.execute("COMMIT")
+            finally:
+                db.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)  # the gallery exists whole or not at all
+            _fsync_dir(self.dir)
+        except (sqlite3.Error, OSError) as exc:
+            raise db_error(exc, self.label, "creating the gallery") from exc
+        self._db = self._connect()
+
+    def write(
+        self,
+        *,
+        expect_seq: int,
+        gallery: GalleryRow,
+        slots: list[SlotRow],
+        blocks: list[StagedBlock],
+        drop: list[str],
+    ) -> None:
+        with self._mu:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = db.execute("SELECT seq FROM gallery WHERE id = 1").fetchone()
+                    if cur is None or cur[0] != expect_seq:
+                        raise StorageCorruptError(
+                            f"gallery {self.label}: stored seq {cur} is not {expect_seq}"
+                        )
+                    db.executemany(
+                        "INSERT OR REPLACE INTO slots (slot, ident, dead, chk) VALUES (?,?,?,?)",
+                        [(r.slot, r.ident, int(r.dead), r.check) for r in slots],
+                    )
+                    db.executemany("DELETE FROM blocks WHERE name = ?", [(n,) for n in drop])
+                    for st in blocks:
+                        r = st.ref
+                        db.execute(
+                            "INSERT OR REPLACE INTO blocks (name, version, nbytes, digest, chk, "
+                            "data) VALUES (?,?,?,?,?,?)",
+                            (r.name, r.version, r.nbytes, r.digest, r.check, st.data),
+                        )
+                    _put_gallery(db, gallery, insert=False)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise db_error(exc, self.label, "committing") from exc
+
+    def after_erase(self) -> None:
+        with self._mu:
+            try:
+                self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as exc:
+                raise db_error(exc, self.label, "checkpointing") from exc
+
+    def block_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+    def vacuum(self) -> None:
+        """Rewrite the file without free pages (returns space to the filesystem)."""
+        with self._mu:
+            try:
+                self._conn().execute("VACUUM")
+                self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as exc:
+                raise db_error(exc, self.label, "vacuuming") from exc
+
+    def integrity(self) -> list[str]:
+        """SQLite's own structural check (``PRAGMA integrity_check``): [] when sound."""
+        with self._mu:
+            try:
+                rows = self._conn().execute("PRAGMA integrity_check").fetchall()
+            except sqlite3.Error as exc:
+                return [str(db_error(exc, self.label, "checking"))]
+        msgs = [str(r[0]) for r in rows]
+        return [] if msgs == ["ok"] else msgs
+
+    def close(self) -> None:
+        with self._mu:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        self._lockfile.close()
+
+
+def _put_gallery(db: sqlite3.Connection, g: GalleryRow, *, insert: bool) -> None:
+    vals = (
+        g.format,
+        g.meta,
+        g.ids_version,
+        g.seq,
+        g.nslots,
+        g.slot_sum,
+        g.block_sum,
+        g.nblocks,
+        g.check,
+    )
+    if insert:
+        db.execute(
+            "INSERT INTO gallery (id, format, meta, ids_version, seq, nslots, slot_sum, "
+            "block_sum, nblocks, chk) VALUES (1,?,?,?,?,?,?,?,?,?)",
+            vals,
+        )
+    else:
+        cur = db.execute(
+            "UPDATE gallery SET format=?, meta=?, ids_version=?, seq=?, nslots=?, slot_sum=?, "
+            "block_sum=?, nblocks=?, chk=? WHERE id = 1",
+            vals,
+        )
+        if cur.rowcount != 1:
+            raise StorageCorruptError("gallery row missing")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
