@@ -21,6 +21,10 @@ COPY cipherface ./cipherface
 COPY crypto ./crypto
 COPY protocol ./protocol
 COPY agents ./agents
+COPY faces ./faces
+COPY cameras ./cameras
+COPY store ./store
+COPY testing ./testing
 RUN pip install "/src${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 
 # An unprivileged user; /data and /keys are named volumes, which start with the

@@ -93,6 +93,11 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="key directory made by keygen (env CIPHERFACE_KEYS)",
     )
+    g.add_argument(
+        "--allow-insecure-key-permissions",
+        action="store_true",
+        help="load a private key that group/others can read (refused by default)",
+    )
     g.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (env CIPHERFACE_SITE)")
     g.add_argument(
         "--gateway", default=_env("CIPHERFACE_GATEWAY"), help="gateway id (env CIPHERFACE_GATEWAY)"
@@ -183,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         metavar="N",
         help="most verifies scored in one engine call (default 32; 1 = no batching)",
+    )
+    p.add_argument(
+        "--fast-threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="threads serving verify and ids.get (default 2)",
     )
     p.set_defaults(func=_cmd_cloud)
 
@@ -317,7 +329,10 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from cipherface.crypto.sites import load_edge_cipher
 
     _require(args, "keys", "site", "gateway")
-    cipher = load_edge_cipher(args.keys)
+    cipher = load_edge_cipher(
+        args.keys,
+        allow_insecure_permissions=getattr(args, "allow_insecure_key_permissions", False),
+    )
     guard = load_guard(args.keys, cipher, budget=args.decision_budget)
     if guard is None:
         logging.getLogger("cipherface").warning(
@@ -427,6 +442,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         share_group=None if args.no_share else args.share_group,
         store=args.store,
         max_batch=args.max_batch,
+        fast_threads=args.fast_threads,
     )
     stop = _stop_on_signals()
     agent.start()

@@ -316,6 +316,8 @@ class CloudAgent:
             giving up on acknowledging the request (it will then be redelivered).
         reply_cache: the dedup cache (default: 10k entries, 256 MB, 15 min).
         max_batch: the most verifies scored in one engine call (1: no batching).
+        fast_threads: fast-lane threads: while one is inside the engine's kernels
+            (which release the GIL), another decodes and publishes.
         receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
             to this agent before it acknowledges any.
         store: gallery store: ``sqlite:`` (one SQLite file per gallery under
@@ -339,6 +341,7 @@ class CloudAgent:
         publish_timeout: float = 30.0,
         reply_cache: ReplyCache | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        fast_threads: int = 2,
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
         share_check_s: float = 3.0,
         store: str = "sqlite:",
@@ -346,6 +349,7 @@ class CloudAgent:
         if max_batch < 1 or not 1 <= receive_maximum <= 65535:
             raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
         self.max_batch = max_batch
+        self.fast_threads = max(1, fast_threads)
         self.receive_maximum = receive_maximum
         self.agent_id = validate_id(agent_id, what="agent id")
         self.sites = None if sites is None else tuple(validate_id(s, what="site") for s in sites)
@@ -385,6 +389,7 @@ class CloudAgent:
             "slow": queue.Queue(),
         }
         self._workers: list[threading.Thread] = []
+        self._worker_lanes: list[Lane] = []
         self._acks: AckQueue | None = None
         self._lock_fd: int | None = None
         self._conn: Connection | None = None
@@ -570,9 +575,12 @@ class CloudAgent:
             done=self._done,
             refused=self._reply_refused,
         )
+        lanes: list[Lane] = ["slow"]
+        lanes[:0] = ("fast" for _ in range(self.fast_threads))
+        self._worker_lanes = lanes
         self._workers = [
-            threading.Thread(target=self._work, args=(lane,), name=f"{self.agent_id}-{lane}")
-            for lane in self._lanes
+            threading.Thread(target=self._work, args=(lane,), name=f"{self.agent_id}-{lane}{i}")
+            for i, lane in enumerate(lanes)
         ]
         for worker in self._workers:
             worker.daemon = True
@@ -581,8 +589,8 @@ class CloudAgent:
     def _stop_worker(self) -> bool:
         """Stop the workers; False if one is still running (then galleries stay open)."""
         alive = False
-        for inbox in self._lanes.values():
-            inbox.put(None)
+        for lane in self._worker_lanes:  # one stop marker per thread of its lane
+            self._lanes[lane].put(None)
         for worker in self._workers:
             worker.join(timeout=self.publish_timeout + 5)
             alive = alive or worker.is_alive()

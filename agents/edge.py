@@ -817,13 +817,21 @@ class EdgeClient:
         match = similarity is not None and thresholds.is_match(similarity, self.model, self.metric)
         return self._decide("identify", best if match else None, match, t0, label)
 
-    def best_match(self, vector: npt.ArrayLike) -> tuple[str | None, float | None]:
+    def best_match(
+        self, vector: npt.ArrayLike, *, probe: bytes | None = None
+    ) -> tuple[str | None, float | None]:
         """The gallery's best-scoring identity for an embedding, and its similarity.
 
         The similarity is a decrypted score: it is for this process only (camera
         gateways apply their own thresholds to it) and must never be published. With a
         guard, the result's canaries are checked first and the call counts as a decision
         against the key's budget.
+
+        Args:
+            vector: the probe embedding.
+            probe: its identify encryption, made once for several galleries (shards);
+                ``vector`` must then be exactly what was encrypted (the canaries are
+                checked against it), and no jitter is added.
 
         Returns:
             ``(identity, similarity)``, or ``(None, None)`` for an empty gallery.
@@ -836,9 +844,10 @@ class EdgeClient:
         if self.guard is not None:
             self.guard.admit()
         vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
-        if self.guard is not None:
-            vec = self.guard.jitter(vec)  # a replayed or pre-aimed result misses its canaries
-        probe = self.cipher.encrypt_probe(vec, op="identify")
+        if probe is None:
+            if self.guard is not None:
+                vec = self.guard.jitter(vec)  # a replayed or pre-aimed result misses its canaries
+            probe = self.cipher.encrypt_probe(vec, op="identify")
         for _ in range(2):
             with self._lock:
                 cache = self._ids_cache

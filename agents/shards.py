@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cipherface.agents.edge import EdgeClient
+from cipherface.agents.edge import EdgeClient, _as_matrix
 from cipherface.agents.mqtt import BrokerConfig
 from cipherface.crypto import thresholds
 from cipherface.crypto.engine import EdgeCipher
@@ -217,8 +217,11 @@ class ShardedEdge:
         found: dict[str, tuple[str | None, float | None]] = {}
         missing: list[str] = []
 
+        vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
+        probe = self.cipher.encrypt_probe(vec, op="identify")  # once, for every shard
+
         def ask(shard: str) -> tuple[str | None, float | None]:
-            return self._client(shard).best_match(vector)
+            return self._client(shard).best_match(vec, probe=probe)
 
         with ThreadPoolExecutor(len(shards)) as pool:
             futures = {shard: pool.submit(ask, shard) for shard in shards}

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, work: Path, photos: dict[str, Path]) -> int:
     bus = MqttBus(broker=cfg, availability_topic=availability_topic(SITE, GW))
     bus.start()
     lat: list[float] = []
-    stages: dict[str, list[float]] = {"embed_ms": [], "identify_ms": []}
+    stages: dict[str, list[float]] = {"embed_ms": [], "encrypt_probe_ms": [], "identify_ms": []}
     correct = 0
     try:
         edge.embedder.warmup()
@@ -170,7 +170,10 @@ def run(args: argparse.Namespace, work: Path, photos: dict[str, Path]) -> int:
             vec = edge.embed(data)
             stages["embed_ms"].append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
-            edge.best_match(vec)
+            edge.cipher.encrypt_probe(vec, op="identify")
+            stages["encrypt_probe_ms"].append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            edge.best_match(vec)  # encrypt + broker + cloud + decrypt
             stages["identify_ms"].append((time.perf_counter() - t) * 1000)
         gw.close()
     finally:

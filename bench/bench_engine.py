@@ -5,7 +5,8 @@
     python bench/bench_engine.py --json out.json
 
 Prints one row per target of issue #3 as ``measured | target | cipherface 0.0.2 | ratio``
-and writes the same as JSON (default bench/results/engine.json). The CKKS gallery is
+and writes the same as JSON (default bench/results/engine.json). The CKKS engine runs on
+Microsoft SEAL (issue 8: keys, encryption, decryption, re-randomisation). The CKKS gallery is
 built through the real enrollment path (``CkksGallery.enroll``) from a few encrypted
 blocks of synthetic unit embeddings, reused to reach the size (re-encrypting a million
 templates would only measure the edge's encryption again); scores are checked against
@@ -254,6 +255,7 @@ def main() -> None:
         action="store_true",
         help="skip 0.0.2's Paillier (its 2048-bit encryption alone takes ~25 s)",
     )
+    ap.add_argument("--no-phe", action="store_true", help="skip the Paillier-family rows")
     ap.add_argument("--json", type=Path, default=RESULTS / "engine.json")
     ap.add_argument("--one-to-n", help=argparse.SUPPRESS)  # internal: SIZE,DIM,DISTINCT
     args = ap.parse_args()
@@ -275,7 +277,7 @@ def main() -> None:
         many.append(one_to_n_isolated(s, 128, distinct=4))
     many_512 = one_to_n_isolated(4096 * 2, 512, distinct=2)
     print(f"measuring Paillier family over {phe_size:,} ...", flush=True)
-    phe = bench_paillier(phe_size)
+    phe = None if args.no_phe else bench_paillier(phe_size)
 
     big = many[-1]
     o = one[128]
@@ -283,20 +285,20 @@ def main() -> None:
         row(
             "1:N CKKS comparisons/s (both cores)",
             big["comparisons_per_s"],
-            ">= 250,000",
+            ">= 500,000",
             p["ckks_comparisons_per_s"],
             "cmp/s",
             "higher",
-            big["comparisons_per_s"] >= 250_000,
+            big["comparisons_per_s"] >= 500_000,
         ),
         row(
             f"1:N CKKS {big['size']:,} gallery, cloud time",
             big["cloud_s"],
-            "<= 4 s (1 M)",
+            "<= 2 s (1 M)",
             big["size"] / p["ckks_comparisons_per_s"],
             "s",
             "lower",
-            big["cloud_s"] <= 4.0 * big["size"] / 1e6,
+            big["cloud_s"] <= 2.0 * big["size"] / 1e6,
         ),
         row(
             "1:1 compute (encrypt+compare+decrypt)",

@@ -114,8 +114,10 @@ def main() -> None:
         if not args.no_baseline:
             old = export_tree(args.baseline, work / "old")
             agents.append((f"baseline {args.baseline} (1 thread)", old, []))
-        agents.append(("this tree, --max-batch 1", ROOT, ["--max-batch", "1"]))
-        agents.append(("this tree (lanes + batches of 32)", ROOT, []))
+        one = ["--max-batch", "1", "--fast-threads", "1"]
+        agents.append(("this tree, --max-batch 1 --fast-threads 1", ROOT, one))
+        agents.append(("this tree, --fast-threads 1", ROOT, ["--fast-threads", "1"]))
+        agents.append(("this tree (2 fast threads, batches of 32)", ROOT, []))
         with LocalBroker(profile="dev") as broker:
             for label, tree, extra in agents:
                 for g in [int(x) for x in args.gateways.split(",")]:

@@ -40,6 +40,7 @@ class MqttBus:
         self._routes: list[tuple[str, Callable[[Any], None]]] = []
         self._hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._acks: dict[int, threading.Event] = {}
         self._conn = Connection(
             config=broker,
             client_id=client_id or f"cipherface-cameras-{secrets.token_hex(4)}",
@@ -47,6 +48,7 @@ class MqttBus:
             on_message=self._dispatch,
             on_connected=self._connected,
         )
+        self._conn.client.on_subscribe = self._suback
 
     def subscribe(self, topic_filter: str, handler: Callable[[Any], None]) -> None:
         """Route messages matching ``topic_filter`` to ``handler`` (network thread: it
@@ -54,7 +56,17 @@ class MqttBus:
         with self._lock:
             self._routes.append((topic_filter, handler))
         if self._conn.connected:
-            self._conn.subscribe([(topic_filter, 1)])
+            # Wait for the SUBACK: a message published right after we return must arrive.
+            rc, mid = self._conn.client.subscribe(topic_filter, qos=1)
+            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+                log.warning("subscribe %s failed: %s", topic_filter, paho.error_string(rc))
+                return
+            with self._lock:
+                done = self._acks.setdefault(mid, threading.Event())
+            if not done.wait(self._conn.config.connect_timeout):
+                log.warning("no SUBACK for %s", topic_filter)
+            with self._lock:
+                self._acks.pop(mid, None)
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after every (re)connection (and now, if connected)."""
@@ -87,6 +99,14 @@ class MqttBus:
                 hook()
             except Exception:  # a hook must not take the connection down
                 log.exception("on-connect hook failed")
+
+    def _suback(self, client: Any, userdata: Any, mid: int, *args: Any) -> None:
+        # A SUBACK may beat subscribe()'s bookkeeping: remember it either way.
+        with self._lock:
+            if len(self._acks) > 64:  # SUBACKs of reconnections nobody waits for
+                self._acks.clear()
+            event = self._acks.setdefault(mid, threading.Event())
+        event.set()
 
     def _dispatch(self, msg: paho.MQTTMessage) -> None:
         with self._lock:

@@ -5,9 +5,10 @@ compares with the public key only, on-prem restores and verifies) are those of
 cipherface 0.0.2. What changed, and why:
 
 * One CKKS path: ``encrypt`` / ``encrypted_compare`` run on the gallery engine's
-  encoding and parameters (:mod:`cipherface.crypto.ckks`), so a comparison costs a
-  few milliseconds, an encrypted embedding is ~64 KB, a distance ~32 KB and the
-  public key ~32 KB (0.0.2: 28 ms, 332 KB, 235 KB and 35-47 MB).
+  encoding and parameters (:mod:`cipherface.crypto.ckks`, Microsoft SEAL underneath),
+  so a comparison costs a few milliseconds, an encrypted embedding is ~70 KB, a
+  distance ~50 KB and the public key ~110 KB (0.0.2: 28 ms, 332 KB, 235 KB and 35-47 MB).
+  The cloud re-randomises both inputs with SEAL before multiplying.
 * Every ``security_level`` (128, 192, 256) is secure by the HE standard. 0.0.2's
   "defensive" 192/256 presets were not (N=8192 with 160/120-bit moduli exceed the
   152/118-bit bounds). ``mode`` is accepted for compatibility and changes nothing.
@@ -34,7 +35,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from cipherface.crypto import ckks, rlwe, thresholds
+from cipherface.crypto import ckks, thresholds
 from cipherface.errors import DecodeError, InvalidArgumentError, PublicKeyOnlyError
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class CipherFace(_FaceMixin):
                     f"({self.keys.public.model}), not {model_name}"
                 )
         self._edge = ckks.CkksEdgeCipher(keys=self.keys)
-        self._ring = rlwe.ring_for(self.keys.public.params)
+        self._ring = ckks.ring_of(self.keys.public.params)
 
     # ------------------------------------------------------------------- keys
     def export_public_key(self, target_path: str | os.PathLike[str]) -> None:
@@ -176,11 +177,15 @@ class CipherFace(_FaceMixin):
     def encrypt(self, embedding: npt.ArrayLike) -> str:
         """Encrypt an embedding (normalised first) in both layouts a comparison needs.
 
-        With the private key the ciphertexts are seeded (half size); with the public
-        key only (the cloud in 0.0.2's flow) they are public-key encryptions.
+        With the private key the ciphertexts are SEAL symmetric encryptions (seeded,
+        half size); with the public key only (the cloud in 0.0.2's flow) they are SEAL
+        public-key encryptions.
 
         Returns:
             base64 text of the msgpack ciphertext pair.
+
+        Raises:
+            InvalidArgumentError: not a finite real vector of the model's dimension.
         """
         pub, r, params = self.keys.public, self._ring, self.keys.public.params
         fx = ckks._fixed(ckks._normalise(embedding, pub.dim), params)[0]
@@ -189,42 +194,35 @@ class CipherFace(_FaceMixin):
                 np.stack([ckks.encode_forward(fx, params.n), ckks.encode_reversed(fx, params.n)])
             )
         )
-        body: dict[str, Any] = {**ckks._header(pub, "embedding")}
-        if self.keys.sk is not None:
-            c0, seed = rlwe.encrypt_symmetric(self.keys.sk, m)
-            body.update(c0=ckks._pack32(c0), seed=seed)
+        body: dict[str, Any] = {**ckks.header(pub, "embedding")}
+        if self.keys.has_secret:
+            body["cts"] = self._edge.encrypt_ntt(m)
         else:
-            c0, c1 = rlwe.encrypt_public(pub.pk, m)
-            body.update(c0=ckks._pack32(c0), c1=ckks._pack32(c1))
+            body["cts"] = [pub.public_encrypt(x) for x in m]
         return _b64(cast(bytes, msgpack.packb(body, use_bin_type=True)))
 
-    def _load_embedding(self, text: str, what: str) -> npt.NDArray[np.uint64]:
-        pub, r = self.keys.public, self._ring
-        obj = ckks._decode(_unb64(text, what), pub, "embedding", DecodeError)
-        shape = (2, r.k, pub.params.n)
-        c0 = ckks._unpack32(obj.get("c0"), shape, what, r.q)
-        if "seed" in obj:
-            seed = obj["seed"]
-            if not isinstance(seed, bytes) or len(seed) != rlwe.SEED_BYTES:
-                raise DecodeError(f"{what}: bad seed")
-            c1 = rlwe.expand_c1(pub.params, seed, 2)
-        else:
-            c1 = ckks._unpack32(obj.get("c1"), shape, what, r.q)
-        return np.stack([c0, c1], axis=1)  # (2 layouts, 2 parts, k, N)
+    def _load_embedding(self, text: str, what: str, layout: int) -> npt.NDArray[np.uint64]:
+        obj = ckks.decode(_unb64(text, what), self.keys.public, "embedding", DecodeError)
+        cts = obj.get("cts")
+        if not isinstance(cts, list) or len(cts) != 2:
+            raise DecodeError(f"{what}: expected two ciphertexts")
+        # Re-randomised by SEAL before use: a crafted c1 cannot pull the other operand out.
+        return self.keys.public.rerandomise(cts[layout], what)
 
     # ---------------------------------------------------------------- compare
     def encrypted_compare(self, alpha: str, beta: str) -> str:
         """Encrypted similarity of two encrypted embeddings (public key suffices).
 
         Returns:
-            base64 text of a one-score LWE result; only :meth:`restore` can read it.
+            base64 text of a one-score result; only :meth:`restore` can read it.
 
         Raises:
             DecodeError / KeyMismatchError: malformed input or another key's ciphertext.
         """
-        a = self._load_embedding(alpha, "alpha")
-        b = self._load_embedding(beta, "beta")
-        return _b64(ckks.lwe_result(self.keys.public, a[0], b[1], 0))
+        a = self._load_embedding(alpha, "alpha", 0)
+        b = self._load_embedding(beta, "beta", 1)
+        live = [True] + [False] * (self._edge.per_pack - 1)  # only coefficient 0 survives
+        return _b64(ckks.pack_result(self.keys.public, a, b, pos=0, live=live))
 
     # ---------------------------------------------------------------- decrypt
     def restore(self, encrypted_distance: str) -> float:
@@ -236,7 +234,7 @@ class CipherFace(_FaceMixin):
             PublicKeyOnlyError: no private key in this instance.
             ResultRejectedError: not a comparison result for this key.
         """
-        if self.keys.sk is None:
+        if not self.keys.has_secret:
             raise PublicKeyOnlyError(
                 "restore needs the private key: build CipherFace(cryptosystem='private.txt') "
                 "on-prem; the cloud only holds the public key"

@@ -55,6 +55,19 @@ class PublicKeyOnlyError(KeyFileError):
     code = "public_key_only"
 
 
+class OutdatedFormatError(KeyFileError):
+    """A key file or gallery written by an earlier format; the message names the command
+    that replaces it."""
+
+    code = "outdated_format"
+
+
+class InsecurePermissionsError(KeyFileError):
+    """A secret key file that group or others can read (``chmod 600`` it)."""
+
+    code = "insecure_permissions"
+
+
 class MissingWeightsError(LocalError, FileNotFoundError):
     """A face model's weight file is not on disk (we never download at run time)."""
 

@@ -23,8 +23,49 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from cipherface.errors import InvalidArgumentError
+
 ProbeOp = Literal["verify", "identify"]
 FloatArray = npt.NDArray[np.float64]
+
+
+def normalise_embeddings(vectors: npt.ArrayLike, dim: int) -> FloatArray:
+    """Check and L2-normalise embeddings: rows of ``dim`` finite real numbers.
+
+    Each row is divided by its largest magnitude before its norm is taken, so huge
+    entries (1e155: the plain norm overflows to inf) keep their direction instead of
+    collapsing to zero.
+
+    Args:
+        vectors: one vector ``(dim,)`` or rows ``(n, dim)``.
+        dim: the embedding dimension of the key.
+
+    Returns:
+        ``(n, dim)`` float64, unit rows.
+
+    Raises:
+        InvalidArgumentError: not real numbers (complex, strings, ragged), wrong shape,
+            NaN/inf, or a row whose norm is zero or not representable.
+    """
+    try:
+        raw = np.asarray(vectors)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"embeddings must be numeric arrays: {exc}") from exc
+    if raw.dtype.kind not in "iuf":  # complex would silently lose its imaginary part
+        raise InvalidArgumentError(f"embeddings must be real numbers, not {raw.dtype}")
+    x = raw.astype(np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim or x.shape[0] < 1:
+        raise InvalidArgumentError(f"expected embeddings of shape (n, {dim}), got {raw.shape}")
+    if not np.isfinite(x).all():
+        raise InvalidArgumentError("embeddings contain NaN or infinite values")
+    peak = np.max(np.abs(x), axis=1, keepdims=True)
+    if (peak < np.finfo(np.float64).tiny).any():
+        raise InvalidArgumentError("an embedding is all zeros (or subnormal): it has no direction")
+    x = x / peak
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # in [1, sqrt(dim)]: representable
+    return np.asarray(x / norms, dtype=np.float64)
 
 
 @runtime_checkable

@@ -6,8 +6,10 @@ A key file is ``MAGIC`` followed by one msgpack map::
      "params": {...}, "material": {name: bytes | int | str ...}}
 
 No pickle, no eval: msgpack decodes only plain data. Private files are created
-with mode 0600 (never widened by the umask); loading a private file that others
-can read warns, because a secret key readable by other users is a leak.
+with mode 0600 (never widened by the umask); loading a private file that group or
+others can read is refused (:class:`InsecurePermissionsError`) unless the caller
+overrides it explicitly (``allow_insecure_permissions=True``, CLI
+``--allow-insecure-key-permissions``), and then it warns.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import msgpack
 
 from cipherface.crypto.wire import unpack_bounded
-from cipherface.errors import KeyFileError
+from cipherface.errors import InsecurePermissionsError, KeyFileError
 
 MAGIC = b"CFKEY1\n"
 MAX_KEY_FILE_BYTES = 64 * 1024 * 1024
@@ -111,16 +113,29 @@ def save_key_file(path: str | os.PathLike[str], key: KeyFile) -> None:
     write_atomic(path, key_file_bytes(key), mode=0o600 if key.kind == "private" else 0o644)
 
 
-def check_private_permissions(path: str | os.PathLike[str]) -> None:
-    """Warn with :class:`InsecurePermissionsWarning` if group/others can access ``path``."""
+def check_private_permissions(
+    path: str | os.PathLike[str], *, allow_insecure_permissions: bool = False
+) -> None:
+    """Refuse a secret file that group or others can access.
+
+    Args:
+        path: the file.
+        allow_insecure_permissions: only warn (:class:`InsecurePermissionsWarning`).
+
+    Raises:
+        InsecurePermissionsError: group/others have any access and no override was given.
+    """
     st = os.stat(path)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        warnings.warn(
+        msg = (
             f"secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-            f"run 'chmod 600 {path}' (only its owner may read a secret key)",
-            InsecurePermissionsWarning,
-            stacklevel=3,
+            f"run 'chmod 600 {path}' (only its owner may read a secret key)"
         )
+        if not allow_insecure_permissions:
+            raise InsecurePermissionsError(
+                msg + "; or pass --allow-insecure-key-permissions to load it anyway"
+            )
+        warnings.warn(msg, InsecurePermissionsWarning, stacklevel=3)
 
 
 def parse_key_bytes(data: bytes, *, source: str = "key bytes") -> KeyFile:
@@ -184,6 +199,7 @@ def load_key_file(
     *,
     expect_scheme: str | None = None,
     expect_kind: KeyKind | None = None,
+    allow_insecure_permissions: bool = False,
 ) -> KeyFile:
     """Load and check a key file written by :func:`save_key_file`.
 
@@ -191,12 +207,15 @@ def load_key_file(
         path: the file.
         expect_scheme: if given, the scheme the file must hold.
         expect_kind: if given, the kind (``"private"`` / ``"public"``) it must be.
+        allow_insecure_permissions: load a private file that group/others can read
+            (with a warning) instead of refusing it.
 
     Returns:
         The decoded :class:`KeyFile`.
 
     Raises:
         KeyFileError: missing, unreadable, not a key file, or of the wrong scheme/kind.
+        InsecurePermissionsError: a private file readable by group/others, no override.
     """
     p = Path(path)
     try:
@@ -213,5 +232,5 @@ def load_key_file(
     if expect_kind is not None and key.kind != expect_kind:
         raise KeyFileError(f"{p} holds a {key.kind} key, a {expect_kind} one is needed")
     if key.kind == "private":
-        check_private_permissions(p)
+        check_private_permissions(p, allow_insecure_permissions=allow_insecure_permissions)
     return key

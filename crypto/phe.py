@@ -17,9 +17,11 @@ exponentiation):
 * Paillier: ``c = (1+n)^m r^n mod n^2``, plaintexts mod ``n``.
 * Damgård–Jurik (parameter ``s``, default 2): ``c = (1+n)^m r^(n^s) mod n^(s+1)``,
   plaintexts mod ``n^s`` -- ``s`` times the room of Paillier per ciphertext.
-* Okamoto–Uchiyama: ``n = p^2 q``, ``c = g^m h^r mod n`` with ``h = g^n``; plaintexts
-  mod ``p`` (a third of ``n``). A decryption oracle for OU factors ``n`` (give it
-  ``g^x`` with ``x > p``): never let anyone obtain raw decryptions of chosen ciphertexts.
+* Okamoto–Uchiyama (**legacy**, kept for cipherface 0.0.2 compatibility): ``n = p^2 q``,
+  ``c = g^m h^r mod n`` with ``h = g^n``; plaintexts mod ``p`` (a third of ``n``). It is
+  totally broken under chosen-ciphertext attack: one decryption of a chosen ciphertext
+  (``g^x`` with ``x > p``) reveals a multiple of ``p`` and factors ``n``. Choosing it
+  warns (:class:`LegacySchemeWarning`); prefer Paillier or CKKS.
 
 Randomness and speed:
 
@@ -49,6 +51,7 @@ import os
 import secrets
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +114,22 @@ PAILLIER: Final = "paillier"
 DAMGARD_JURIK: Final = "damgard-jurik"
 OKAMOTO_UCHIYAMA: Final = "okamoto-uchiyama"
 SCHEMES: Final = (PAILLIER, DAMGARD_JURIK, OKAMOTO_UCHIYAMA)
+
+
+class LegacySchemeWarning(UserWarning):
+    """A scheme kept only for compatibility (Okamoto–Uchiyama) was chosen."""
+
+
+def warn_legacy_ou() -> None:
+    """Warn that Okamoto–Uchiyama is legacy: one chosen-ciphertext decryption factors n."""
+    warnings.warn(
+        "okamoto-uchiyama is a legacy scheme: a single decryption of a chosen ciphertext "
+        "factors its modulus (chosen-ciphertext insecure); use paillier or ckks",
+        LegacySchemeWarning,
+        stacklevel=3,
+    )
+
+
 #: cipherface 0.0.2's ``algorithm_name`` spelling -> ours.
 ALGORITHM_NAMES: Final = {
     "Paillier": PAILLIER,
@@ -680,11 +699,14 @@ class PhePrivateKey:
     """
 
     public: PhePublicKey
-    p: Any
-    q: Any
-    p_factors: tuple[int, ...] = ()
-    q_factors: tuple[int, ...] = ()
+    p: Any = field(repr=False)
+    q: Any = field(repr=False)
+    p_factors: tuple[int, ...] = field(default=(), repr=False)
+    q_factors: tuple[int, ...] = field(default=(), repr=False)
     _sides: list[_PrimeSide] = field(default_factory=list, init=False, repr=False)
+
+    def __repr__(self) -> str:  # the factors are the secret: never print them
+        return f"PhePrivateKey(scheme={self.public.scheme!r}, <secret>)"
 
     def __post_init__(self) -> None:
         pub = self.public
@@ -887,6 +909,8 @@ def generate_private_key(
     """
     if scheme not in SCHEMES:
         raise InvalidArgumentError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
+    if scheme == OKAMOTO_UCHIYAMA:
+        warn_legacy_ou()
     _check_bits(bits)
     if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
         raise InvalidArgumentError(f"dim must be an int in 1..{MAX_DIM}, not {dim!r}")
@@ -1126,22 +1150,9 @@ class Packing:
         Raises:
             InvalidArgumentError: wrong shape, non-finite values or a zero vector.
         """
-        try:
-            x = np.asarray(vectors, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgumentError(f"embeddings must be numeric arrays: {exc}") from exc
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
-            raise InvalidArgumentError(
-                f"expected embeddings of shape (n, {self.dim}), got {np.shape(vectors)}"
-            )
-        if not np.isfinite(x).all():
-            raise InvalidArgumentError("embeddings contain NaN or infinite values")
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise InvalidArgumentError("an embedding is all zeros: it has no direction")
-        return np.asarray(x / norms, dtype=np.float64)
+        from cipherface.crypto.engine import normalise_embeddings
+
+        return normalise_embeddings(vectors, self.dim)
 
     def quantise(self, vectors: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Normalise and round to ``f`` fractional bits: int64 ``(n, dim)`` in ``[-2^f, 2^f]``."""

@@ -19,7 +19,7 @@ CKKS = "ckks"
 PHE_SCHEMES = ("paillier", "damgard-jurik", "okamoto-uchiyama")
 SCHEMES = (CKKS, *PHE_SCHEMES)
 PRIVATE_NAME = "private.key"
-MAX_PUBLIC_KEY_BYTES = 256 * 1024  # CKKS N=8192: 66 KB; Paillier 15360-bit: < 8 KB
+MAX_PUBLIC_KEY_BYTES = 1024 * 1024  # CKKS (SEAL) N=8192: ~220 KB; Paillier 15360-bit: < 8 KB
 PUBLIC_NAME = "public.key"
 
 
@@ -88,14 +88,24 @@ def _private_path(keys: str | os.PathLike[str]) -> Path:
     return p / PRIVATE_NAME if p.is_dir() else p
 
 
-def load_edge_cipher(keys: str | os.PathLike[str]) -> EdgeCipher:
+def load_edge_cipher(
+    keys: str | os.PathLike[str], *, allow_insecure_permissions: bool = False
+) -> EdgeCipher:
     """Load the edge side from a key directory (or a private key file).
+
+    Args:
+        keys: key directory or private key file.
+        allow_insecure_permissions: load a private key that group/others can read
+            (warns) instead of refusing it.
 
     Raises:
         KeyFileError: missing/malformed key, or a public-only key.
+        InsecurePermissionsError: the private key is readable by group/others.
     """
     path = _private_path(keys)
-    kf = load_key_file(path, expect_kind="private")
+    kf = load_key_file(
+        path, expect_kind="private", allow_insecure_permissions=allow_insecure_permissions
+    )
     return edge_cipher_from_key_file(kf, source=str(path))
 
 
@@ -153,7 +163,7 @@ def open_gallery(path: str | os.PathLike[str], public_key: bytes) -> Gallery:
     """
     pub = open_public(public_key)
     if pub.scheme == CKKS:
-        from cipherface.crypto.ckks import CkksGallery
+        from cipherface.crypto.ckks_gallery import CkksGallery
 
         return CkksGallery(path=path, public=pub.obj)
     from cipherface.crypto import phe_gallery

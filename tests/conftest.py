@@ -1,9 +1,13 @@
 """Shared pytest fixtures.
 
+The project's pytest plugin (:mod:`cipherface.testing.plugin`, docs/testing.md) is
+loaded here too, so its ``cipherface_*`` fixtures are exercised on every run.
+
 Brokers (real Mosquitto 2; tests that need one skip, saying how to get one, when
 there is none -- see :func:`cipherface.agents.broker.find_broker`):
 
-* ``broker``            session, dev profile: loopback, plain MQTT, anonymous, no ACL.
+* ``broker``            session, dev profile: loopback, plain MQTT, anonymous, no ACL
+                        (the plugin's ``cipherface_broker_session``).
                         ``MQTT_URL`` replaces it with an external broker.
 * ``restartable_broker`` per test, dev profile, a :class:`LocalBroker` of its own
                         (``.restart()`` keeps persistent sessions and queued messages).
@@ -22,6 +26,7 @@ the broker ties client id to username, so one connection per account at a time):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +35,18 @@ import pytest
 from cipherface.agents.broker import (
     BrokerSource,
     BrokerUnavailableError,
-    ExternalBroker,
     LocalBroker,
     find_broker,
 )
 from cipherface.agents.deploy import Deployment
+from cipherface.testing.brokers import Broker
+
+# The package's pytest11 entry point has loaded the plugin already, unless this
+# install predates it or PYTEST_DISABLE_PLUGIN_AUTOLOAD is set: then load it here
+# (loading it twice is an error).
+pytest_plugins = [] if "cipherface.testing.plugin" in sys.modules else ["cipherface.testing.plugin"]
+# A downstream project of its own, run through pytester by test_plugin.py.
+collect_ignore = ["downstream"]
 
 
 def _local_source() -> BrokerSource:
@@ -46,18 +58,9 @@ def _local_source() -> BrokerSource:
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[LocalBroker | ExternalBroker]:
+def broker(cipherface_broker_session: Broker) -> Broker:
     """A running dev-profile broker (anonymous, loopback): ``.url``, ``.host``, ``.port``."""
-    try:
-        source = find_broker()
-    except BrokerUnavailableError as exc:
-        pytest.skip(str(exc))
-    if source.kind == "url":
-        assert source.url is not None
-        yield ExternalBroker(url=source.url)
-        return
-    with LocalBroker(profile="dev", backend=source.kind, binary=source.binary) as b:
-        yield b
+    return cipherface_broker_session
 
 
 @pytest.fixture

@@ -710,3 +710,110 @@ def test_broker_acl_lets_a_gateway_publish_only_its_own_integrator_json(
         for c in (reader, writer):
             c.disconnect()
             c.loop_stop()
+
+
+def test_jpeg_topic_source_ignores_retained_snapshots(stack: dict[str, Any]) -> None:
+    from cipherface.cameras.sources.mqtt_jpeg import MqttJpegSource
+
+    site, edge, broker = stack["site"], stack["edge"], stack["broker"]
+    edge._embedder.vectors["mqtt"] = edge._embedder.vectors["alice-door"]
+    topic = f"{site}-frigate/+/person/snapshot"
+    pub = Listener(broker.url, [f"cipherface/v1/{site}/json/{GW}/events/+"])
+    # A retained snapshot from before the gateway started: an old sighting, not a new one.
+    pub.publish(f"{site}-frigate/garden/person/snapshot", b"\xff\xd8old", retain=True)
+    bus = MqttBus(
+        broker=BrokerConfig(url=broker.url), availability_topic=availability_topic(site, GW)
+    )
+    bus.start()
+    gw = Gateway(
+        edge=edge,
+        bus=bus,
+        sources=[MqttJpegSource(topic=topic, camera_level=1)],
+        outputs=[JsonEventsOutput()],
+        default_policy=Policy(attempts=1),
+    )
+    try:
+        gw.start()
+        pub.publish(f"{site}-frigate/porch/person/snapshot", b"\xff\xd8new")
+        msg = pub.until(lambda m: m.topic.endswith("/porch"), 20)
+        ev = IntegratorEvent.from_json(msg.payload)
+        assert (ev.event_type, ev.identity, ev.source, ev.camera) == (
+            "match",
+            "alice",
+            "mqtt",
+            "porch",
+        )
+        assert not [m for m in pub.drain(0.5) if m.topic.endswith("/garden")]
+        assert gw.counts == {"match": 1}
+    finally:
+        gw.close()
+        bus.close()
+        pub.publish(f"{site}-frigate/garden/person/snapshot", b"", retain=True)
+        pub.close()
+
+
+def test_cipherface_events_prints_the_live_stream(broker: Any) -> None:
+    import io
+
+    from cipherface.cameras.cli import stream_events
+
+    site = f"t{secrets.token_hex(4)}"
+    base = dict(
+        site=site,
+        gateway=GW,
+        camera="front",
+        source="frigate",
+        captured_at="x",
+        decided_at="2026-11-29T14:06:41.874Z",
+        expires_at="x",
+        latency_ms=354.2,
+        frames=1,
+    )
+    events = [
+        IntegratorEvent(
+            event_type="match", event_id="a", identity="alice", match=True, confidence=1.0, **base
+        ),
+        IntegratorEvent(
+            event_type="match", event_id="b", identity="bob", match=True, confidence=0.5, **base
+        ),
+        IntegratorEvent(
+            event_type="stale",
+            event_id="c",
+            identity=None,
+            match=False,
+            confidence=None,
+            error="stale",
+            **base,
+        ),
+    ]
+    for as_json, person, want in ((False, None, 3), (True, "alice", 1)):
+        out = io.StringIO()
+        stop = threading.Event()
+        t = threading.Thread(
+            target=stream_events,
+            kwargs=dict(
+                broker=BrokerConfig(url=broker.url),
+                site=site,
+                person=person,
+                as_json=as_json,
+                count=want,
+                stop=stop,
+                out=out,
+            ),
+        )
+        t.start()
+        time.sleep(0.5)  # subscribed
+        pub = Listener(broker.url, ["unused/#"])
+        for ev in events:
+            pub.publish(camera_topic(site, GW, "front"), ev.to_json())
+        pub.publish(camera_topic(site, GW, "front"), b"not json")  # skipped, not fatal
+        t.join(10)
+        stop.set()
+        pub.close()
+        lines = out.getvalue().splitlines()
+        assert len(lines) == want
+        if as_json:
+            assert IntegratorEvent.from_json(lines[0]) == events[0]
+        else:
+            assert "MATCH alice (confidence 1.0)" in lines[0] and "gw1/front" in lines[0]
+            assert "stale capture dropped" in lines[2]

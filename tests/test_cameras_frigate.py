@@ -88,7 +88,7 @@ def real(broker: Any, photos: dict[str, Path], tmp_path_factory: pytest.TempPath
         edge.embedder.warmup()
         edge.enroll("obama", [photos["obama"]])
         edge.enroll("biden", [photos["biden"]])
-        yield {"site": site, "edge": edge, "broker": broker}
+        yield {"site": site, "edge": edge, "broker": broker, "keys": keys}
     finally:
         edge.close()
         cloud.stop(retire=True)
@@ -411,3 +411,70 @@ def test_enroll_from_frigates_face_library(
     sims = vectors @ probe
     assert 1 - sims[0] < 0.07 < 1 - sims[1]  # obama2 is barack, not joe
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
+
+
+def test_edge_command_with_a_config_file(
+    real: dict[str, Any], photos: dict[str, Path], tmp_path: Path
+) -> None:
+    import os
+    import sys
+
+    site, broker = real["site"], real["broker"]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("obama2", "astronaut"):
+        (inbox / photos[name].name).write_bytes(photos[name].read_bytes())
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(
+        f"""
+site = "{site}"
+gateway = "cli1"
+keys = "{real["keys"]}"
+[defaults]
+max_age_s = 120
+attempts = 1
+[homeassistant]
+discovery_prefix = "ha-{site}-cli"
+people = ["obama"]
+[[sources]]
+type = "folder"
+path = "{inbox}"
+camera = "lobby"
+"""
+    )
+    env = {**os.environ, "CIPHERFACE_BROKER": broker.url}  # the cloud broker, from the env
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cipherface.agents.cli",
+            "edge",
+            "--config",
+            str(cfg),
+            "--max-photos",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = {r["event_id"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert (lines["obama2.jpg"]["event_type"], lines["obama2.jpg"]["identity"]) == (
+        "match",
+        "obama",
+    )
+    assert lines["astronaut.png"]["event_type"] == "unknown"
+    assert lines["obama2.jpg"]["camera"] == "lobby" and lines["obama2.jpg"]["gateway"] == "cli1"
+    late = Listener(broker.url, [f"ha-{site}-cli/#", availability_topic(site, "cli1")])
+    kept = {m.topic: m.payload for m in late.drain(0.5)}
+    late.close()
+    assert kept[availability_topic(site, "cli1")] == b"offline"  # stopped cleanly
+    assert f"ha-{site}-cli/event/cipherface_{site}_cli1/lobby_face/config" in kept
+    assert any(t.endswith("/obama_presence/config") for t in kept)
+    # Clean up the retained discovery configs this gateway left on the shared broker.
+    pub = Listener(broker.url, ["unused/#"])
+    for topic in kept:
+        pub.publish(topic, b"", retain=True)
+    pub.close()

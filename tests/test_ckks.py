@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cipherface import CipherFace
-from cipherface.crypto import ckks, rlwe, sites, thresholds
+from cipherface.crypto import ckks, seal, sites, thresholds
 from cipherface.crypto.ckks import CkksEdgeCipher, CkksGallery, CkksKeys
 from cipherface.errors import (
     DecodeError,
@@ -41,41 +41,31 @@ def keys128() -> CkksKeys:
 # ------------------------------------------------------------------ parameters
 @pytest.mark.parametrize("level", [128, 192, 256])
 def test_presets_meet_he_standard_and_seal(level: int) -> None:
-    import tenseal.sealapi as seal
+    import tenseal.sealapi as sealapi
 
-    p = rlwe.preset(level)
-    rlwe.check_security(p)
+    p = seal.preset(level)
+    seal.check_security(p)
     sec = {
-        128: seal.SEC_LEVEL_TYPE.TC128,
-        192: seal.SEC_LEVEL_TYPE.TC192,
-        256: seal.SEC_LEVEL_TYPE.TC256,
+        128: sealapi.SEC_LEVEL_TYPE.TC128,
+        192: sealapi.SEC_LEVEL_TYPE.TC192,
+        256: sealapi.SEC_LEVEL_TYPE.TC256,
     }[level]
     bits = sum(q.bit_length() for q in p.primes)
-    # SEAL's own table agrees with ours, and SEAL accepts the parameter set.
-    assert bits <= seal.CoeffModulus.MaxBitCount(p.n, sec) == rlwe.HE_STANDARD_MAX_BITS[level][p.n]
-    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
-    parms.set_poly_modulus_degree(p.n)
-    parms.set_coeff_modulus([seal.Modulus(q) for q in p.primes])
-    assert seal.SEALContext(parms, True, sec).parameters_set()
+    # SEAL's own table agrees with ours, and SEAL accepts the parameter set at that level.
+    assert (
+        bits <= sealapi.CoeffModulus.MaxBitCount(p.n, sec) == seal.HE_STANDARD_MAX_BITS[level][p.n]
+    )
+    assert seal.context_for(p).parameters_set()
 
 
 def test_insecure_parameters_refused() -> None:
-    p = rlwe.preset(128)
+    p = seal.preset(128)
     with pytest.raises(InsecureParametersError, match="below 256-bit"):
-        rlwe.check_security(rlwe.Params(n=4096, primes=p.primes, security=256))
+        seal.check_security(seal.Params(n=4096, primes=p.primes, security=256))
     with pytest.raises(InsecureParametersError):
-        rlwe.check_security(rlwe.Params(n=2048, primes=p.primes, security=128))
-
-
-def test_ntt_is_negacyclic_convolution() -> None:
-    r = rlwe.ring_for(rlwe.preset(128))
-    rng = np.random.default_rng(1)
-    x, y = rng.integers(-1000, 1000, size=(2, r.n))
-    full = np.convolve(x, y)
-    ref = full[: r.n].copy()
-    ref[: r.n - 1] -= full[r.n :]
-    got = r.from_rns(r.intt(r.mul(r.ntt(r.to_rns(x)), r.ntt(r.to_rns(y)))))
-    np.testing.assert_array_equal(got, ref)
+        seal.check_security(seal.Params(n=2048, primes=p.primes, security=128))
+    with pytest.raises(InsecureParametersError, match="preset"):
+        seal.Params.from_dict({**p.to_dict(), "delta_bits": 25})
 
 
 def test_randomness_does_not_come_from_random_module(
@@ -137,10 +127,9 @@ def test_compat_key_files_and_errors(tmp_path: Path) -> None:
     onprem.export_public_key(tmp_path / "public.txt")
     assert stat.S_IMODE(os.stat(tmp_path / "private.txt").st_mode) == 0o600
     pub_size = os.path.getsize(tmp_path / "public.txt")
-    assert pub_size < 64 * 1024  # cipherface 0.0.2 wrote 35-47 MB
+    assert pub_size < 256 * 1024  # cipherface 0.0.2 wrote 35-47 MB
     public = CipherFace(cryptosystem=tmp_path / "public.txt")
-    secret = public.keys.sk
-    assert secret is None
+    assert not public.keys.has_secret
     enc = public.encrypt(np.arange(128.0) - 60)
     dist = public.encrypted_compare(enc, enc)
     with pytest.raises(PublicKeyOnlyError, match="private key"):
@@ -201,13 +190,24 @@ def test_tampered_key_file_detected(tmp_path: Path) -> None:
         CkksKeys.load(tmp_path / "pub.key")
 
 
-def test_private_key_world_readable_warns(tmp_path: Path) -> None:
+def test_private_key_readable_by_others_refused(tmp_path: Path) -> None:
     from cipherface.crypto.keyfile import InsecurePermissionsWarning
+    from cipherface.errors import InsecurePermissionsError
 
     sites.generate_key_dir(tmp_path / "k", dim=128)
-    os.chmod(tmp_path / "k" / "private.key", 0o644)
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(tmp_path / "k" / "private.key", mode)
+        with pytest.raises(InsecurePermissionsError, match="chmod 600") as err:
+            sites.load_edge_cipher(tmp_path / "k")
+        assert err.value.code == "insecure_permissions"
+        with pytest.raises(InsecurePermissionsError):
+            CkksKeys.load(tmp_path / "k" / "private.key")
+    # An explicit override loads it, with a warning.
     with pytest.warns(InsecurePermissionsWarning, match="chmod 600"):
-        sites.load_edge_cipher(tmp_path / "k")
+        edge = sites.load_edge_cipher(tmp_path / "k", allow_insecure_permissions=True)
+    assert edge.key_id
+    os.chmod(tmp_path / "k" / "private.key", 0o600)
+    assert sites.load_edge_cipher(tmp_path / "k").key_id == edge.key_id
 
 
 # -------------------------------------------------------------------- gallery
@@ -355,6 +355,7 @@ def test_wire_sizes(keys128: CkksKeys) -> None:
     v = np.ones(128)
     assert len(edge.encrypt_probe(v, op="verify")) <= 64 * 1024
     assert len(keys128.public_key_bytes()) <= 2 * 1024 * 1024
+    assert len(keys128.public_key_bytes()) <= sites.MAX_PUBLIC_KEY_BYTES
     # Flooding costs at most 2e-5 of precision (scores are scaled by delta^2).
     assert 2.0 ** (ckks.FLOOD_BITS - 2 * keys128.public.params.delta_bits) <= 2e-5
 

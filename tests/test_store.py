@@ -16,7 +16,7 @@ import pytest
 import storekit
 from storekit import corrupt_sql
 
-from cipherface.crypto import ckks, rlwe
+from cipherface.crypto import ckks, ckks_gallery, ntt, seal
 from cipherface.crypto.ckks import CkksEdgeCipher, CkksGallery, CkksKeys
 from cipherface.crypto.keyfile import KeyFile, key_file_bytes, parse_key_bytes
 from cipherface.errors import (
@@ -332,7 +332,7 @@ def _legacy_ckks(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[CkksEdgeC
     g = rng.normal(size=(8, 128))
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     with monkeypatch.context() as m:
-        m.setattr(ckks, "GalleryStore", legacy_store.GalleryStore)
+        m.setattr(ckks_gallery, "GalleryStore", legacy_store.GalleryStore)
         gal = CkksGallery(path=path, public=keys.public)
         gal.enroll([f"p{i}" for i in range(5)], edge.encrypt_templates(g[:5]))
         gal.enroll(["p5"], edge.encrypt_templates(g[5]))
@@ -374,7 +374,7 @@ def test_damaged_old_galleries_are_refused_untouched(
     data = j.read_bytes()
     if damage == "flip-last-delete":  # the old store dropped this silently: p1 came back
         with monkeypatch.context() as m:
-            m.setattr(ckks, "GalleryStore", legacy_store.GalleryStore)
+            m.setattr(ckks_gallery, "GalleryStore", legacy_store.GalleryStore)
             gal = CkksGallery(path=tmp_path, public=edge.pub)
             gal.delete(["p3"])
             gal.close()
@@ -460,16 +460,24 @@ def test_wrong_sizes_and_ranges_are_decode_errors(tmp_path: Path) -> None:
     gal = CkksGallery(path=tmp_path, public=keys.public)
     good = msgpack.unpackb(edge.encrypt_probe(np.ones(128), op="verify"))
     gal.enroll(["a"], edge.encrypt_templates(np.ones(128)))
+    p = keys.public.params
+    level = keys.public.data_level
+    high = np.full((2, 2, p.n), (1 << 32) - 1, dtype=np.uint64)  # residues >= q
+    size3 = np.zeros((3, 2, p.n), dtype=np.uint64)
     for change in (
-        {"c0": good["c0"][:-4]},
-        {"seed": b"short"},
-        {"c0": b"\xff\xff\xff\xff" * (len(good["c0"]) // 4)},
+        {"ct": good["ct"][:-4]},
+        {"ct": good["ct"][:16] + b"\x00" * (len(good["ct"]) - 16)},
+        {"ct": b"short"},
+        {"ct": seal.ciphertext_bytes(high, parms_id=level, scale=p.delta)},
+        {"ct": seal.ciphertext_bytes(size3, parms_id=level, scale=p.delta)},
+        {"ct": seal.ciphertext_bytes(high[:, :1] * 0, parms_id=level, scale=p.delta)},
+        {"ct": seal.ciphertext_bytes(high * 0, parms_id=level, scale=2.0**40)},
         {"n": 8192},
     ):
         with pytest.raises((DecodeError, KeyMismatchError)):
             gal.verify("a", msgpack.packb({**good, **change}))
     gal.close()
-    assert rlwe.MAX_BLOCKS >= 245  # a 1 M gallery's result fits the decoder's limits
+    assert ntt.MAX_BLOCKS >= 245  # a 1 M gallery's result fits the decoder's limits
 
 
 def test_key_file_errors_are_typed(tmp_path: Path) -> None:

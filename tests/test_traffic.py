@@ -90,7 +90,7 @@ def test_session_capture_holds_no_secret_and_no_embedding(
     site = f"cap{secrets.token_hex(3)}"
     sites.generate_key_dir(tmp_path / "keys", dim=128)
     cipher = sites.load_edge_cipher(tmp_path / "keys")
-    assert isinstance(cipher, CkksEdgeCipher) and cipher.keys.sk is not None
+    assert isinstance(cipher, CkksEdgeCipher) and cipher.keys.has_secret
     url = f"mqtt://127.0.0.1:{proxy.port}"
     rng = np.random.default_rng(secrets.randbits(32))
     people = rng.normal(size=(3, 128))
@@ -121,11 +121,17 @@ def test_session_capture_holds_no_secret_and_no_embedding(
     wire = proxy.captured()
     assert len(wire) > 4_000_000  # the session really went through the proxy (probes are MBs)
 
-    # 1. No secret-key material: the ternary secret as stored, in any 32-byte window,
-    #    and no 64-byte window of the private key file.
-    secret = cipher.keys.sk.s.astype(np.int8).tobytes()
-    for w in _windows(secret, 32, 32):
-        assert w not in wire
+    # 1. No secret-key material: SEAL's secret key as stored (zstd) and its raw residues,
+    #    in any 32-byte window, and no 64-byte window of the private key file.
+    from cipherface.crypto import seal
+
+    stored = cipher.keys._secret
+    assert stored is not None
+    # (the raw residues start after parms_id, count, scale and the array's header: 72 bytes;
+    # parms_id itself is public, the public key carries it too)
+    for secret in (stored[16:], seal.unwrap(stored, "secret key", 1 << 20)[72:]):
+        for w in _windows(secret, 32, 32):
+            assert w not in wire
     private_file = (tmp_path / "keys" / "private.key").read_bytes()
     public_file = (tmp_path / "keys" / "public.key").read_bytes()
     assert public_file[-64:] in wire  # the public key does travel (control)
