@@ -688,6 +688,32 @@ class EdgeClient:
             raise
         return [x if isinstance(x, str) else None for x in opened]
 
+    def _pack_of(
+        self, label: str, version: int
+    ) -> tuple[tuple[str | None, ...] | None, int | None]:
+        """The labels of ``label``'s pack and its place there (guarded CKKS verify), from
+        the id list of gallery ``version`` (fetched when the cache is older)."""
+        per_pack = getattr(self.cipher, "per_pack", None)
+        if self.guard is None or per_pack is None:
+            return None, None
+        with self._lock:
+            cache = self._ids_cache
+        if cache is None or cache[0] != version:
+            self.ids()
+            with self._lock:
+                cache = self._ids_cache
+        if cache is None or cache[0] != version:
+            raise ResultRejectedError("the gallery changed under verify; try again")
+        try:
+            slot = cache[1].index(label)
+        except ValueError:
+            exc = self.guard.forged("verify answered for an identity the id list lacks")
+            self._forged(exc)
+            raise exc from None
+        start = slot - slot % per_pack
+        pack = cache[1][start : start + per_pack]
+        return pack + (None,) * (per_pack - len(pack)), slot - start
+
     def _forged(self, exc: ResultForgedError) -> None:
         self.forged += 1
         if self.on_forged is not None:
@@ -781,7 +807,19 @@ class EdgeClient:
         result = self._ask(lambda: Verify(**self._header(), identity=sealed, probe=probe))
         if result.scores is None or result.count != 1:
             raise ResultRejectedError(f"a verify result must carry 1 score, got {result.count}")
-        match = verify_decision(self.cipher, self.guard, scores_blob=result.scores, probe=vec)
+        pack, target = self._pack_of(sealed, result.ids_version)
+        try:
+            match = verify_decision(
+                self.cipher,
+                self.guard,
+                scores_blob=result.scores,
+                probe=vec,
+                pack=pack,
+                target=target,
+            )
+        except ResultForgedError as exc:
+            self._forged(exc)
+            raise
         if self.guard is not None:
             self.guard.decided()
         return self._decide("verify", identity, match, t0, label)

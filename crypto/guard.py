@@ -62,8 +62,9 @@ DEFAULT_BUDGET: Final = 1_000_000
 #: Default number of forged results before the gateway halts.
 DEFAULT_MAX_FORGED: Final = 3
 #: Honest per-score noise (standard deviation) when the cipher does not state its own:
-#: measured 4.8e-6 on the CKKS engine (tests/test_guard.py re-measures it).
-DEFAULT_SIGMA: Final = 5e-6
+#: measured 9.9e-6 on the SEAL engine, whose smudging noise (uniform, 2^42) dominates
+#: (tests/test_guard.py re-measures it; the first engine had 4.8e-6).
+DEFAULT_SIGMA: Final = 1.1e-5
 #: A single canary may be off by at most this many sigmas (honest max over 10^7: < 6).
 CANARY_MAX_SIGMAS: Final = 12.0
 #: Norm of the secret random vector added to every probe before encryption: each score

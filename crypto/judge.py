@@ -90,13 +90,37 @@ def verify_decision(
     *,
     scores_blob: bytes,
     probe: FloatArray,
+    pack: Sequence[str | None] | None = None,
+    target: int | None = None,
 ) -> bool:
     """Check and decrypt a verify result, then decide.
 
+    Args:
+        cipher: the edge cipher.
+        guard: the key's guard (None: unguarded).
+        scores_blob: the result's encrypted scores.
+        probe: the L2-normalised vector that was encrypted.
+        pack: with a guard and a cipher that decrypts whole packs
+            (``decrypt_pack_scores``): the labels of the target's pack, as listed.
+        target: the target's place in ``pack``.
+
     Raises:
         ResultRejectedError: malformed or wrong-shaped result; never decrypted.
+        ResultForgedError: the pack's canary is off or missing, or the cloud answered
+            for another place in the pack (recorded by the guard).
     """
-    score = float(cipher.decrypt_scores(scores_blob, op="verify", count=1)[0])
+    decrypt_pack = getattr(cipher, "decrypt_pack_scores", None)
+    if guard is not None and pack is not None and target is not None and decrypt_pack:
+        scores, pos = decrypt_pack(scores_blob)
+        if pos != target:
+            raise guard.forged(f"verify answered for place {pos} of the pack, not {target}")
+        opened = guard.open_slots(pack)
+        if not isinstance(opened[target], str):
+            raise guard.forged("verify answered for a slot that is not the identity asked")
+        guard.check(opened, np.asarray(scores)[: len(opened)], probe)
+        score = float(scores[pos])
+    else:
+        score = float(cipher.decrypt_scores(scores_blob, op="verify", count=1)[0])
     if not np.isfinite(score):
         raise ResultRejectedError("verify result decrypts to a non-finite score")
     return thresholds.is_match(score, cipher.model, cipher.metric)

@@ -15,8 +15,8 @@ import pytest
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.edge import EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
-from cipherface.crypto import sites
-from cipherface.crypto.ckks import CkksGallery
+from cipherface.crypto import seal, sites
+from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.guard import load_guard
 from cipherface.errors import GatewayHaltedError, ResultForgedError
 
@@ -94,10 +94,38 @@ def test_guarded_edge_keeps_names_private_and_refuses_forged_results(
     def crafted(self: CkksGallery, probe: bytes) -> tuple[bytes, int]:
         res, count = honest(self, probe)
         obj = msgpack.unpackb(res, raw=False)
-        b = np.frombuffer(obj["blocks"][0], dtype="<u4").reshape(3, -1).astype(np.int64)
-        b[1, 3] = (b[1, 3] + 2**18) % self.params.primes[0]
-        obj["blocks"][0] = b.astype("<u4").tobytes()
+        ring, pub = self.ring, self.pub
+        ct = seal.parse_ciphertext(
+            obj["blocks"][0],
+            what="r",
+            parms_id=pub.result_level,
+            size=3,
+            n=pub.params.n,
+            q=ring.q[:1],
+        )
+        c = ring.intt(ct.data)
+        c[1, 0, 3] = (c[1, 0, 3] + 2**18) % ring.q[0]  # c1 += 2^18 X^3: a key-dependent shift
+        obj["blocks"][0] = seal.ciphertext_bytes(
+            ring.ntt(c), parms_id=pub.result_level, scale=pub.params.result_scale
+        )
         return bytes(msgpack.packb(obj, use_bin_type=True)), count
+
+    # A verify result whose pack was shifted by one template (the neighbour's score).
+    honest_verify = CkksGallery.verify
+
+    def shifted(self: CkksGallery, identity: str, probe: bytes) -> bytes:
+        obj = msgpack.unpackb(honest_verify(self, identity, probe), raw=False)
+        obj["pos"] = (obj["pos"] + 1) % (self.params.n // self.dim)
+        return bytes(msgpack.packb(obj, use_bin_type=True))
+
+    monkeypatch.setattr(CkksGallery, "verify", shifted)
+    with pytest.raises(ResultForgedError):
+        edge.verify(names[3], vector=people[3])
+    monkeypatch.setattr(CkksGallery, "verify", honest_verify)
+    assert edge.guard is not None
+    edge.guard.reset_halt()
+    edge.forged = 0
+    alerts.clear()
 
     monkeypatch.setattr(CkksGallery, "identify", crafted)
     for _ in range(3):
