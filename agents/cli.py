@@ -337,8 +337,8 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     if guard is None:
         logging.getLogger("cipherface").warning(
             "%s has no trust.key (made before cipherface 0.2): results are not checked "
-            "against canaries and names travel in clear; move to a new key with "
-            "cipherface rotate-key",
+            "against canaries and names travel in clear; move to a new key "
+            "(docs/deployment.md, section 5)",
             args.keys,
         )
     return EdgeClient(

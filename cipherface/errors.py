@@ -114,13 +114,13 @@ class UnknownIdentityError(GalleryError, KeyError):
 
 
 class GatewayHaltedError(LocalError):
-    """The gateway halted after forged results; rotate the key or clear the halt."""
+    """The gateway halted after forged results; rotate the key or clear the halt (``cipherface guard --reset``)."""
 
     code = "gateway_halted"
 
 
 class DecisionBudgetError(LocalError):
-    """The key has made its budget of decisions; rotate it (``cipherface rotate-key``)."""
+    """The key has made its budget of decisions; rotate it (new keygen and re-enrollment)."""
 
     code = "decision_budget"
 

@@ -432,7 +432,7 @@ def test_decision_budget_runs_out(tmp_path: Path) -> None:
         g.decided()
     with pytest.raises(DecisionBudgetError) as info:
         g.admit()
-    assert "rotate-key" in str(info.value)
+    assert "rotate" in str(info.value)
 
 
 def test_chi2_limit_is_far_in_the_tail() -> None:
