@@ -114,7 +114,8 @@ class UnknownIdentityError(GalleryError, KeyError):
 
 
 class GatewayHaltedError(LocalError):
-    """The gateway halted after forged results; rotate the key or clear the halt (``cipherface guard --reset``)."""
+    """The gateway halted after forged results: rotate the key, or clear the halt
+    (``cipherface guard --reset``)."""
 
     code = "gateway_halted"
 
