@@ -16,7 +16,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md* mosquitto.conf ./
 COPY cipherface ./cipherface
 COPY crypto ./crypto
 COPY protocol ./protocol

@@ -19,8 +19,9 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 =============  ==============================================================
 
 Exit status: 0 for a successful command (a "no match" decision is a success),
-2 for a usage error, 3 for any :class:`~cipherface.errors.CipherFaceError` (its
-message is printed, never a traceback), 130 when interrupted.
+2 for a usage error, 3 for any other failure (one line ``error [code]: message``,
+the code of the :class:`~cipherface.errors.CipherFaceError`, ``io_error`` or
+``internal``; never a traceback unless ``-vv``), 130 when interrupted.
 Environment variables (:data:`cipherface.agents.deploy.ENV_VARS`) give the defaults
 of ``--broker``, ``--username``, ``--password``, ``--ca-file``, ``--keys``,
 ``--data``, ``--site`` and ``--gateway``.
@@ -43,8 +44,10 @@ import numpy as np
 
 from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
+from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
-from cipherface.errors import CipherFaceError, InvalidArgumentError, PeerReportedError
+from cipherface.errors import InvalidArgumentError
+from cipherface.observe.logs import LOG_FORMATS, setup_logging
 from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
@@ -69,13 +72,22 @@ def _broker_options(p: argparse.ArgumentParser) -> None:
         help=f"mqtt://host:port or mqtts://host:port (env CIPHERFACE_BROKER; "
         f"default {DEFAULT_BROKER})",
     )
-    g.add_argument("--username", default=_env("CIPHERFACE_USERNAME"), help="broker account")
-    g.add_argument("--password", default=_env("CIPHERFACE_PASSWORD"), help="its password")
+    g.add_argument(
+        "--username",
+        default=_env("CIPHERFACE_USERNAME"),
+        help="broker account (env CIPHERFACE_USERNAME)",
+    )
+    g.add_argument(
+        "--password",
+        default=_env("CIPHERFACE_PASSWORD"),
+        help="its password; prefer env CIPHERFACE_PASSWORD (a command line shows in ps)",
+    )
     g.add_argument(
         "--ca-file",
         default=_env("CIPHERFACE_CA"),
         metavar="PEM",
-        help="CA certificate of the broker (mqtts://)",
+        help="CA certificate of the broker, for mqtts:// (env CIPHERFACE_CA; default: the "
+        "system's trust store)",
     )
     g.add_argument("--cert", metavar="PEM", help="client certificate (mutual TLS)")
     g.add_argument("--key", metavar="PEM", help="client certificate's private key")
@@ -91,16 +103,20 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
         "--keys",
         default=_env("CIPHERFACE_KEYS"),
         metavar="DIR",
-        help="key directory made by keygen (env CIPHERFACE_KEYS)",
+        help="required: key directory made by keygen (or env CIPHERFACE_KEYS)",
     )
     g.add_argument(
         "--allow-insecure-key-permissions",
         action="store_true",
         help="load a private key that group/others can read (refused by default)",
     )
-    g.add_argument("--site", default=_env("CIPHERFACE_SITE"), help="site id (env CIPHERFACE_SITE)")
     g.add_argument(
-        "--gateway", default=_env("CIPHERFACE_GATEWAY"), help="gateway id (env CIPHERFACE_GATEWAY)"
+        "--site", default=_env("CIPHERFACE_SITE"), help="required: site id (or env CIPHERFACE_SITE)"
+    )
+    g.add_argument(
+        "--gateway",
+        default=_env("CIPHERFACE_GATEWAY"),
+        help="required: gateway id (or env CIPHERFACE_GATEWAY)",
     )
     g.add_argument("--timeout", type=float, default=15.0, help="seconds per attempt (default 15)")
     g.add_argument("--retries", type=int, default=2, help="extra attempts (default 2)")
@@ -127,13 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cipherface {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: one line per request, -vv: debug)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=_env("CIPHERFACE_LOG_FORMAT") or "text",
+        help="text (default) or json: one JSON object per line (env CIPHERFACE_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="create a site's key pair", description=_cmd_keygen.__doc__)
     p.add_argument(
-        "--out", default=_env("CIPHERFACE_KEYS"), metavar="DIR", help="key directory to create"
+        "--out",
+        default=_env("CIPHERFACE_KEYS"),
+        metavar="DIR",
+        help="required: key directory to create (or env CIPHERFACE_KEYS)",
     )
     p.add_argument(
         "--scheme",
@@ -153,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=_env("CIPHERFACE_DATA"),
         metavar="DIR",
-        help="galleries directory (env CIPHERFACE_DATA)",
+        help="required: galleries directory (or env CIPHERFACE_DATA)",
     )
     p.add_argument(
         "--store",
@@ -175,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as a cloud-<name> account's ACL requires",
     )
     p.add_argument("--no-share", action="store_true", help="plain subscription (no $share group)")
+    _observe_options(p)
     p.add_argument(
         "--share-group",
         default="cipherface-cloud",
@@ -195,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         metavar="N",
         help="threads serving verify and ids.get (default 2)",
+    )
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        help="benchmarks: one worker thread, replies awaited inline (the agent before lanes)",
     )
     p.set_defaults(func=_cmd_cloud)
 
@@ -259,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", metavar="DIR", help="folder of incoming photos (without --config)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between scans (default 0.5)")
     p.add_argument("--max-photos", type=int, default=None, help="exit after this many outcomes")
+    _observe_options(p)
     p.set_defaults(func=_cmd_edge)
 
     p = sub.add_parser(
@@ -293,17 +329,71 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("health", help="probe a running agent", description=_cmd_health.__doc__)
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:9464/healthz",
+        help="the agent's health URL or host:port (default http://127.0.0.1:9464/healthz)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing when healthy")
+    _json_option(p)
+    p.set_defaults(func=_cmd_health)
+
     register_cli(sub)
     register_gallery_cli(sub)
     return parser
 
 
+def _observe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("operations (docs/operations.md)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_int_env("CIPHERFACE_METRICS_PORT"),
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on this port (env CIPHERFACE_METRICS_PORT; "
+        "default: off; 9464 is customary)",
+    )
+    g.add_argument(
+        "--metrics-host",
+        default=_env("CIPHERFACE_METRICS_HOST") or "127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 for a remote scraper)",
+    )
+    g.add_argument(
+        "--health-interval",
+        type=float,
+        default=30.0,
+        metavar="SEC",
+        help="seconds between the retained JSON health messages (default 30)",
+    )
+
+
+def _int_env(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value is not None and value.isdigit() else None
+
+
 # ---------------------------------------------------------------------- helpers
+#: The environment variable that stands in for each required option.
+_ENV_OF: Final = {
+    "keys": "CIPHERFACE_KEYS",
+    "out": "CIPHERFACE_KEYS",
+    "site": "CIPHERFACE_SITE",
+    "gateway": "CIPHERFACE_GATEWAY",
+    "data": "CIPHERFACE_DATA",
+}
+
+
 def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [n for n in names if not getattr(args, n, None)]
     if missing:
-        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-        raise _Usage(f"missing {flags} (or its environment variable)")
+        what = ", ".join(
+            f"--{n.replace('_', '-')} (or env {_ENV_OF[n]})" if n in _ENV_OF else f"--{n}"
+            for n in missing
+        )
+        raise _Usage(f"missing required {what}")
 
 
 class _Usage(Exception):
@@ -354,13 +444,7 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _load_npy(path: str) -> np.ndarray[Any, Any]:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InvalidArgumentError(f"cannot read embedding file {path}: {exc}") from exc
-    if not isinstance(arr, np.ndarray):
-        raise InvalidArgumentError(f"{path}: expected a .npy array")
-    return arr
+    return load_npy(path)
 
 
 def _probe(args: argparse.Namespace) -> tuple[Any, np.ndarray[Any, Any] | None]:
@@ -432,6 +516,8 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
     from cipherface.agents.cloud import DEFAULT_AGENT_ID, CloudAgent
 
     _require(args, "data")
+    if os.path.exists(args.data) and not os.path.isdir(args.data):
+        raise InvalidArgumentError(f"--data {args.data} is not a directory")
     sites = [s.strip() for v in args.sites for s in v.split(",") if s.strip()] or None
     agent_id = args.agent_id or args.username or DEFAULT_AGENT_ID
     agent = CloudAgent(
@@ -443,18 +529,24 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         store=args.store,
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,
+        serial=args.serial,
     )
+    from cipherface.agents.observed import cloud_health, observe_cloud
+
     stop = _stop_on_signals()
-    agent.start()
-    print(
-        f"cloud agent {agent_id} serving {', '.join(agent.filters())} on "
-        f"{agent.broker.url} (data: {args.data}); Ctrl-C to stop",
-        file=sys.stderr,
-        flush=True,
-    )
+    observed = observe_cloud(agent, port=args.metrics_port, host=args.metrics_host)
     try:
+        agent.start()
+        observed.start_health(cloud_health(agent, interval=args.health_interval))
+        print(
+            f"cloud agent {agent_id} serving {', '.join(agent.filters())} on "
+            f"{agent.broker.url} (data: {args.data}); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
     finally:
+        observed.stop()
         agent.stop()
     return EXIT_OK
 
@@ -478,6 +570,11 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         raise _Usage("with --id, give PHOTO(s) or --embedding FILE.npy (exactly one)")
     if (bulk or folder) and (args.photos or args.embedding):
         raise _Usage("--embeddings and --photo-dir take no PHOTO or --embedding")
+    committed: list[str] = []
+
+    def note(chunk_ids: Sequence[str], stored: int) -> None:
+        committed.extend(chunk_ids)
+
     with _edge_client(args, publish_decisions=False) as edge:
         if frigate:
             from cipherface.cameras.enroll import embed_library, library
@@ -491,20 +588,17 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             )
             for photo, why in failures.items():
                 print(f"skipped {photo}: {why}", file=sys.stderr)
-            stored = edge.enroll_bulk(ids, vectors, progress=not args.no_progress) if ids else 0
-            out = {"enrolled": stored, "ids": len(ids), "skipped": len(failures), "site": args.site}
+            stored = _bulk(edge, ids, vectors, args, committed, note) if ids else 0
+            out = {
+                "enrolled": stored,
+                "identities": len(ids),
+                "skipped": len(failures),
+                "site": args.site,
+            }
         elif bulk:
-            try:
-                data = np.load(args.embeddings, allow_pickle=False)
-                ids = [str(i) for i in data["ids"].tolist()]
-                vectors = np.asarray(data["embeddings"], dtype=np.float64)
-            except (OSError, ValueError, KeyError) as exc:
-                raise InvalidArgumentError(
-                    f"cannot read {args.embeddings}: {exc} (expected arrays 'ids' and "
-                    "'embeddings', saved with numpy.savez)"
-                ) from exc
-            stored = edge.enroll_bulk(ids, vectors, progress=not args.no_progress)
-            out = {"enrolled": stored, "ids": len(ids), "site": args.site}
+            ids, vectors = load_npz(args.embeddings)
+            stored = _bulk(edge, ids, vectors, args, committed, note)
+            out = {"enrolled": stored, "identities": len(ids), "site": args.site}
         else:
             if args.embedding is not None:
                 result = edge.enroll(args.identity, embeddings=_load_npy(args.embedding))
@@ -517,6 +611,29 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     else:
         print(f"enrolled {stored} template(s) at site {args.site}")
     return EXIT_OK
+
+
+def _bulk(
+    edge: Any,
+    ids: list[str],
+    vectors: Any,
+    args: argparse.Namespace,
+    committed: list[str],
+    note: Callable[[Sequence[str], int], None],
+) -> int:
+    """``edge.enroll_bulk``; on Ctrl-C, say which identities the cloud confirmed."""
+    try:
+        return int(edge.enroll_bulk(ids, vectors, progress=not args.no_progress, on_chunk=note))
+    except KeyboardInterrupt:
+        span = f" ({committed[0]} .. {committed[-1]})" if committed else ""
+        print(
+            f"\ninterrupted: the cloud confirmed {len(committed)} of {len(ids)} "
+            f"identities{span}; the chunk in flight may or may not be stored. Enrolling "
+            "is idempotent: run the same command again to finish.",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -595,6 +712,8 @@ def _cmd_edge(args: argparse.Namespace) -> int:
 
     if bool(args.config) == bool(args.watch):
         raise _Usage("give --config FILE or --watch DIR (exactly one)")
+    if args.watch and os.path.exists(args.watch) and not os.path.isdir(args.watch):
+        raise InvalidArgumentError(f"--watch {args.watch} is not a directory")
     stop = _stop_on_signals()
     unknown = None
     if args.config:
@@ -635,24 +754,43 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         watch_id = f"{args.site}.{args.gateway}" if args.site and args.gateway else None
         edge = _edge_client(args, announce=True, persistent=True, client_id=watch_id)
         mqtt = broker_config(args)
+    from cipherface.agents.observed import edge_health, observe_edge
+
     with edge:
-        edge.embedder.warmup()  # pay the model load (and see missing weights) now
-        edge.ensure_key()
-        cameras.run_gateway(
-            edge=edge,
-            mqtt=mqtt,
-            sources=sources,
-            outputs=outputs,
-            policies=policies,
-            default_policy=default,
-            stop=stop,
-            unknown_faces=unknown,
-            announce=lambda what: print(
-                f"gateway {edge.site}/{edge.gateway}: {what}; Ctrl-C to stop",
-                file=sys.stderr,
-                flush=True,
-            ),
-        )
+        observed, counter = observe_edge(edge, port=args.metrics_port, host=args.metrics_host)
+        outputs.append(counter)
+        try:
+            observed.start_health(edge_health(edge, observed, interval=args.health_interval))
+            edge.embedder.warmup()  # pay the model load (and see missing weights) now
+            edge.ensure_key()
+            cameras.run_gateway(
+                edge=edge,
+                mqtt=mqtt,
+                sources=sources,
+                outputs=outputs,
+                policies=policies,
+                default_policy=default,
+                stop=stop,
+                unknown_faces=unknown,
+                announce=lambda what: print(
+                    f"gateway {edge.site}/{edge.gateway}: {what}; Ctrl-C to stop",
+                    file=sys.stderr,
+                    flush=True,
+                ),
+            )
+        finally:
+            observed.stop()
+    return EXIT_OK
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Probe a running agent's /healthz (its --metrics-port): exit 0 when it is
+    connected to the broker, 3 otherwise (for container healthchecks and systemd)."""
+    from cipherface.observe.health import probe
+
+    doc = probe(args.url, timeout=args.timeout)
+    if not args.quiet:
+        print(json.dumps(doc) if args.json else f"{doc.get('role')} {doc.get('agent')}: ok")
     return EXIT_OK
 
 
@@ -696,12 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    if args.verbose < 2:
-        logging.getLogger("cipherface.agents.paho").setLevel(logging.WARNING)
+    setup_logging(args.verbose, args.log_format)
     func: Handler = args.func
     try:
         return int(func(args))
@@ -709,14 +842,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"cipherface {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except PeerReportedError as exc:
-        print(f"error [{exc.remote_code}] from the cloud: {exc.message}", file=sys.stderr)
-        return EXIT_ERROR
-    except CipherFaceError as exc:
-        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, whatever failed (a traceback only at -vv)
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        code, text = describe_failure(exc)
+        print(f"error [{code}]: {text}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

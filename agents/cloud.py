@@ -39,7 +39,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -62,14 +62,17 @@ from cipherface.agents.mqtt import (
     Connection,
     message_property,
     publish_properties,
+    wait_published,
 )
 from cipherface.crypto import sites
 from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import (
     CipherFaceError,
+    DecodeError,
     GalleryError,
     InvalidArgumentError,
+    KeyFileError,
     KeyMismatchError,
     LocalError,
     PayloadTooLargeError,
@@ -125,8 +128,13 @@ _ERROR_TAG: Final = b"E"
 
 
 def _as_remote(exc: BaseException) -> BaseException:
-    """Engine argument errors about a peer's payload are gallery errors on the wire."""
-    if type(exc) is InvalidArgumentError:
+    """Engine errors about a peer's payload are gallery errors on the wire.
+
+    The envelope was valid by then: a payload or probe the engine cannot parse or
+    use "does not fit the gallery" (docs/protocol.md 6.4, 8.1), whatever the engine
+    called it.
+    """
+    if type(exc) in (InvalidArgumentError, DecodeError):
         return GalleryError(str(exc))
     return exc
 
@@ -318,6 +326,8 @@ class CloudAgent:
         max_batch: the most verifies scored in one engine call (1: no batching).
         fast_threads: fast-lane threads: while one is inside the engine's kernels
             (which release the GIL), another decodes and publishes.
+        serial: the agent as it was before lanes and batches (benchmarks): one
+            worker thread for every request, each reply's PUBACK awaited inline.
         receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
             to this agent before it acknowledges any.
         store: gallery store: ``sqlite:`` (one SQLite file per gallery under
@@ -342,6 +352,7 @@ class CloudAgent:
         reply_cache: ReplyCache | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         fast_threads: int = 2,
+        serial: bool = False,
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
         share_check_s: float = 3.0,
         store: str = "sqlite:",
@@ -350,6 +361,7 @@ class CloudAgent:
             raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
         self.max_batch = max_batch
         self.fast_threads = max(1, fast_threads)
+        self.serial = serial
         self.receive_maximum = receive_maximum
         self.agent_id = validate_id(agent_id, what="agent id")
         self.sites = None if sites is None else tuple(validate_id(s, what="site") for s in sites)
@@ -395,6 +407,38 @@ class CloudAgent:
         self._conn: Connection | None = None
         self._idle = threading.Condition()
         self._busy = 0
+        #: Called after each request with (topic, replies, seconds): metrics and the
+        #: per-request log line (cipherface.observe, wired by the CLI).
+        self.on_request: Callable[[str, list[Outgoing], float], None] | None = None
+
+    @property
+    def connection(self) -> Connection | None:
+        """The broker connection while started (to publish health), else None."""
+        return self._conn
+
+    def load(self) -> dict[str, int]:
+        """Levels for metrics and health: requests queued and in progress, galleries
+        open, live templates in them, broker reconnections."""
+        queued = sum(q.qsize() for q in self._lanes.values())
+        with self.keys._lock:
+            galleries = list(self.keys._open.values())
+        templates = 0
+        for gallery in galleries:
+            try:
+                templates += sum(1 for i in gallery.ids() if i is not None)
+            except Exception as exc:  # closed meanwhile: it no longer counts
+                log.debug("gallery not counted: %s", exc)
+        conn = self._conn
+        return {
+            "queue_depth": queued,
+            "in_progress": max(0, self._busy - queued),
+            "galleries_open": len(galleries),
+            "templates": templates,
+            "duplicates": self.stats["duplicates"],
+            "replies_refused": self.stats["replies_refused"],
+            "broker_connected": int(conn is not None and conn.connected),
+            "broker_reconnects": conn.reconnects if conn is not None else 0,
+        }
 
     # ---------------------------------------------------------------- lifecycle
     def _status(self, state: Literal["online", "offline"]) -> bytes:
@@ -472,7 +516,7 @@ class CloudAgent:
             return
         with self._idle:
             self._busy += 1
-        self._lanes[lane_for(msg.topic)].put(msg)
+        self._lanes["slow" if self.serial else lane_for(msg.topic)].put(msg)
 
     def _conn_ack(self, msg: paho.MQTTMessage) -> None:
         conn = self._conn
@@ -576,7 +620,8 @@ class CloudAgent:
             refused=self._reply_refused,
         )
         lanes: list[Lane] = ["slow"]
-        lanes[:0] = ("fast" for _ in range(self.fast_threads))
+        if not self.serial:
+            lanes[:0] = ("fast" for _ in range(self.fast_threads))
         self._worker_lanes = lanes
         self._workers = [
             threading.Thread(target=self._work, args=(lane,), name=f"{self.agent_id}-{lane}{i}")
@@ -668,9 +713,14 @@ class CloudAgent:
             for _ in batch:
                 self._done()
             return
+        t0 = time.perf_counter()
         replies = self.handle_many(
             [(m.topic, bytes(m.payload), message_property(m, "CorrelationData")) for m in batch]
         )
+        if self.on_request is not None:
+            spent = time.perf_counter() - t0
+            for m, outgoing in zip(batch, replies, strict=True):
+                self.on_request(m.topic, outgoing, spent)
         for msg, outgoing in zip(batch, replies, strict=True):
             pending = Pending(msg=msg, conn=conn)
             for out in outgoing:
@@ -683,6 +733,9 @@ class CloudAgent:
                 pending.infos.append(info)
                 pending.topics.append(out.topic)
             acks.put(pending)
+            if self.serial:
+                for info in pending.infos:
+                    wait_published(info, self.publish_timeout)
 
     # ------------------------------------------------------------ request logic
     def handle(
@@ -918,7 +971,15 @@ class CloudAgent:
 
     def _key_publish(self, req: KeyPublish) -> Result:
         assert req.kid is not None
-        pub = sites.open_public(req.public_key)
+        if req.scheme not in sites.SCHEMES:
+            raise ValidationError(
+                f"scheme: {req.scheme!r} is not one of {', '.join(sites.SCHEMES)}"
+            )
+        try:
+            pub = sites.open_public(req.public_key)
+        except (KeyMismatchError, KeyFileError, GalleryError, DecodeError, ValueError) as exc:
+            # The bytes are not a loadable public key: key_file, as the spec says.
+            raise KeyFileError(f"the published public key does not load: {exc}") from None
         if pub.key_id != req.kid or pub.scheme != req.scheme:
             raise KeyMismatchError(
                 f"key.publish says {req.scheme}/{req.kid} but the key is {pub.scheme}/{pub.key_id}"

@@ -58,6 +58,46 @@ def _check_faces() -> dict[str, Path]:
         raise LocalError(f"{exc} -- {EDGE_EXTRA_HINT}") from exc
 
 
+def clouds_online(config: Any, wait: float = 1.0) -> list[str]:
+    """The ids of the cloud agents whose retained status on the broker says online.
+
+    Args:
+        config: the broker (:class:`~cipherface.agents.mqtt.BrokerConfig`).
+        wait: seconds to collect the retained statuses.
+    """
+    import secrets
+    import threading
+
+    from cipherface.agents.mqtt import Connection
+    from cipherface.protocol import CLOUD_STATUS_FILTER, Status, decode
+
+    states: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def on_message(msg: Any) -> None:
+        try:
+            status = decode(bytes(msg.payload))
+        except Exception:  # an empty (cleared) or foreign retained message
+            return
+        if isinstance(status, Status):
+            with lock:
+                states[status.gw] = status.state
+
+    conn = Connection(
+        config=config,
+        client_id=f"demo-probe-{secrets.token_hex(4)}",
+        on_message=on_message,
+        on_connected=lambda c, _: c.subscribe([(CLOUD_STATUS_FILTER, 1)]),
+    )
+    conn.start()
+    try:
+        time.sleep(wait)
+    finally:
+        conn.stop()
+    with lock:
+        return sorted(a for a, state in states.items() if state == "online")
+
+
 def run_demo(
     *,
     broker_url: str | None = None,
@@ -106,6 +146,7 @@ def run_demo(
         else:
             work = Path(tempfile.mkdtemp(prefix="cipherface-demo-"))
             stack.callback(shutil.rmtree, work, True)
+        given = broker_url is not None
         if broker_url is None:
             from cipherface.agents.broker import LocalBroker
 
@@ -126,11 +167,21 @@ def run_demo(
         ms = (time.perf_counter() - t) * 1000
         say(f"keys       CKKS key {kid} ({ms:.0f} ms) in {keys}", step="keygen", key_id=kid)
 
-        cloud = CloudAgent(broker=config, data_dir=work / "cloud", agent_id="cloud-demo")
-        cloud.start()
-        # The demo's agent will not come back: end its persistent session on the way out.
-        stack.callback(cloud.stop, retire=True)
-        say("cloud      agent online (it only ever sees ciphertexts)", step="cloud")
+        online = clouds_online(config) if given else []
+        if online:
+            # A second agent would join the same shared subscription and split the
+            # demo's requests with the running one (key.publish here, enroll there).
+            say(
+                f"cloud      using the agent(s) already online: {', '.join(online)}",
+                step="cloud",
+                agents=online,
+            )
+        else:
+            cloud = CloudAgent(broker=config, data_dir=work / "cloud", agent_id="cloud-demo")
+            cloud.start()
+            # The demo's agent will not come back: end its persistent session on the way out.
+            stack.callback(cloud.stop, retire=True)
+            say("cloud      agent online (it only ever sees ciphertexts)", step="cloud")
 
         t = time.perf_counter()
         embedder = Embedder(model_name="Dlib")

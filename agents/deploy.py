@@ -14,14 +14,18 @@ role               username                may
 edge gateway       ``<site>.<gateway>``    publish ``<site>/req/<gateway>/#``,
                                            ``<site>/events/<gateway>``; read its
                                            ``res/<gateway>``, ``err/<gateway>``;
-                                           read/write ``<site>/status/<gateway>``;
+                                           read/write ``<site>/status/<gateway>``,
+                                           ``<site>/health/<gateway>``;
                                            read ``cloud/status/+``
 cloud worker       ``cloud-<name>``        read ``<s>/req/+/+`` and write
                                            ``<s>/res/+``, ``<s>/err/+`` for each site
                                            ``s`` it serves; read/write
-                                           ``cloud/status/cloud-<name>`` (its agent id
+                                           ``cloud/status/cloud-<name>`` and
+                                           ``cloud/health/cloud-<name>`` (its agent id
                                            is its username). Never ``events``.
-site integrator    ``<site>@<name>``       read ``<site>/events/+``, ``<site>/status/+``
+site integrator    ``<site>@<name>``       read ``<site>/events/+``, ``<site>/status/+``,
+                                           ``<site>/health/+``, ``cloud/status/+``,
+                                           ``cloud/health/+``
 broker healthcheck ``cipherface-health``   nothing (it only proves the broker answers)
 =================  ======================  ==========================================
 
@@ -80,6 +84,9 @@ ENV_VARS: Final = (
     "CIPHERFACE_DATA",
     "CIPHERFACE_SITE",
     "CIPHERFACE_GATEWAY",
+    "CIPHERFACE_METRICS_PORT",
+    "CIPHERFACE_LOG_FORMAT",
+    "CIPHERFACE_HOME",
 )
 #: What each of :data:`ENV_VARS` means.
 ENV_HELP: Final[Mapping[str, str]] = {
@@ -91,6 +98,10 @@ ENV_HELP: Final[Mapping[str, str]] = {
     "CIPHERFACE_DATA": "data directory (the cloud's encrypted galleries, the edge's state)",
     "CIPHERFACE_SITE": "site id (edge)",
     "CIPHERFACE_GATEWAY": "gateway id (edge)",
+    "CIPHERFACE_METRICS_PORT": "serve Prometheus /metrics and /healthz on this port "
+    "(docs/operations.md)",
+    "CIPHERFACE_LOG_FORMAT": "text or json",
+    "CIPHERFACE_HOME": "edge cache root: face model weights and photos (~/.cache/cipherface)",
 }
 
 HEALTH_USERNAME: Final = "cipherface-health"
@@ -210,6 +221,7 @@ class Account:
                 # Camera gateways' integrator JSON (docs/integrations.md).
                 AclRule(access="write", topic=f"{base}/json/{gw}/#"),
                 AclRule(access="readwrite", topic=f"{base}/status/{gw}"),
+                AclRule(access="readwrite", topic=f"{base}/health/{gw}"),
                 AclRule(access="read", topic=f"{PREFIX}/cloud/status/+"),
             )
         if self.role == "cloud":
@@ -224,6 +236,9 @@ class Account:
             rules.append(
                 AclRule(access="readwrite", topic=f"{PREFIX}/cloud/status/{self.username}")
             )
+            rules.append(
+                AclRule(access="readwrite", topic=f"{PREFIX}/cloud/health/{self.username}")
+            )
             return tuple(rules)
         if self.role == "integrator":
             assert self.site is not None
@@ -231,6 +246,10 @@ class Account:
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/events/+"),
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/json/#"),
                 AclRule(access="read", topic=f"{PREFIX}/{self.site}/status/+"),
+                AclRule(access="read", topic=f"{PREFIX}/{self.site}/health/+"),
+                # Whether a cloud worker is up, and its load (JSON): no site data.
+                AclRule(access="read", topic=f"{PREFIX}/cloud/status/+"),
+                AclRule(access="read", topic=f"{PREFIX}/cloud/health/+"),
             )
         return ()
 

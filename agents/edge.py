@@ -47,16 +47,20 @@ from cipherface.crypto.guard import Guard
 from cipherface.crypto.judge import identify_best, verify_decision
 from cipherface.errors import (
     BrokerConnectionError,
+    CipherFaceError,
     FaceError,
     InvalidArgumentError,
     LocalError,
+    NoCloudError,
     PeerReportedError,
+    PublishDeniedError,
     RemoteError,
     RequestTimeoutError,
     ResultForgedError,
     ResultRejectedError,
 )
 from cipherface.protocol import (
+    CLOUD_STATUS_FILTER,
     MAX_IDS,
     Decision,
     Delete,
@@ -207,6 +211,11 @@ class EdgeClient:
         self._pending = PendingRequests()
         #: Replies that answered nothing pending (duplicates, late ones), for monitoring.
         self.unmatched = 0
+        #: Cloud agents' retained statuses seen on the broker: agent id -> state.
+        self.clouds: dict[str, str] = {}
+        #: Called after each request with (type, outcome, seconds): ``result``, the
+        #: error code, ``timeout``, ``no_cloud`` or ``publish_denied`` (metrics, logs).
+        self.on_request: Callable[[str, str, float], None] | None = None
         self._ids_cache: tuple[int, tuple[str | None, ...]] | None = None
         self._key_published = False
         self._subscribed = threading.Event()
@@ -224,7 +233,8 @@ class EdgeClient:
 
     def _on_connected(self, conn: Connection, session_present: bool) -> None:
         self._subscribed.clear()
-        conn.subscribe([(t, 1) for t in edge_reply_filters(self.site, self.gateway)])
+        filters = [*edge_reply_filters(self.site, self.gateway), CLOUD_STATUS_FILTER]
+        conn.subscribe([(t, 1) for t in filters])
         if self.announce:
             conn.publish(self._status_topic, self._status("online"), qos=1, retain=True)
 
@@ -283,6 +293,9 @@ class EdgeClient:
         except RemoteError as exc:
             log.warning("undecodable message on %s: %s", msg.topic, exc)
             return
+        if isinstance(reply, Status) and reply.site == "cloud":
+            self.clouds[reply.gw] = reply.state  # retained: read before any request
+            return
         if not isinstance(reply, Result | Error):
             log.warning("unexpected %s message on %s", reply.TYPE, msg.topic)
             return
@@ -301,6 +314,11 @@ class EdgeClient:
         else:
             self.unmatched += 1
             log.info("reply %s matched no pending request (%s)", reply.corr, found.reason)
+
+    @property
+    def connection(self) -> Connection | None:
+        """The broker connection while started (to publish health), else None."""
+        return self._conn
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -322,6 +340,25 @@ class EdgeClient:
             RequestTimeoutError: no answer after every attempt.
             LocalError: the client is not started.
         """
+        t0 = time.perf_counter()
+        outcome = "error"
+        try:
+            reply = self._request(msg, timeout)
+            outcome = "result" if isinstance(reply, Result) else reply.code
+        except CipherFaceError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            if self.on_request is not None:
+                self.on_request(msg.TYPE, outcome, time.perf_counter() - t0)
+        if isinstance(reply, Error):
+            raise PeerReportedError(reply.code, reply.message, retry=reply.retry)
+        return reply
+
+    def _online_clouds(self) -> list[str]:
+        return sorted(a for a, state in list(self.clouds.items()) if state == "online")
+
+    def _request(self, msg: Request, timeout: float | None) -> Result | Error:
         conn = self._connection()
         per_try = self.timeout if timeout is None else timeout
         data = encode(msg)
@@ -342,6 +379,13 @@ class EdgeClient:
                 info = conn.publish(topic, data, qos=1, properties=props)
                 # Big payloads take a while to send: the reply clock starts at the PUBACK.
                 if wait_published(info, per_try):
+                    denied = conn.refused(info)
+                    if denied is not None:  # MQTT 5 PUBACK reason: waiting cannot help
+                        raise PublishDeniedError(
+                            f"the broker refused the {msg.TYPE} request on {topic}: {denied} "
+                            f"(does account {self.broker.username or 'anonymous'}'s ACL "
+                            "allow it?)"
+                        )
                     waiter.event.wait(per_try)
                 else:
                     waiter.event.wait(max(0.0, per_try / 2))
@@ -350,15 +394,36 @@ class EdgeClient:
                     self._pending.cancel(msg.id)
             if waiter.event.is_set():
                 break
-            log.info("%s %s: no reply (attempt %d/%d)", msg.TYPE, msg.id, attempt, attempts)
+            if not self._online_clouds():
+                log.warning(
+                    "%s: no reply, and no cloud agent is online on %s (%s); attempt %d/%d%s",
+                    msg.TYPE,
+                    self.broker.url,
+                    _cloud_states(self.clouds),
+                    attempt,
+                    attempts,
+                    f", trying again for {per_try:g} s" if attempt < attempts else "",
+                )
+            else:
+                log.info("%s %s: no reply (attempt %d/%d)", msg.TYPE, msg.id, attempt, attempts)
         reply = waiter.reply
         if reply is None:
-            raise RequestTimeoutError(
-                f"no reply to {msg.TYPE} {msg.id} from the cloud after {attempts} attempt(s) "
-                f"of {per_try:g} s (is a cloud agent running on {self.broker.url}?)"
+            if not self._online_clouds():
+                raise NoCloudError(
+                    f"no reply to {msg.TYPE}: no cloud agent is online on {self.broker.url} "
+                    f"({_cloud_states(self.clouds)}); the request stays queued at the broker "
+                    "until it expires, for a cloud agent that starts in time"
+                )
+            v311 = (
+                " (on MQTT 3.1.1 a publish the broker's ACL denies is dropped silently: "
+                "check the account's ACL)"
+                if self.broker.mqtt_version != "5"
+                else ""
             )
-        if isinstance(reply, Error):
-            raise PeerReportedError(reply.code, reply.message, retry=reply.retry)
+            raise RequestTimeoutError(
+                f"no reply to {msg.TYPE} {msg.id} after {attempts} attempt(s) of {per_try:g} s, "
+                f"though cloud agent(s) {', '.join(self._online_clouds())} are online{v311}"
+            )
         return reply
 
     def _ask(self, make: Callable[[], Request]) -> Result:
@@ -568,6 +633,7 @@ class EdgeClient:
         *,
         progress: bool = True,
         chunk: int | None = None,
+        on_chunk: Callable[[Sequence[str], int], None] | None = None,
     ) -> int:
         """Enroll many identities from embeddings, a payload per chunk, with a progress bar.
 
@@ -579,6 +645,8 @@ class EdgeClient:
             progress: show a tqdm progress bar (on stderr).
             chunk: templates per payload (default and maximum:
                 ``cipher.max_templates_per_payload``).
+            on_chunk: called with each chunk's ids and stored count once the cloud
+                confirmed it (so an interrupted caller can say what was committed).
 
         Returns:
             The number of templates the cloud stored.
@@ -622,7 +690,10 @@ class EdgeClient:
                     lambda: Enroll(**self._header(), ids=chunk_ids, payload=payload)  # noqa: B023
                 )
                 done = result.enrolled or 0
-                stored += hi - lo if done == len(chunk_ids) else done
+                real = hi - lo if done == len(chunk_ids) else done  # canaries not counted
+                stored += real
+                if on_chunk is not None:
+                    on_chunk(names[lo:hi], real)
                 bar.update(hi - lo)
         return stored
 
@@ -933,6 +1004,14 @@ class EdgeClient:
                 f"identify result has {result.count} scores for {len(cache[1])} known slots"
             )
         return cache[1]
+
+
+def _cloud_states(clouds: dict[str, str]) -> str:
+    if not clouds:
+        return "none has announced itself"
+    shown = sorted(clouds.items())[:5]
+    more = f", +{len(clouds) - 5} more" if len(clouds) > 5 else ""
+    return ", ".join(f"{a} {s}" for a, s in shown) + more
 
 
 def _label(photo: Any) -> str | None:

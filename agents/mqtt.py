@@ -10,8 +10,13 @@ paho 2.x client that
   into 40 ms; FACTS "MQTT");
 * runs paho's network loop in its own thread and reconnects by itself; the
   ``on_connected`` hook (subscriptions, a retained status) runs after every CONNACK;
-* refuses to start when the broker refuses us (bad credentials, ACL) instead of
-  retrying forever: :class:`~cipherface.errors.BrokerConnectionError`.
+* refuses to start when the broker refuses us instead of retrying forever, with an
+  error that names the cause (:func:`connect_error`): ``broker_auth`` (credentials),
+  ``broker_tls`` (certificate verification, unreadable CA file), ``broker_dns``
+  (unknown host), ``broker_refused`` (nothing listens), ``broker_unreachable`` (no
+  answer in time);
+* logs losing and regaining the connection at WARNING (the default level), and
+  counts reconnections (``reconnects``) for the metrics.
 
 Nothing here knows the protocol: payloads are bytes.
 """
@@ -34,7 +39,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cipherface.agents.broker import UrlParts, parse_broker_url
-from cipherface.errors import BrokerConnectionError, InvalidArgumentError
+from cipherface.errors import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    BrokerDnsError,
+    BrokerRefusedError,
+    BrokerTlsError,
+    InvalidArgumentError,
+)
 
 RECEIVE_MAXIMUM = 10  # QoS 1 requests in flight to one client (MQTT 5)
 log = logging.getLogger(__name__)
@@ -136,6 +148,63 @@ class BrokerConfig(UrlParts):
         return replace(self, mqtt_version=mqtt_version)
 
 
+#: CONNACK reason codes that mean "your credentials" (MQTT 5 134/135; paho maps the
+#: MQTT 3.1.1 return codes 4 and 5 onto them).
+_AUTH_REASONS: Final = frozenset({134, 135})
+_CREDENTIALS_HINT: Final = (
+    "check --username/--password (env CIPHERFACE_USERNAME / CIPHERFACE_PASSWORD)"
+)
+
+
+def connect_error(cfg: BrokerConfig, exc: BaseException) -> BrokerConnectionError:
+    """The project error naming why a connection attempt to ``cfg`` failed.
+
+    Args:
+        cfg: the broker settings used.
+        exc: what the socket, TLS or DNS layer raised.
+
+    Returns:
+        A :class:`~cipherface.errors.BrokerConnectionError` subclass with a one-line
+        message that says what to check.
+    """
+    where = f"{cfg.host}:{cfg.port}"
+    if isinstance(exc, socket.gaierror):
+        return BrokerDnsError(
+            f"cannot resolve the broker host {cfg.host!r} ({exc.strerror or exc}); "
+            "check the host name in --broker (env CIPHERFACE_BROKER)"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = (
+            "give the CA that signed it with --ca-file (env CIPHERFACE_CA)"
+            if cfg.ca_file is None
+            else f"is {cfg.ca_file} the CA that signed it, and is {cfg.host!r} in its names?"
+        )
+        why = exc.verify_message or exc.reason or "verification failed"
+        return BrokerTlsError(
+            f"TLS: the certificate of the broker at {where} does not verify ({why}); {hint}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return BrokerTlsError(
+            f"TLS handshake with {where} failed ({exc.reason or exc}); mqtts:// needs a TLS "
+            "listener, mqtt:// a plain one"
+        )
+    if isinstance(exc, ConnectionResetError) and cfg.tls:
+        return BrokerTlsError(
+            f"{where} reset the connection during the TLS handshake: is it a TLS listener? "
+            "(mqtts:// needs one, mqtt:// a plain one)"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return BrokerRefusedError(
+            f"connection to {where} refused: no broker listens there "
+            "(check --broker / CIPHERFACE_BROKER and that the broker runs)"
+        )
+    if isinstance(exc, TimeoutError):
+        return BrokerConnectionError(
+            f"no answer from {where} within {cfg.connect_timeout:g} s (firewall, wrong host?)"
+        )
+    return BrokerConnectionError(f"cannot connect to {where}: {exc}")
+
+
 def tcp_nodelay(sock: Any) -> None:
     """Disable Nagle's algorithm on a (possibly TLS-wrapped) TCP socket."""
     try:
@@ -223,6 +292,7 @@ class Connection:
         self._connack = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._auth_refused = False
         self._started = False
         self._ever_connected = False
         v5 = config.mqtt_version == "5"
@@ -242,12 +312,19 @@ class Connection:
         if config.username:
             client.username_pw_set(config.username, config.password)
         if config.tls:
-            client.tls_set(
-                ca_certs=config.ca_file,
-                certfile=config.cert_file,
-                keyfile=config.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=config.ca_file,
+                    certfile=config.cert_file,
+                    keyfile=config.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise BrokerTlsError(
+                    f"cannot load the TLS files (CA {config.ca_file}, certificate "
+                    f"{config.cert_file}): {getattr(exc, 'reason', None) or exc}"
+                ) from None
+        client.connect_timeout = config.connect_timeout
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = self._socket_open
@@ -260,6 +337,11 @@ class Connection:
         # PUBACKs with a failure reason code (MQTT 5: not authorised, too large, quota):
         # paho reports such a message as published, so we keep the refusals ourselves.
         self._refused_mids: dict[int, str] = {}
+        #: Connections regained after a loss, and losses (for metrics and health).
+        self.reconnects = 0
+        self.disconnects = 0
+        self._lost_at: float | None = None
+        self._last_fail_log = 0.0
 
     # ----------------------------------------------------------------- callbacks
     def _publish_cb(
@@ -287,10 +369,18 @@ class Connection:
     ) -> None:
         if reason_code.is_failure:
             self._refused = str(reason_code)
+            self._auth_refused = getattr(reason_code, "value", None) in _AUTH_REASONS
             log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             self._connack.set()
             return
         self._refused = None
+        if self._ever_connected:
+            self.reconnects += 1
+            away = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
+            log.warning(
+                "%s: connection to %s restored after %.1f s", self.client_id, self.config.url, away
+            )
+        self._lost_at = None
         self._ever_connected = True
         self._connected.set()
         session_present = bool(getattr(flags, "session_present", False))
@@ -307,8 +397,11 @@ class Connection:
             # First attempt: fail start() now rather than retry against a wrong address.
             self._refused = "connection failed (refused or unreachable)"
             self._connack.set()
-        else:
-            log.info("%s: reconnect failed; retrying", self.client_id)
+        elif time.monotonic() - self._last_fail_log > 60.0:  # one line a minute, not a flood
+            self._last_fail_log = time.monotonic()
+            log.warning(
+                "%s: reconnecting to %s failed; still retrying", self.client_id, self.config.url
+            )
 
     def _disconnect_cb(
         self,
@@ -320,7 +413,14 @@ class Connection:
     ) -> None:
         self._connected.clear()
         if self._started:
-            log.info("%s: disconnected (%s)", self.client_id, reason_code)
+            self.disconnects += 1
+            self._lost_at = time.monotonic()
+            log.warning(
+                "%s: lost the connection to %s (%s); reconnecting",
+                self.client_id,
+                self.config.url,
+                reason_code,
+            )
 
     def _message_cb(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
@@ -354,10 +454,12 @@ class Connection:
             # Our own cap on unacknowledged QoS 1 deliveries, whatever the broker allows.
             props.ReceiveMaximum = self.receive_maximum
             kwargs = {"clean_start": not self.persistent, "properties": props}
+        # The first attempt is synchronous so that its exception names the cause
+        # (DNS, refused, TLS); paho's loop thread then reconnects by itself.
         try:
-            self.client.connect_async(cfg.host, cfg.port, cfg.keepalive, **kwargs)
+            self.client.connect(cfg.host, cfg.port, cfg.keepalive, **kwargs)
         except (OSError, ValueError) as exc:
-            raise BrokerConnectionError(f"cannot connect to {cfg.url}: {exc}") from exc
+            raise connect_error(cfg, exc) from None
         self._started = True
         self.client.loop_start()
         deadline = time.monotonic() + cfg.connect_timeout
@@ -365,6 +467,12 @@ class Connection:
             if self._refused is not None:
                 reason = self._refused
                 self.stop()
+                if self._auth_refused:
+                    who = cfg.username or "anonymous clients"
+                    raise BrokerAuthError(
+                        f"broker {cfg.url} refused the login of {who}: {reason}; "
+                        + _CREDENTIALS_HINT
+                    )
                 raise BrokerConnectionError(f"broker {cfg.url} refused {self.client_id}: {reason}")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -502,6 +610,7 @@ __all__ = [
     "BrokerConfig",
     "Connection",
     "MqttVersion",
+    "connect_error",
     "message_property",
     "publish_properties",
     "tcp_nodelay",

@@ -69,7 +69,11 @@ class Capture:
         received_at: epoch seconds when the gateway got it (latency starts here).
         extra: source details outputs may use (e.g. ``frigate_camera``).
         done: called with the outcome once it is published (a folder moves the file),
-            or with None when the capture should be retried later (cloud unreachable).
+            or with None when it was not decided (see ``retry_later``) or not published.
+        retry_later: the source can offer the capture again (a file stays in its folder):
+            when the cloud cannot be reached, nothing is published and ``done(None)``.
+        periodic: captured on a timer, not because something was seen (RTSP, HTTP):
+            an empty scene is then not an error.
     """
 
     camera: str
@@ -80,6 +84,8 @@ class Capture:
     received_at: float = field(default_factory=time.time)
     extra: Mapping[str, Any] = field(default_factory=dict)
     done: Callable[[IntegratorEvent | None], None] | None = None
+    retry_later: bool = False
+    periodic: bool = False
 
 
 class Bus(Protocol):

@@ -92,6 +92,7 @@ class GatewayConfig:
                     snapshot_height=int(frigate.get("snapshot_height", 500)),
                     crop=bool(frigate.get("crop", True)),
                     use_latest=bool(frigate.get("use_latest", True)),
+                    captures_per_event=int(frigate.get("captures_per_event", 2)),
                 )
             )
         for i, src in enumerate(self.raw.get("sources", [])):

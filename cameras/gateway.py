@@ -121,6 +121,10 @@ class Gateway:
                 capture = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if self.stop_event.is_set():  # stopping: hand it back undecided (a folder keeps it)
+                if capture.done is not None:
+                    capture.done(None)
+                continue
             try:
                 self.handle(capture)
             except Exception:  # one capture never takes the daemon down
@@ -171,14 +175,16 @@ class Gateway:
                 if self.stop_event.wait(policy.attempt_interval_s):
                     break
         except (RequestTimeoutError, BrokerConnectionError) as exc:
-            if capture.done is not None and capture.source == "folder":
+            if capture.retry_later:
                 log.warning("%s: %s; kept for a retry", capture.event_id, exc)
-                capture.done(None)
+                if capture.done is not None:
+                    capture.done(None)
                 return None
             verdict = Verdict(event_type="error", error=exc.code, message="cloud unreachable")
         except PeerReportedError as exc:
-            if exc.retry and capture.done is not None and capture.source == "folder":
-                capture.done(None)
+            if exc.retry and capture.retry_later:
+                if capture.done is not None:
+                    capture.done(None)
                 return None
             verdict = Verdict(event_type="error", error=exc.remote_code, message="cloud error")
         except CipherFaceError as exc:  # e.g. result_rejected: the cloud's answer failed checks
@@ -192,7 +198,7 @@ class Gateway:
             verdict = tally.verdict()
         if self._stale(capture, policy):  # never decided late
             return self._publish(capture, self._stale_event(capture, frames=frames), None)
-        quiet = capture.extra.get("periodic") or not policy.report_no_face
+        quiet = capture.periodic or not policy.report_no_face
         if quiet and verdict.event_type == "error" and not tally.faces:
             if capture.done is not None:
                 capture.done(None)

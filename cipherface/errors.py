@@ -254,9 +254,47 @@ class PartialResultError(CipherFaceError):
 
 
 class BrokerConnectionError(CipherFaceError, ConnectionError):
-    """The MQTT broker refused us or cannot be reached."""
+    """The MQTT broker refused us or cannot be reached (no answer in time)."""
 
     code = "broker_unreachable"
+
+
+class BrokerAuthError(BrokerConnectionError):
+    """The broker refused our credentials (bad username or password, not authorised)."""
+
+    code = "broker_auth"
+
+
+class BrokerTlsError(BrokerConnectionError):
+    """TLS failed: the broker's certificate does not verify, or a CA/certificate file
+    cannot be loaded."""
+
+    code = "broker_tls"
+
+
+class BrokerDnsError(BrokerConnectionError):
+    """The broker's host name does not resolve."""
+
+    code = "broker_dns"
+
+
+class BrokerRefusedError(BrokerConnectionError):
+    """Nothing listens at the broker's address (TCP connection refused)."""
+
+    code = "broker_refused"
+
+
+class PublishDeniedError(CipherFaceError):
+    """The broker refused a publish (MQTT 5 PUBACK reason: not authorised by its ACL,
+    too large, quota exceeded)."""
+
+    code = "publish_denied"
+
+
+class NoCloudError(RequestTimeoutError):
+    """No reply, and no cloud agent announces itself online on the broker."""
+
+    code = "no_cloud"
 
 
 __all__ = [name for name in dir() if name.endswith("Error")]

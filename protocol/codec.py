@@ -16,6 +16,7 @@ map is read, the error carries the readable part of the header (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from typing import Any, Final, NoReturn, cast
@@ -198,6 +199,57 @@ def _partial_header(obj: dict[str, Any]) -> Header:
     )
 
 
+#: How much of an unparsable payload :func:`_salvage_header` looks at: the envelope's
+#: scalar fields come before its body in every encoder we know of.
+_SALVAGE_BYTES: Final = 64 * 1024
+_SALVAGE_ENTRIES: Final = 64
+
+
+def _salvage_header(data: bytes) -> Header | None:
+    """The ``id`` and ``kid`` of a payload that failed to parse, when they can be read.
+
+    A payload that is not valid msgpack *as a whole* (a duplicate key, a map over 32
+    entries, too many items, trailing bytes, oversize) may still start with a
+    readable envelope map: scan its first entries leniently and keep a well-formed
+    ``id``/``kid`` seen exactly once with one value, so the error reply can carry
+    ``corr`` and the requester can match it (on MQTT 3.1.1 the envelope is all it has).
+
+    Returns:
+        A header with the fields found, or None.
+    """
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=_SALVAGE_BYTES,
+        max_str_len=MAX_STR_BYTES,
+        max_bin_len=_SALVAGE_BYTES,
+        max_array_len=1024,
+        max_map_len=1024,
+        max_ext_len=_SALVAGE_BYTES,
+    )
+    unpacker.feed(data[:_SALVAGE_BYTES])
+    seen: dict[str, set[Any]] = {"id": set(), "kid": set()}
+    # Best effort: a fault ends the scan, keeping what was read before it.
+    with contextlib.suppress(Exception):
+        n = unpacker.read_map_header()
+        for _ in range(min(n, _SALVAGE_ENTRIES)):
+            key = unpacker.unpack()
+            if isinstance(key, str) and key in seen:
+                seen[key].add(unpacker.unpack())
+            else:
+                unpacker.skip()
+
+    def single(name: str) -> str | None:
+        values = seen[name]
+        value = next(iter(values)) if len(values) == 1 else None
+        return value if is_hex_id(value) else None
+
+    msg_id, kid = single("id"), single("kid")
+    if msg_id is None and kid is None:
+        return None
+    return Header(id=msg_id, kid=kid)
+
+
 def _with_header(exc: RemoteError, header: Header | None) -> RemoteError:
     exc.header = header
     return exc
@@ -285,9 +337,12 @@ def decode(
         data = bytes(data)
     if not isinstance(data, bytes):
         raise InvalidArgumentError(f"decode() needs bytes, got {type(data).__name__}")
-    if len(data) > max_size:
-        raise PayloadTooLargeError(f"message is {len(data)} bytes, at most {max_size}")
-    obj = _Reader(data).read_all()
+    try:
+        if len(data) > max_size:
+            raise PayloadTooLargeError(f"message is {len(data)} bytes, at most {max_size}")
+        obj = _Reader(data).read_all()
+    except RemoteError as exc:
+        raise _with_header(exc, _salvage_header(data)) from None
     header = _partial_header(obj) if isinstance(obj, dict) else None
     try:
         cls = _check_envelope(obj)

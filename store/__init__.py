@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cipherface.errors import InvalidArgumentError, StorageError
+from cipherface.errors import InvalidArgumentError, StorageCorruptError, StorageError
 from cipherface.store.base import BlockRef, Engine, GalleryStore, StagedBlock
 from cipherface.store.legacy import is_legacy, read_legacy, retire_legacy
 from cipherface.store.sqlite import DB_NAME, SqliteEngine, gallery_exists
@@ -104,7 +104,9 @@ def open_store(
                     "gallery %s: old layout files beside the database are ignored", eng.label
                 )
         return GalleryStore(eng, meta=meta, verify=verify)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, StorageCorruptError):
+            eng.preserve_evidence()
         eng.close()
         raise
 

@@ -22,6 +22,7 @@ import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -164,12 +165,15 @@ class Engine(ABC):
     def current_seq(self) -> int | None:
         """The committed ``seq`` (cheap): differs from ours when another worker wrote."""
 
-    def after_erase(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
-        """Push freed block bytes out of the engine's files (called after drops/replaces)."""
+    def after_commit(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Fold the commit into the main files and push freed block bytes out of them."""
 
     def block_bytes(self) -> int:
         """Bytes the gallery takes on disk (approximate for shared databases)."""
         return 0
+
+    def preserve_evidence(self) -> None:  # noqa: B027 - optional hook
+        """Damage was found: keep a copy of the engine's files before anything touches them."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -259,6 +263,7 @@ class GalleryStore:
 
     # ------------------------------------------------------------------ reading
     def _corrupt(self, what: str) -> StorageCorruptError:
+        self.engine.preserve_evidence()
         return StorageCorruptError(f"gallery {self.label}: {what}")
 
     def _load(self, snap: Snapshot) -> None:
@@ -333,6 +338,9 @@ class GalleryStore:
             KeyError: no such block.
             StorageCorruptError: the block is missing, truncated or altered.
         """
+        return decode_array(self._block_bytes(name), f"gallery {self.label}: block {name}")
+
+    def _block_bytes(self, name: str) -> bytes:
         ref = self.blocks[name]
         got = self.engine.read_block(name)
         if got is None:
@@ -344,16 +352,18 @@ class GalleryStore:
             raise self._corrupt(f"block {name} is {len(data)} bytes, expected {ref.nbytes}")
         if block_digest(data) != ref.digest:
             raise self._corrupt(f"block {name} fails its checksum")
-        return decode_array(data, f"gallery {self.label}: block {name}")
+        return data
 
     def verify_blocks(self) -> None:
-        """Read every block and check its size and digest.
+        """Read every block and check its size and digest (two threads: hashing and
+        SQLite/psycopg reads release the GIL).
 
         Raises:
             StorageCorruptError: a block is missing, truncated or altered.
         """
-        for name in sorted(self.blocks):
-            self.load_block(name)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for _ in pool.map(self._block_bytes, sorted(self.blocks)):
+                pass
 
     # ------------------------------------------------------------------ writing
     def stage_block(self, name: str, array: npt.NDArray[Any]) -> StagedBlock:
@@ -470,11 +480,10 @@ class GalleryStore:
             self.blocks = new_blocks
             self.ids_version = row.ids_version
             self._row = row
-        if drops or any(st.ref.version > 1 for st in staged):
-            try:
-                self.engine.after_erase()
-            except Exception as exc:  # the commit stands; erasure is retried by compact
-                log.warning("gallery %s: pushing out freed blocks failed: %s", self.label, exc)
+        try:
+            self.engine.after_commit()
+        except Exception as exc:  # the commit stands; erasure is retried by compact
+            log.warning("gallery %s: checkpoint after commit failed: %s", self.label, exc)
 
     def close(self) -> None:
         """Release the database connection and any lock."""

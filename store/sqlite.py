@@ -11,9 +11,12 @@ bytes leave both the database and its WAL right after the commit.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
@@ -24,6 +27,7 @@ from cipherface.errors import (
 )
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
 
+log = logging.getLogger(__name__)
 DB_NAME = "gallery.sqlite3"
 _SCHEMA = """
 CREATE TABLE gallery (
@@ -76,6 +80,7 @@ class SqliteEngine(Engine):
         self.path = self.dir / db_name
         self.label = label
         self._mu = threading.Lock()
+        self._preserved = False
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock = ".lock" if db_name == DB_NAME else db_name + ".lock"  # .lock: as before
@@ -107,7 +112,34 @@ class SqliteEngine(Engine):
             db.execute("PRAGMA cell_size_check=ON")
             return db
         except sqlite3.Error as exc:
-            raise db_error(exc, self.label, "opening") from exc
+            raise self._err(exc, "opening") from exc
+
+    def _err(self, exc: BaseException, doing: str) -> StorageError:
+        err = db_error(exc, self.label, doing)
+        if isinstance(err, StorageCorruptError):
+            self.preserve_evidence()
+        return err
+
+    def preserve_evidence(self) -> None:
+        """Copy the database and its WAL to ``damaged-<time>/`` beside them (once).
+
+        SQLite folds the WAL into the database when the last connection closes; a
+        damaged gallery's files are copied first so nothing in doubt is ever lost.
+        """
+        if self._preserved:
+            return
+        self._preserved = True
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        dest = self.dir / f"damaged-{stamp}-{os.getpid()}-{id(self):x}"
+        try:
+            dest.mkdir()
+            for suffix in ("", "-wal"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    shutil.copy2(src, dest / src.name)
+            log.error("gallery %s is damaged; its files were copied to %s", self.label, dest)
+        except OSError as exc:
+            log.error("gallery %s is damaged; copying its files failed: %s", self.label, exc)
 
     def reopen(self) -> None:
         """Connect to a database file put in place after this engine opened (migration)."""
@@ -157,7 +189,7 @@ class SqliteEngine(Engine):
                     )
                 ]
             except sqlite3.Error as exc:
-                raise db_error(exc, self.label, "reading") from exc
+                raise self._err(exc, "reading") from exc
             except (TypeError, ValueError) as exc:
                 raise StorageCorruptError(f"gallery {self.label}: bad row ({exc})") from exc
         return Snapshot(gallery=row, gallery_check=f[8], slots=slots, blocks=blocks)
@@ -174,7 +206,7 @@ class SqliteEngine(Engine):
                     .fetchone()
                 )
             except sqlite3.Error as exc:
-                raise db_error(exc, self.label, f"reading block {name}") from exc
+                raise self._err(exc, f"reading block {name}") from exc
         if got is None:
             return None
         v, nb, d, c, data = got
@@ -185,7 +217,7 @@ class SqliteEngine(Engine):
             try:
                 got = self._conn().execute("SELECT seq FROM gallery WHERE id = 1").fetchone()
             except sqlite3.Error as exc:
-                raise db_error(exc, self.label, "reading") from exc
+                raise self._err(exc, "reading") from exc
         return None if got is None else int(got[0])
 
     # ------------------------------------------------------------------ writing
@@ -211,7 +243,7 @@ class SqliteEngine(Engine):
             os.replace(tmp, self.path)  # the gallery exists whole or not at all
             _fsync_dir(self.dir)
         except (sqlite3.Error, OSError) as exc:
-            raise db_error(exc, self.label, "creating the gallery") from exc
+            raise self._err(exc, "creating the gallery") from exc
         self._db = self._connect()
 
     def write(
@@ -252,14 +284,16 @@ class SqliteEngine(Engine):
                         db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise db_error(exc, self.label, "committing") from exc
+                raise self._err(exc, "committing") from exc
 
-    def after_erase(self) -> None:
+    def after_commit(self) -> None:
+        # An empty WAL after every commit: freed (zeroed) pages reach the file at once,
+        # and closing a connection never rewrites a file that might be damaged.
         with self._mu:
             try:
                 self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error as exc:
-                raise db_error(exc, self.label, "checkpointing") from exc
+                raise self._err(exc, "checkpointing") from exc
 
     def block_bytes(self) -> int:
         total = 0
@@ -276,7 +310,7 @@ class SqliteEngine(Engine):
                 self._conn().execute("VACUUM")
                 self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error as exc:
-                raise db_error(exc, self.label, "vacuuming") from exc
+                raise self._err(exc, "vacuuming") from exc
 
     def integrity(self) -> list[str]:
         """SQLite's own structural check (``PRAGMA integrity_check``): [] when sound."""

@@ -7,7 +7,7 @@ hands back something with ``.url``, ``.host`` and ``.port``:
   never restarted or stopped);
 * ``mosquitto`` installed: a :class:`~cipherface.agents.broker.LocalBroker` on free
   loopback ports, rendered from the project's ``mosquitto.conf`` (``dev`` profile:
-  anonymous, loopback only), restartable;
+  anonymous, loopback only; a wheel install uses the copy packaged here), restartable;
 * a Docker engine answers: :class:`cipherface.testing.containers.MosquittoContainer`
   (the same configuration, on a port Docker picks);
 * none of them: :class:`~cipherface.agents.broker.BrokerUnavailableError`, whose
@@ -18,9 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Protocol
+from pathlib import Path
+from typing import Final, Protocol
 
-from cipherface.agents.broker import ExternalBroker, LocalBroker, find_broker
+from cipherface.agents.broker import PROJECT_CONFIG, ExternalBroker, LocalBroker, find_broker
+
+#: The copy of the project's mosquitto.conf installed with this package (a link to it
+#: in a checkout), for installs without the source tree.
+PACKAGED_CONFIG: Final = Path(__file__).resolve().parent / "mosquitto.conf"
+
+
+def config_template() -> Path:
+    """The project's ``mosquitto.conf``: the checkout's, else the packaged copy."""
+    return PROJECT_CONFIG if PROJECT_CONFIG.is_file() else PACKAGED_CONFIG
 
 
 class Broker(Protocol):
@@ -62,7 +72,9 @@ def open_broker(
         assert source.url is not None
         yield ExternalBroker(url=source.url)
     elif source.kind == "binary":
-        with LocalBroker(profile="dev", backend="binary", binary=source.binary) as local:
+        with LocalBroker(
+            profile="dev", backend="binary", binary=source.binary, template=config_template()
+        ) as local:
             yield local
     else:
         from cipherface.testing.containers import MosquittoContainer
@@ -71,4 +83,4 @@ def open_broker(
             yield container
 
 
-__all__ = ["Broker", "open_broker"]
+__all__ = ["PACKAGED_CONFIG", "Broker", "config_template", "open_broker"]

@@ -38,6 +38,7 @@ from cipherface.agents.broker import (
     render_config,
 )
 from cipherface.errors import InvalidArgumentError, LocalError
+from cipherface.testing.brokers import config_template
 
 #: Ports inside the Mosquitto container.
 MQTT_PORT: Final = 1883
@@ -72,7 +73,7 @@ def project_root() -> Path:
 
 # ------------------------------------------------------------------ mosquitto
 def container_config(
-    *, profile: Profile = "dev", tls: bool = False, template: Path = PROJECT_CONFIG
+    *, profile: Profile = "dev", tls: bool = False, template: Path | None = None
 ) -> str:
     """The project's ``mosquitto.conf`` rewritten for :class:`MosquittoContainer`.
 
@@ -85,7 +86,7 @@ def container_config(
     Args:
         profile: ``"dev"`` (anonymous, no ACL) or ``"secure"`` (passwords, ACL).
         tls: also open the TLS listener (``secure`` files must then include TLS).
-        template: the configuration to start from.
+        template: the configuration to start from (default: the project's).
 
     Returns:
         The configuration text.
@@ -95,7 +96,7 @@ def container_config(
     """
     secrets = _container_files(profile=profile, tls=tls)
     text = render_config(
-        template.read_text(encoding="utf-8"),
+        (template or config_template()).read_text(encoding="utf-8"),
         profile=profile,
         workdir=Path(str(CONTAINER_DIR)),
         port=MQTT_PORT,

@@ -592,7 +592,7 @@ def test_bad_messages_get_error_codes_and_agent_keeps_serving(
         "type differs from topic": "invalid_field",
         "unknown key": "key_mismatch",
         "payload of another key": "key_mismatch",
-        "malformed public key": "key_mismatch",
+        "malformed public key": "key_file",  # docs/protocol.md 6.1, 8.1
         "nil identity": "malformed",
         "unknown identity": "unknown_identity",
     }

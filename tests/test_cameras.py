@@ -185,7 +185,43 @@ def test_frigate_events_are_filtered_and_deduplicated() -> None:
     assert src.parse(frigate_event("e5", kind="update")) is not None
     assert src.parse(b"{not json") is None
     assert src.parse(frigate_event("e6", camera="bad/camera")) is None
+    # An id from the broker never walks Frigate's API.
+    for evil in ("../../api/config", "a/b", "..", ".", "x" * 65, "a?b=1", "a..b"):
+        assert src.parse(frigate_event(evil)) is None
     assert face_area({"current_attributes": [{"label": "face", "box": [0, 0, 10, 20]}]}) == 200
+    # A later update with a newer snapshot gets a second chance when the first capture
+    # ended without a match; never while busy, never after a match, at most twice.
+    assert first.done is not None
+    first.done(None)  # finished (e.g. unknown)
+    newer = time.time() + 5
+    snap = {"frame_time": newer}
+    second = src.parse(frigate_event("e1", kind="update", snapshot=snap))
+    assert second is not None and second.captured_at == newer
+    assert src.parse(frigate_event("e1", kind="update", snapshot={"frame_time": newer + 1})) is None
+    assert second.done is not None
+    second.done(None)
+    assert src.parse(frigate_event("e1", kind="update", snapshot={"frame_time": newer + 2})) is None
+    matched = src.parse(frigate_event("m1"))
+    assert matched is not None and matched.done is not None
+    matched.done(
+        IntegratorEvent(
+            event_type="match",
+            site="s",
+            gateway="g",
+            camera="front",
+            event_id="m1",
+            source="frigate",
+            identity="a",
+            match=True,
+            confidence=1.0,
+            captured_at="x",
+            decided_at="x",
+            expires_at="x",
+            latency_ms=1.0,
+            frames=1,
+        )
+    )
+    assert src.parse(frigate_event("m1", kind="update", snapshot={"frame_time": newer})) is None
     only = FrigateSource(url="http://frigate:5000", cameras=["back"])
     assert only.parse(frigate_event("e7")) is None
 
@@ -817,3 +853,64 @@ def test_cipherface_events_prints_the_live_stream(broker: Any) -> None:
         else:
             assert "MATCH alice (confidence 1.0)" in lines[0] and "gw1/front" in lines[0]
             assert "stale capture dropped" in lines[2]
+
+
+def test_cloud_trouble_keeps_a_folder_photo_and_reports_a_camera_capture(
+    stack: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cipherface.errors import PeerReportedError, RequestTimeoutError
+
+    edge = stack["edge"]
+    published: list[IntegratorEvent] = []
+
+    class Collect:
+        name = "collect"
+
+        def start(self, bus: Any) -> None: ...
+        def publish(self, event: IntegratorEvent, capture: Capture) -> None:
+            published.append(event)
+
+        def close(self) -> None: ...
+
+    gw = Gateway(
+        edge=edge,
+        bus=None,
+        outputs=[Collect()],  # type: ignore[arg-type]
+        default_policy=Policy(attempts=1, max_age_s=30),
+    )
+    inbox = tmp_path / "inbox"
+    src = FolderSource(path=inbox, camera="door", settle=0.0)
+    for d in (inbox, src.done_dir, src.failed_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    (inbox / "alice-door.jpg").write_bytes(b"x")
+    got: list[Capture] = []
+    ctx_stop = threading.Event()
+    from cipherface.cameras.capture import SourceContext
+
+    ctx = SourceContext(emit=got.append, bus=None, stop=ctx_stop)  # type: ignore[arg-type]
+    for exc in (
+        PeerReportedError("error", "internal error", retry=True),
+        RequestTimeoutError("no reply"),
+    ):
+
+        def boom(*a: Any, _exc: Exception = exc, **k: Any) -> Any:
+            raise _exc
+
+        monkeypatch.setattr(edge, "best_match", boom)
+        got.clear()
+        assert src.scan(ctx) == 1
+        assert src.scan(ctx) == 0  # in flight: not emitted twice
+        assert gw.handle(got[0]) is None  # kept for the next scan, nothing published
+        assert (inbox / "alice-door.jpg").exists() and not list(src.failed_dir.iterdir())
+        # The same trouble on a camera capture is reported (a camera has no "later").
+        cap = Capture(
+            camera="front",
+            event_id="e1",
+            source="frigate",
+            captured_at=time.time(),
+            frames=lambda: iter([Frame(image=b"x", label="alice-door")]),
+        )
+        ev = gw.handle(cap)
+        assert ev is not None and ev.event_type == "error" and ev.identity is None
+        assert ev.error == ("error" if isinstance(exc, PeerReportedError) else "timeout")
+    assert [e.event_type for e in published] == ["error", "error"]

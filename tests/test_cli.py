@@ -303,7 +303,7 @@ def test_unreachable_broker_exits_3(setup: Setup, tmp_path: Path) -> None:
         str(tmp_path / "v.npy"),
     )
     assert out.returncode == 3
-    assert "broker_unreachable" in out.stderr and "Traceback" not in out.stderr
+    assert "broker_refused" in out.stderr and "Traceback" not in out.stderr
 
 
 def _need_faces(*names: str) -> dict[str, Path]:
@@ -374,7 +374,7 @@ def test_bulk_enroll_from_a_photo_folder(setup: Setup) -> None:
     out = run("enroll", *setup.edge("--photo-dir", str(folder), "--no-progress", "--json"))
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert (summary["enrolled"], summary["ids"], summary["skipped"]) == (2, 2, 1)
+    assert (summary["enrolled"], summary["identities"], summary["skipped"]) == (2, 2, 1)
     assert "broken.jpg" in out.stderr
     for identity, expected in (("barack", True), ("joe", False)):
         out = run("verify", *setup.edge("--id", identity, str(photos["obama3"]), "--json"))

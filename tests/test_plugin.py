@@ -92,6 +92,15 @@ def test_importing_the_plugin_loads_nothing_heavy() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_broker_config_falls_back_to_the_packaged_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cipherface.testing import brokers
+
+    assert brokers.config_template() == brokers.PROJECT_CONFIG  # a checkout: its own file
+    monkeypatch.setattr(brokers, "PROJECT_CONFIG", Path("/nonexistent/mosquitto.conf"))
+    assert brokers.config_template() == brokers.PACKAGED_CONFIG  # a wheel install
+    assert brokers.PACKAGED_CONFIG.read_text() == (ROOT / "mosquitto.conf").read_text()
+
+
 def test_plugin_is_inert_until_a_fixture_is_asked_for(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_plain="def test_nothing():\n    assert 1 + 1 == 2\n",
@@ -267,14 +276,21 @@ def _doc_example() -> str:
     return match.group(1)
 
 
-def test_doc_example_runs_as_written(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_access=_doc_example())
+def _readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"## Testing your integration\n.*?```python\n(.*?)```", text, re.S)
+    assert match, "README.md lost its testing example"
+    return match.group(1)
+
+
+def test_doc_examples_run_as_written(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_access=_doc_example(), test_readme=_readme_example())
     t0 = time.perf_counter()
     result = pytester.runpytest_subprocess(*_plugin_args(), "-q", "--durations=0", "-vv")
     elapsed = time.perf_counter() - t0
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     durations = [line for line in result.stdout.lines if "test_access.py::" in line]
-    print(f"\ndoc example: {elapsed:.2f} s in a fresh pytest process; {durations}")
+    print(f"\ndoc examples: {elapsed:.2f} s in a fresh pytest process; {durations}")
 
 
 def test_startup_time_of_broker_and_cloud(pytester: pytest.Pytester) -> None:
@@ -306,6 +322,46 @@ def test_dockerfile_copies_every_package_room(containers: ModuleType) -> None:
     assert rooms <= sources, f"the image would lack {rooms - sources}"
     assert containers.missing_sources(containers.project_root()) == []
     assert containers.missing_sources(ROOT) == []
+
+
+def test_image_build_context_installs_the_packaged_broker_config(
+    containers: ModuleType, tmp_path: Path
+) -> None:
+    """What the Dockerfile copies (links kept, as Docker does) builds every package,
+    and the installed cipherface.testing carries mosquitto.conf as a real file."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for pattern in containers.dockerfile_sources((ROOT / "Dockerfile").read_text()):
+        for src in ROOT.glob(pattern):
+            dst = ctx / src.name
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(
+                    src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from setuptools import setup; setup()",
+            "-q",
+            "build_py",
+            "-d",
+            "lib",
+        ],
+        cwd=ctx,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    packaged = ctx / "lib" / "cipherface" / "testing" / "mosquitto.conf"
+    assert not packaged.is_symlink()
+    assert packaged.read_text() == (ROOT / "mosquitto.conf").read_text()
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for name in cfg["tool"]["setuptools"]["packages"]:
+        assert (ctx / "lib" / Path(*name.split(".")) / "__init__.py").is_file(), name
 
 
 def test_missing_build_context_is_reported(containers: ModuleType, tmp_path: Path) -> None:

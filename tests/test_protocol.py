@@ -1123,7 +1123,7 @@ def test_pending_limits() -> None:
 
 
 # ----------------------------------------------------------------- test vector
-# The same bytes are printed in docs/protocol.md section 14.
+# The same bytes are printed in docs/protocol.md section 15.
 VECTOR_HEX = (
     "8aa17601a174a6766572696679a26964d9203030313132323333343435353636373738383939"
     "616162626363646465656666a4636f7272c0a473697465a7706c616e742d37a26777a6646f6f"

@@ -32,7 +32,9 @@ def sub_label_request(base_url: str, event: IntegratorEvent) -> urllib.request.R
     }
     if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
         raise ValueError(f"Frigate URL must be http(s): {base_url}")
-    url = f"{base_url.rstrip('/')}/api/events/{urllib.parse.quote(event.event_id)}/sub_label"
+    url = (
+        f"{base_url.rstrip('/')}/api/events/{urllib.parse.quote(event.event_id, safe='')}/sub_label"
+    )
     return urllib.request.Request(  # noqa: S310 (scheme checked above)
         url,
         data=json.dumps(body).encode(),

@@ -116,6 +116,7 @@ class FolderSource:
             captured_at=mtime,
             frames=lambda: iter(frames()),
             done=done,
+            retry_later=True,
         )
 
 

@@ -1,18 +1,21 @@
 """Frigate in: ``person`` events from ``frigate/events``, frames from Frigate's HTTP API.
 
-For each new ``person`` event (``type`` ``new`` or ``update``; ``end`` is skipped; one
-capture per ``after.id``), the frames are, lazily and in order: the event's cropped
-snapshot ``GET /api/events/<id>/snapshot.jpg?crop=1&h=<h>`` (when ``has_snapshot``), then
-the camera's latest frame ``GET /api/<camera>/latest.jpg?h=<h>`` until the gateway has
-what it needs (the camera's ``attempts``, with an early stop at the first settled match).
-Events that already carry a ``sub_label`` (named by someone else) or are false positives
-are left alone. Field names follow Frigate's documented MQTT API.
+Events of ``type`` ``new`` or ``update`` (``end`` is skipped) are deduplicated by
+``after.id`` (see ``captures_per_event``). A capture's frames are fetched lazily, in
+order: the event's cropped snapshot ``GET /api/events/<id>/snapshot.jpg?crop=1&h=<h>``
+(when ``has_snapshot``), then the camera's latest frame
+``GET /api/<camera>/latest.jpg?h=<h>``, until the gateway has what it needs (the camera's
+``attempts``, with an early stop at the first settled match). Events that already carry
+a ``sub_label`` (named by someone else) or are false positives are left alone. Field
+names follow Frigate's documented MQTT API.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -23,12 +26,15 @@ from typing import Any, Final
 
 from ..capture import Capture, Frame, Miss, SourceContext
 from ..decide import MAX_ATTEMPTS
-from ..events import validate_camera
+from ..events import IntegratorEvent, validate_camera
 
 log = logging.getLogger(__name__)
 
 #: Event ids remembered for deduplication.
 SEEN_IDS: Final = 4096
+#: Frigate's event ids (``1607123955.475377-mxklsc``): anything else is refused, so an id
+#: from the broker can never walk Frigate's API (``../``) in the URLs built from it.
+EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Largest image accepted from Frigate (a 4K JPEG is a few MB).
 MAX_IMAGE_BYTES: Final = 16 * 1024 * 1024
 
@@ -77,6 +83,9 @@ class FrigateSource:
         crop: fetch the cropped event snapshot first.
         use_latest: then fetch the camera's latest frame for further attempts.
         http_timeout: seconds per HTTP request.
+        captures_per_event: an ``update`` with a newer snapshot starts another capture of
+            the same event when the previous one ended without a match, up to this many
+            per event (1: strictly one capture per ``after.id``).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class FrigateSource:
         crop: bool = True,
         use_latest: bool = True,
         http_timeout: float = 3.0,
+        captures_per_event: int = 2,
     ) -> None:
         self.name = "frigate"
         self.url = url.rstrip("/")
@@ -100,7 +110,10 @@ class FrigateSource:
         self.crop = crop
         self.use_latest = use_latest
         self.http_timeout = http_timeout
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.captures_per_event = max(1, int(captures_per_event))
+        # event id -> [captures started, busy, matched, last snapshot frame_time]
+        self._seen: OrderedDict[str, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
         self._ctx: SourceContext | None = None
 
     def start(self, ctx: SourceContext) -> None:
@@ -127,6 +140,8 @@ class FrigateSource:
             after = event["after"]
             event_id = str(after["id"])
             camera = validate_camera(after["camera"])
+            if not EVENT_ID_RE.match(event_id) or ".." in event_id:
+                raise ValueError(f"bad event id {event_id[:80]!r}")
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("not a Frigate event: %s", str(exc)[:200])
             return None
@@ -136,17 +151,25 @@ class FrigateSource:
             return None
         if after.get("sub_label") or after.get("false_positive"):
             return None
-        if event_id in self._seen:
-            return None
-        self._seen[event_id] = None
-        while len(self._seen) > SEEN_IDS:
-            self._seen.popitem(last=False)
         snap = after.get("snapshot") if isinstance(after.get("snapshot"), Mapping) else {}
         seen_at = snap.get("frame_time") or after.get("frame_time") or after.get("start_time")
         try:
             captured_at = float(seen_at) if seen_at is not None else time.time()
         except (TypeError, ValueError):
             captured_at = time.time()
+        with self._lock:
+            state = self._seen.get(event_id)
+            if state is not None:
+                started, busy, matched, last_at = state
+                if busy or matched or started >= self.captures_per_event:
+                    return None
+                if captured_at <= last_at:  # the same snapshot again
+                    return None
+                state[:] = [started + 1, True, False, captured_at]
+            else:
+                self._seen[event_id] = [1, True, False, captured_at]
+                while len(self._seen) > SEEN_IDS:
+                    self._seen.popitem(last=False)
         area = face_area(after)
         has_snapshot = bool(after.get("has_snapshot", True))
         return Capture(
@@ -156,12 +179,22 @@ class FrigateSource:
             captured_at=captured_at,
             frames=lambda: self._frames(event_id, camera, has_snapshot, area),
             extra={"frigate_camera": camera, "zones": list(after.get("current_zones") or [])},
+            done=lambda event: self._finished(event_id, event),
         )
+
+    def _finished(self, event_id: str, event: IntegratorEvent | None) -> None:
+        with self._lock:
+            state = self._seen.get(event_id)
+            if state is not None:
+                state[1] = False
+                state[2] = event is not None and event.event_type == "match"
 
     def _frames(
         self, event_id: str, camera: str, has_snapshot: bool, area: int | None
     ) -> Iterator[Frame | Miss]:
-        q = urllib.parse.quote
+        def q(text: str) -> str:
+            return urllib.parse.quote(text, safe="")
+
         urls: list[tuple[str, str]] = []
         if has_snapshot:
             crop = "crop=1&" if self.crop else ""
@@ -184,4 +217,4 @@ class FrigateSource:
             yield Frame(image=data, label=label, face_area=area if "snapshot" in label else None)
 
 
-__all__ = ["FrigateSource", "face_area", "http_get"]
+__all__ = ["EVENT_ID_RE", "FrigateSource", "face_area", "http_get"]

@@ -6,7 +6,8 @@
   user set it); a lost stream is reopened with a backoff.
 * ``http(s)://`` snapshot URLs: one GET per frame.
 
-Every ``interval_s`` a capture is emitted; its frames are the newest frame at the time
+Every ``interval_s`` a capture is emitted (not while the previous one of the camera is
+still waiting or being decided: no backlog); its frames are the newest frame at the time
 each is pulled (a fresh one per attempt). An empty scene is not an error: these captures
 do not report ``no_face``.
 """
@@ -142,7 +143,12 @@ class OpenCVSource:
 
     # ---------------------------------------------------------------- captures
     def _ticker(self, ctx: SourceContext) -> None:
+        idle = threading.Event()  # no capture of this camera waiting or being decided
+        idle.set()
         while not (self._stop.wait(self.interval_s) or ctx.stop.is_set()):
+            if not idle.is_set():
+                continue  # a slow gateway gets the next capture, not a backlog of old ones
+            idle.clear()
             ctx.emit(
                 Capture(
                     camera=self.camera,
@@ -150,7 +156,8 @@ class OpenCVSource:
                     source="opencv",
                     captured_at=time.time(),
                     frames=self._frames,
-                    extra={"periodic": True},
+                    periodic=True,
+                    done=lambda event: idle.set(),
                 )
             )
 
