@@ -135,3 +135,9 @@ def test_guarded_edge_keeps_names_private_and_refuses_forged_results(
     with pytest.raises(GatewayHaltedError):  # halted: no request reaches the cloud
         edge.identify(vector=people[7])
     assert edge.guard is not None and edge.guard.status().halted
+    from cipherface.agents.observed import observe_edge
+
+    observed, _ = observe_edge(edge)  # health levels and metrics (cipherface_forged_results)
+    levels = observed.load()
+    assert levels["forged_results"] == 3 and levels["gateway_halted"] == 1
+    assert b"cipherface_forged_results" in observed.metrics.exposition()
