@@ -52,7 +52,13 @@ def _work(args: tuple[int, int, int]) -> tuple[int, int, float, float]:
         ids = gallery.ids()
         canaries = [i for i, x in enumerate(guard.open_slots(ids)) if isinstance(x, Canary)]
         rejected, worst_z, worst_chi = 0, 0.0, 0.0
-        for _ in range(runs):
+        for i in range(runs):
+            if i and i % 50 == 0:  # progress, so that a cut-short run still reports
+                print(
+                    f"worker {seed}: {i} results, {rejected} rejected, max {worst_z:.2f} sigma, "
+                    f"chi-square {worst_chi:.3f} of limit",
+                    flush=True,
+                )
             f = rng.normal(size=dim)
             vec = guard.jitter(f / np.linalg.norm(f))
             res, _ = gallery.identify(cipher.encrypt_probe(vec, op="identify"))
