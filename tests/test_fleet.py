@@ -394,6 +394,7 @@ def test_a_shard_down_gives_a_partial_result_never_a_silent_miss(
     down = shards[1]
     victim = next(n for n in names if owner(n, shards) == down)
     workers[1].stop()  # its requests now wait in its session: no answer
+    # (8 s: a live shard's identify re-randomises its 128-ciphertext probe with SEAL first)
     strict = ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw2", timeout=8.0,
                          retries=0)  # fmt: skip
     lenient = ShardedEdge(broker=cfg, cipher=cipher, shards=shards, gateway="gw3", timeout=8.0,
