@@ -603,3 +603,23 @@ def test_metrics_scraped_from_a_running_edge_daemon(running: RunningCloud, tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_peer_chosen_error_codes_cannot_grow_the_metrics(tmp_path: Path) -> None:
+    """A cloud can answer with any code string: the edge's labels stay bounded."""
+    from cipherface.agents.observed import observe_edge
+
+    assert cli("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    edge = EdgeClient(
+        broker=BrokerConfig(), cipher=load_edge_cipher(tmp_path / "k"), site="s", gateway="g"
+    )
+    observed, _ = observe_edge(edge)
+    assert edge.on_request is not None
+    for i in range(500):
+        edge.on_request("verify", f"evil_{i}", 0.01)
+    edge.on_request("verify", "unknown_identity", 0.01)
+    text = observed.metrics.exposition().decode()
+    errors = [x for x in text.splitlines() if x.startswith("cipherface_errors_total{")]
+    assert len(errors) == 2, errors
+    assert metric(text, "cipherface_errors_total", code="other") == 500
+    assert metric(text, "cipherface_errors_total", code="unknown_identity") == 1
