@@ -26,6 +26,7 @@ import functools
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -58,6 +59,7 @@ from cipherface.errors import (
 
 SCHEME = "ckks"
 ZERO_POOL = 160  # encryptions of zero kept ready per public key (an identify takes d)
+IDLE_BEFORE_FILL = 0.05  # seconds without a request before the pool refills
 FORMAT = "cf-ckks/2"  # SEAL serialization inside msgpack (cf-ckks/1: the pre-SEAL engine)
 OLD_FORMATS = ("cf-ckks/1",)
 #: Smudging noise: uniform in +-2^FLOOD_BITS on every score coefficient before rescaling.
@@ -132,6 +134,7 @@ class ZeroPool:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_take = 0.0
 
     def stop(self) -> None:
         """Drop the prepared encryptions and end the filling thread."""
@@ -142,6 +145,7 @@ class ZeroPool:
 
     def take(self) -> U64:
         with self._lock:
+            self._last_take = time.monotonic()
             item = self._items.popleft() if self._items else None
             low = len(self._items) < self._size // 2
             if self._thread is None and self._size > 0:
@@ -156,6 +160,10 @@ class ZeroPool:
             self._wake.wait()
             self._wake.clear()
             while len(self._items) < self._size:
+                if time.monotonic() - self._last_take < IDLE_BEFORE_FILL:
+                    # SEAL holds the GIL: stay off the path of a burst of requests.
+                    time.sleep(IDLE_BEFORE_FILL)
+                    continue
                 z = self._make().astype(np.uint32)  # residues < 2^30
                 with self._lock:
                     if len(self._items) < self._size:
