@@ -215,8 +215,9 @@ class CkksGallery:
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("an id appears twice in one enrollment")
         npack = -(-count // self.per_pack)
-        col = self._receive(obj.get("col"), d, "column ciphertexts")
-        pack = self._receive(obj.get("pack"), npack, "packed ciphertexts")
+        with self.pub.zeros.busy():
+            col = self._receive(obj.get("col"), d, "column ciphertexts")
+            pack = self._receive(obj.get("pack"), npack, "packed ciphertexts")
         with self._lock:
             # Replaced identities lose their old slot in the same commit as the new one.
             replaced: list[tuple[int, str | None]] = [
@@ -319,9 +320,10 @@ class CkksGallery:
                 s < len(self.store.slots) and self.store.slots[s] is not None
                 for s in range(first, first + self.per_pack)
             ]
-        return pack_result(
-            self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
-        )
+        with self.pub.zeros.busy():
+            return pack_result(
+                self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
+            )
 
     def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
         """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.
@@ -344,6 +346,10 @@ class CkksGallery:
             ``(result bytes, slot count)``; the count equals ``len(self.ids())``.
         """
         obj = decode(probe, self.pub, "probe-identify", DecodeError)
+        with self.pub.zeros.busy():
+            return self._identify(obj)
+
+    def _identify(self, obj: dict[str, object]) -> tuple[bytes, int]:
         p = self._receive(obj.get("cts"), self.dim, "probe-identify").astype(np.uint32)
         with self._lock:
             live_blocks = self._live_blocks()

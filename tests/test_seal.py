@@ -138,6 +138,31 @@ def test_kernel_worst_case_residues_do_not_overflow(level: int) -> None:
                 assert [int(got[c, r, s]) for c in range(3)] == want
 
 
+def test_zero_pool_hands_each_encryption_out_once_and_waits_for_requests() -> None:
+    """Pooled encryptions of zero are fresh SEAL ciphertexts, never handed out twice,
+    and the filler makes none while a request holds the pool busy."""
+    import time
+
+    pub = CkksKeys.generate(dim=128).public
+    pool = ckks.ZeroPool(pub.encrypt_zero_ct, size=6)
+    try:
+        with pool.busy():
+            first = pool.take()  # starts the filler, which must wait for the request
+            time.sleep(0.5)
+            assert len(pool._items) == 0
+        deadline = time.monotonic() + 30
+        while len(pool._items) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pool._items) == 6
+        got = [first] + [pool.take() for _ in range(10)]  # 6 pooled, the rest on the spot
+        assert len({id(z) for z in got}) == len(got)
+        c1 = {pub.residues(z, "zero")[1].tobytes() for z in got}
+        assert len(c1) == len(got)  # fresh randomness each time
+        assert all(z.scale == pub.params.delta for z in got)
+    finally:
+        pool.stop()
+
+
 # ------------------------------------------------------------------- interop
 PLAIN_SEAL_CLIENT = textwrap.dedent(
     '''
