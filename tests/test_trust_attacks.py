@@ -15,7 +15,6 @@ Replay: ``python -m pytest -q -p no:cacheprovider tests/test_trust_attacks.py -r
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import msgpack
