@@ -160,3 +160,16 @@ def test_lost_gallery_is_not_recreated_when_the_edge_republishes_its_key(
         assert isinstance(r, Error) and r.code == "storage_corrupt", r
         assert str(tmp_path) not in r.message
     agent.keys.close()
+
+
+@pytest.mark.parametrize("column", [b"slot_sum", b"format"])
+def test_flipped_bit_in_the_schema_is_corrupt_not_retryable(tmp_path: Path, column: bytes) -> None:
+    """One bit flipped in a column name of the stored schema (found by flipping random
+    bits of a gallery file): before, SQLite's "no such column" came out as the
+    retryable storage_error, so gateways retried a dead gallery and nothing was kept."""
+    st = _filled(tmp_path)
+    st.close()
+    raw = bytearray(_db(tmp_path).read_bytes())
+    raw[raw.index(column)] ^= 0x10  # slot_sum -> clot_sum, format -> vormat
+    _db(tmp_path).write_bytes(bytes(raw))
+    _assert_refused_with_evidence(tmp_path)
