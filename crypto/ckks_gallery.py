@@ -120,7 +120,7 @@ class CkksGallery:
         if self.store.meta.get("format") != FORMAT:
             self.store.close()
             raise OutdatedFormatError(
-                f"gallery {path} was written by the pre-SEAL engine: {MIGRATE_HINT}"
+                f"gallery {self.store.label} was written by the pre-SEAL engine: {MIGRATE_HINT}"
             )
         self._lock = threading.RLock()
         self._index: dict[str, int] = {

@@ -22,6 +22,7 @@ import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -337,6 +338,9 @@ class GalleryStore:
             KeyError: no such block.
             StorageCorruptError: the block is missing, truncated or altered.
         """
+        return decode_array(self._block_bytes(name), f"gallery {self.label}: block {name}")
+
+    def _block_bytes(self, name: str) -> bytes:
         ref = self.blocks[name]
         got = self.engine.read_block(name)
         if got is None:
@@ -348,16 +352,18 @@ class GalleryStore:
             raise self._corrupt(f"block {name} is {len(data)} bytes, expected {ref.nbytes}")
         if block_digest(data) != ref.digest:
             raise self._corrupt(f"block {name} fails its checksum")
-        return decode_array(data, f"gallery {self.label}: block {name}")
+        return data
 
     def verify_blocks(self) -> None:
-        """Read every block and check its size and digest.
+        """Read every block and check its size and digest (two threads: hashing and
+        SQLite/psycopg reads release the GIL).
 
         Raises:
             StorageCorruptError: a block is missing, truncated or altered.
         """
-        for name in sorted(self.blocks):
-            self.load_block(name)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for _ in pool.map(self._block_bytes, sorted(self.blocks)):
+                pass
 
     # ------------------------------------------------------------------ writing
     def stage_block(self, name: str, array: npt.NDArray[Any]) -> StagedBlock:

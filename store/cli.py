@@ -68,7 +68,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    _emit(args, [compact(loc) for loc in _galleries(args)])
+    _emit(args, [compact(loc, vacuum=args.vacuum) for loc in _galleries(args)])
     return EXIT_OK
 
 
@@ -123,10 +123,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     leaf("check", "verify every row and block; exit 1 if any gallery is damaged", _cmd_check)
     leaf("stats", "live identities, dead slots awaiting erasure, blocks, bytes", _cmd_stats)
-    leaf(
+    p = leaf(
         "compact",
-        "drop blocks with no live template and vacuum; partly dead blocks need the edge",
+        "drop blocks with no live template; partly dead blocks need the edge",
         _cmd_compact,
+    )
+    p.add_argument(
+        "--vacuum", action="store_true", help="also shrink the SQLite file (rewrites it)"
     )
     p = leaf(
         "export", "write a verified backup of one gallery (format: docs/storage.md)", _cmd_export

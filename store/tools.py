@@ -91,13 +91,15 @@ def check(location: str) -> dict[str, Any]:
         st.close()
 
 
-def compact(location: str) -> dict[str, Any]:
+def compact(location: str, *, vacuum: bool = False) -> dict[str, Any]:
     """What the cloud can erase alone: drop every block with no live slot, free its
     dead slots, and give freed pages back (SQLite VACUUM / PostgreSQL VACUUM).
 
     Blocks that still hold live templates beside dead ones are *not* touched: in the
     CKKS column layout the templates are summed into one ciphertext, so only the key
-    holder (the edge) can re-encrypt them without the dead ones.
+    holder (the edge) can re-encrypt them without the dead ones. ``vacuum`` also gives
+    the freed space back to the filesystem (rewrites the whole SQLite file: slow); the
+    freed bytes are zeroed already either way on SQLite.
 
     Returns:
         ``{"dropped_blocks": n, "freed_slots": n}`` plus :func:`stats` after.
@@ -118,9 +120,9 @@ def compact(location: str) -> dict[str, Any]:
                 freed += [s for s in rng if st.slots[s] is not None]
         if drop:
             st.commit(drop_blocks=drop, slots=[(s, None) for s in sorted(set(freed))])
-        vacuum = getattr(st.engine, "vacuum", None)
-        if vacuum is not None:
-            vacuum()
+        run_vacuum = getattr(st.engine, "vacuum", None)
+        if run_vacuum is not None and (vacuum or not isinstance(st.engine, SqliteEngine)):
+            run_vacuum()
         return {"dropped_blocks": len(drop), "freed_slots": len(set(freed)), **stats(st)}
     finally:
         st.close()
