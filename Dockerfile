@@ -24,6 +24,7 @@ COPY agents ./agents
 COPY faces ./faces
 COPY cameras ./cameras
 COPY store ./store
+COPY observe ./observe
 COPY testing ./testing
 RUN pip install "/src${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 

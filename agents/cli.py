@@ -12,6 +12,7 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``ids``        list the enrolled identities
 ``edge``       camera gateway: ``--config FILE`` (Frigate, RTSP, MQTT, folders) or ``--watch DIR``
 ``events``     print the integrator events (JSON decisions) of a site as they happen
+``guard``      forged results refused, decision budget, clear a halt
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
 ``gallery``    check, stats, export/import, compact the cloud's galleries
@@ -119,6 +120,14 @@ def _edge_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--timeout", type=float, default=15.0, help="seconds per attempt (default 15)")
     g.add_argument("--retries", type=int, default=2, help="extra attempts (default 2)")
+    g.add_argument(
+        "--decision-budget",
+        type=int,
+        default=int(_env("CIPHERFACE_DECISION_BUDGET") or 1_000_000),
+        metavar="N",
+        help="decisions one key may make before it must be rotated "
+        "(env CIPHERFACE_DECISION_BUDGET; default 1000000)",
+    )
 
 
 def _json_option(p: argparse.ArgumentParser) -> None:
@@ -217,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="threads serving verify and ids.get (default 2)",
     )
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        help="benchmarks: one worker thread, replies awaited inline (the agent before lanes)",
+    )
     p.set_defaults(func=_cmd_cloud)
 
     p = sub.add_parser("enroll", help="enroll identities", description=_cmd_enroll.__doc__)
@@ -282,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-photos", type=int, default=None, help="exit after this many outcomes")
     _observe_options(p)
     p.set_defaults(func=_cmd_edge)
+
+    p = sub.add_parser(
+        "guard", help="forged results, decision budget", description=_cmd_guard.__doc__
+    )
+    p.add_argument(
+        "--keys",
+        default=_env("CIPHERFACE_KEYS"),
+        metavar="DIR",
+        help="key directory (env CIPHERFACE_KEYS)",
+    )
+    p.add_argument("--reset", action="store_true", help="clear a halt after investigating")
+    _json_option(p)
+    p.set_defaults(func=_cmd_guard)
 
     p = sub.add_parser("events", help="print integrator events", description=_cmd_events.__doc__)
     _broker_options(p)
@@ -388,6 +415,7 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
 
 def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from cipherface.agents.edge import EdgeClient
+    from cipherface.crypto.guard import load_guard
     from cipherface.crypto.sites import load_edge_cipher
 
     _require(args, "keys", "site", "gateway")
@@ -395,9 +423,18 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
         args.keys,
         allow_insecure_permissions=getattr(args, "allow_insecure_key_permissions", False),
     )
+    guard = load_guard(args.keys, cipher, budget=args.decision_budget)
+    if guard is None:
+        logging.getLogger("cipherface").warning(
+            "%s has no trust.key (made before cipherface 0.2): results are not checked "
+            "against canaries and names travel in clear; move to a new key "
+            "(docs/deployment.md, section 5)",
+            args.keys,
+        )
     return EdgeClient(
         broker=broker_config(args),
         cipher=cipher,
+        guard=guard,
         site=args.site,
         gateway=args.gateway,
         timeout=args.timeout,
@@ -492,6 +529,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         store=args.store,
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,
+        serial=args.serial,
     )
     from cipherface.agents.observed import cloud_health, observe_cloud
 
@@ -639,6 +677,32 @@ def _cmd_ids(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_guard(args: argparse.Namespace) -> int:
+    """Show the key's guard state: decisions made, forged results refused, halt (and
+    clear the halt with --reset)."""
+    from dataclasses import asdict
+
+    from cipherface.crypto.guard import load_guard
+    from cipherface.crypto.sites import load_edge_cipher
+
+    _require(args, "keys")
+    guard = load_guard(args.keys, load_edge_cipher(args.keys))
+    if guard is None:
+        raise InvalidArgumentError(f"{args.keys} has no trust.key: an unguarded key (rotate it)")
+    if args.reset:
+        guard.reset_halt()
+    info = {**asdict(guard.status()), "budget": guard.budget}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        halted = f"HALTED ({info['halted']})" if info["halted"] else "running"
+        print(
+            f"key {info['key_id']}: {halted}; {info['decisions']} of {info['budget']} "
+            f"decisions, {info['forged']} forged result(s) refused"
+        )
+    return EXIT_OK
+
+
 def _cmd_edge(args: argparse.Namespace) -> int:
     """Camera gateway: with --config FILE, the cameras, Frigate, thresholds and outputs it
     lists (docs/integrations.md); with --watch DIR, identify every photo that appears in
@@ -664,9 +728,13 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         if args.max_photos is not None:
             outputs.append(cameras.PrintOutput(limit=args.max_photos, stop=stop))
         client_id = f"{cfg.site}.{cfg.gateway}"
+        from cipherface.crypto.guard import load_guard
+
+        cipher = load_edge_cipher(cfg.keys)
         edge = EdgeClient(
             broker=cfg.cloud,
-            cipher=load_edge_cipher(cfg.keys),
+            cipher=cipher,
+            guard=load_guard(cfg.keys, cipher, budget=args.decision_budget),
             site=cfg.site,
             gateway=cfg.gateway,
             timeout=args.timeout,

@@ -62,6 +62,7 @@ from cipherface.agents.mqtt import (
     Connection,
     message_property,
     publish_properties,
+    wait_published,
 )
 from cipherface.crypto import sites
 from cipherface.crypto.engine import Gallery
@@ -325,6 +326,8 @@ class CloudAgent:
         max_batch: the most verifies scored in one engine call (1: no batching).
         fast_threads: fast-lane threads: while one is inside the engine's kernels
             (which release the GIL), another decodes and publishes.
+        serial: the agent as it was before lanes and batches (benchmarks): one
+            worker thread for every request, each reply's PUBACK awaited inline.
         receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
             to this agent before it acknowledges any.
         store: gallery store: ``sqlite:`` (one SQLite file per gallery under
@@ -349,6 +352,7 @@ class CloudAgent:
         reply_cache: ReplyCache | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         fast_threads: int = 2,
+        serial: bool = False,
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
         share_check_s: float = 3.0,
         store: str = "sqlite:",
@@ -357,6 +361,7 @@ class CloudAgent:
             raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
         self.max_batch = max_batch
         self.fast_threads = max(1, fast_threads)
+        self.serial = serial
         self.receive_maximum = receive_maximum
         self.agent_id = validate_id(agent_id, what="agent id")
         self.sites = None if sites is None else tuple(validate_id(s, what="site") for s in sites)
@@ -511,7 +516,7 @@ class CloudAgent:
             return
         with self._idle:
             self._busy += 1
-        self._lanes[lane_for(msg.topic)].put(msg)
+        self._lanes["slow" if self.serial else lane_for(msg.topic)].put(msg)
 
     def _conn_ack(self, msg: paho.MQTTMessage) -> None:
         conn = self._conn
@@ -615,7 +620,8 @@ class CloudAgent:
             refused=self._reply_refused,
         )
         lanes: list[Lane] = ["slow"]
-        lanes[:0] = ("fast" for _ in range(self.fast_threads))
+        if not self.serial:
+            lanes[:0] = ("fast" for _ in range(self.fast_threads))
         self._worker_lanes = lanes
         self._workers = [
             threading.Thread(target=self._work, args=(lane,), name=f"{self.agent_id}-{lane}{i}")
@@ -727,6 +733,9 @@ class CloudAgent:
                 pending.infos.append(info)
                 pending.topics.append(out.topic)
             acks.put(pending)
+            if self.serial:
+                for info in pending.infos:
+                    wait_published(info, self.publish_timeout)
 
     # ------------------------------------------------------------ request logic
     def handle(

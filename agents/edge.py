@@ -43,6 +43,8 @@ from cipherface.agents.mqtt import (
 )
 from cipherface.crypto import thresholds
 from cipherface.crypto.engine import EdgeCipher
+from cipherface.crypto.guard import Guard
+from cipherface.crypto.judge import identify_best, verify_decision
 from cipherface.errors import (
     BrokerConnectionError,
     CipherFaceError,
@@ -54,6 +56,7 @@ from cipherface.errors import (
     PublishDeniedError,
     RemoteError,
     RequestTimeoutError,
+    ResultForgedError,
     ResultRejectedError,
 )
 from cipherface.protocol import (
@@ -157,6 +160,12 @@ class EdgeClient:
         announce: keep a retained online/offline status (with a last will): daemons.
         persistent: keep an MQTT persistent session (a stable ``client_id`` is then
             needed), so results published while reconnecting are queued: daemons.
+        guard: the key's :class:`~cipherface.crypto.guard.Guard`
+            (:func:`~cipherface.crypto.guard.load_guard`): names travel as opaque
+            labels, every enrollment carries canaries, every result is checked against
+            them before a decision, decisions are budgeted. None for a key directory
+            made before trust secrets existed (unguarded: see docs/security.md).
+        on_forged: called with the error when a result is refused as forged (alerts).
 
     Raises:
         InvalidArgumentError: a bad site or gateway id, or bad timeouts.
@@ -176,6 +185,8 @@ class EdgeClient:
         publish_decisions: bool = True,
         announce: bool = False,
         persistent: bool = False,
+        guard: Guard | None = None,
+        on_forged: Callable[[ResultForgedError], None] | None = None,
     ) -> None:
         self.site = validate_id(site, what="site")
         self.gateway = validate_id(gateway, what="gateway")
@@ -190,6 +201,10 @@ class EdgeClient:
         self.publish_decisions = publish_decisions
         self.announce = announce
         self.persistent = persistent
+        self.guard = guard
+        self.on_forged = on_forged
+        #: Results refused as forged by this client (the key's total is in trust.state).
+        self.forged = 0
         self._embedder = embedder
         self._client_id = client_id or f"{self.site}.{self.gateway}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()
@@ -520,9 +535,22 @@ class EdgeClient:
             vecs = np.stack([self.embed(p) for p in photos])
         template = vecs.mean(axis=0)
         self.ensure_key()
-        payload = self.cipher.encrypt_templates(template[None, :])
+        labels, payload = self._enroll_payload([identity], template[None, :])
         self._prepare_randomness()
-        return self._ask(lambda: Enroll(**self._header(), ids=(identity,), payload=payload))
+        result = self._ask(lambda: Enroll(**self._header(), ids=labels, payload=payload))
+        return replace(result, enrolled=1) if result.enrolled == len(labels) else result
+
+    def _enroll_payload(
+        self, names: Sequence[str], vectors: FloatArray
+    ) -> tuple[tuple[str, ...], bytes]:
+        """The labels the cloud sees and the payload (canaries mixed in when guarded)."""
+        if self.guard is None:
+            return tuple(names), self.cipher.encrypt_templates(vectors)
+        labels, rows = self.guard.with_canaries(names, vectors)
+        return tuple(labels), self.cipher.encrypt_templates(rows)
+
+    def _label(self, name: str) -> str:
+        return name if self.guard is None else self.guard.seal(name)
 
     def _prepare_randomness(self) -> None:
         """Paillier family: precompute encryptions of zero in idle time (a daemon thread),
@@ -636,6 +664,8 @@ class EdgeClient:
         if vecs.shape[0] != len(names):
             raise InvalidArgumentError(f"{len(names)} ids for {vecs.shape[0]} embeddings")
         limit = self.cipher.max_templates_per_payload
+        if self.guard is not None:
+            limit = self.guard.payload_names(limit)
         size = min(limit, chunk or limit)
         if size < 1:
             raise InvalidArgumentError("chunk must be >= 1")
@@ -646,22 +676,24 @@ class EdgeClient:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="encrypt") as pool,
             tqdm(total=len(names), unit="face", desc="enroll", disable=not progress) as bar,
         ):
-            nxt: Future[bytes] | None = None
+            nxt: Future[tuple[tuple[str, ...], bytes]] | None = None
             if spans:
-                nxt = pool.submit(self.cipher.encrypt_templates, vecs[spans[0][0] : spans[0][1]])
+                lo, hi = spans[0]
+                nxt = pool.submit(self._enroll_payload, names[lo:hi], vecs[lo:hi])
             for i, (lo, hi) in enumerate(spans):
                 assert nxt is not None
-                payload = nxt.result()
+                chunk_ids, payload = nxt.result()
                 if i + 1 < len(spans):
                     a, b = spans[i + 1]
-                    nxt = pool.submit(self.cipher.encrypt_templates, vecs[a:b])
-                chunk_ids = tuple(names[lo:hi])
+                    nxt = pool.submit(self._enroll_payload, names[a:b], vecs[a:b])
                 result = self._ask(
                     lambda: Enroll(**self._header(), ids=chunk_ids, payload=payload)  # noqa: B023
                 )
-                stored += result.enrolled or 0
+                done = result.enrolled or 0
+                real = hi - lo if done == len(chunk_ids) else done  # canaries not counted
+                stored += real
                 if on_chunk is not None:
-                    on_chunk(chunk_ids, result.enrolled or 0)
+                    on_chunk(names[lo:hi], real)
                 bar.update(hi - lo)
         return stored
 
@@ -679,7 +711,7 @@ class EdgeClient:
         Raises:
             PeerReportedError / RequestTimeoutError: see :meth:`request`.
         """
-        names = (ids,) if isinstance(ids, str) else tuple(ids)
+        names = tuple(self._label(i) for i in ((ids,) if isinstance(ids, str) else ids))
         kid: str | None = None if all_keys else self.cipher.key_id
         result = self._ask(lambda: Delete(**self._header(kid=kid), ids=names))
         return result.deleted or 0
@@ -710,11 +742,56 @@ class EdgeClient:
                 version, slots = listed
                 with self._lock:
                     self._ids_cache = (version, slots)
-                return list(slots)
+                return self._names(slots)
             log.info("the gallery changed while its id list was paged: starting over")
         raise ResultRejectedError(
             f"the gallery changed during {IDS_RESTARTS + 1} listings of its ids; try again"
         )
+
+    def _names(self, labels: Sequence[str | None]) -> list[str | None]:
+        """User names of a listing: labels opened, canaries shown as free slots."""
+        if self.guard is None:
+            return list(labels)
+        try:
+            opened = self.guard.open_slots(labels)
+        except ResultForgedError as exc:
+            self._forged(exc)
+            raise
+        return [x if isinstance(x, str) else None for x in opened]
+
+    def _pack_of(
+        self, label: str, version: int
+    ) -> tuple[tuple[str | None, ...] | None, int | None]:
+        """The labels of ``label``'s pack and its place there (guarded CKKS verify), from
+        the id list of gallery ``version`` (fetched when the cache is older)."""
+        per_pack = getattr(self.cipher, "per_pack", None)
+        if self.guard is None or per_pack is None:
+            return None, None
+        with self._lock:
+            cache = self._ids_cache
+        if cache is None or cache[0] != version:
+            self.ids()
+            with self._lock:
+                cache = self._ids_cache
+        if cache is None or cache[0] != version:
+            raise ResultRejectedError("the gallery changed under verify; try again")
+        try:
+            slot = cache[1].index(label)
+        except ValueError:
+            exc = self.guard.forged("verify answered for an identity the id list lacks")
+            self._forged(exc)
+            raise exc from None
+        start = slot - slot % per_pack
+        pack = cache[1][start : start + per_pack]
+        return pack + (None,) * (per_pack - len(pack)), slot - start
+
+    def _forged(self, exc: ResultForgedError) -> None:
+        self.forged += 1
+        if self.on_forged is not None:
+            try:
+                self.on_forged(exc)
+            except Exception:  # an alert hook must not change the outcome
+                log.exception("on_forged hook failed")
 
     def _list_ids(self, page_size: int) -> tuple[int, tuple[str | None, ...]] | None:
         """All pages of one gallery version, or None when the version moved meanwhile."""
@@ -790,16 +867,32 @@ class EdgeClient:
         """
         t0 = time.perf_counter()
         validate_identity(identity)
+        if self.guard is not None:
+            self.guard.admit()
         label = label or _label(photo)
         vec = self._probe_vector(photo, vector, label)
+        if self.guard is not None:
+            vec = self.guard.jitter(vec)
         probe = self.cipher.encrypt_probe(vec, op="verify")
-        result = self._ask(lambda: Verify(**self._header(), identity=identity, probe=probe))
+        sealed = self._label(identity)
+        result = self._ask(lambda: Verify(**self._header(), identity=sealed, probe=probe))
         if result.scores is None or result.count != 1:
             raise ResultRejectedError(f"a verify result must carry 1 score, got {result.count}")
-        score = float(self.cipher.decrypt_scores(result.scores, op="verify", count=1)[0])
-        if not np.isfinite(score):
-            raise ResultRejectedError("verify result decrypts to a non-finite score")
-        match = thresholds.is_match(score, self.model, self.metric)
+        pack, target = self._pack_of(sealed, result.ids_version)
+        try:
+            match = verify_decision(
+                self.cipher,
+                self.guard,
+                scores_blob=result.scores,
+                probe=vec,
+                pack=pack,
+                target=target,
+            )
+        except ResultForgedError as exc:
+            self._forged(exc)
+            raise
+        if self.guard is not None:
+            self.guard.decided()
         return self._decide("verify", identity, match, t0, label)
 
     def identify(
@@ -839,20 +932,30 @@ class EdgeClient:
         """The gallery's best-scoring identity for an embedding, and its similarity.
 
         The similarity is a decrypted score: it is for this process only (camera
-        gateways apply their own thresholds to it) and must never be published.
+        gateways apply their own thresholds to it) and must never be published. With a
+        guard, the result's canaries are checked first and the call counts as a decision
+        against the key's budget.
 
         Args:
             vector: the probe embedding.
-            probe: its identify encryption, made once for several galleries (shards).
+            probe: its identify encryption, made once for several galleries (shards);
+                ``vector`` must then be exactly what was encrypted (the canaries are
+                checked against it), and no jitter is added.
 
         Returns:
             ``(identity, similarity)``, or ``(None, None)`` for an empty gallery.
 
         Raises:
+            ResultForgedError: the result's canaries are off (see docs/security.md).
+            GatewayHaltedError / DecisionBudgetError: the guard refuses to decide.
             ResultRejectedError / PeerReportedError / RequestTimeoutError: see :meth:`identify`.
         """
+        if self.guard is not None:
+            self.guard.admit()
+        vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
         if probe is None:
-            vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
+            if self.guard is not None:
+                vec = self.guard.jitter(vec)  # a replayed or pre-aimed result misses its canaries
             probe = self.cipher.encrypt_probe(vec, op="identify")
         for _ in range(2):
             with self._lock:
@@ -866,21 +969,20 @@ class EdgeClient:
                 break
         else:
             raise ResultRejectedError("the gallery keeps changing under identify; try again")
-        if result.count == 0:
-            return None, None  # empty gallery
-        if result.scores is None:
-            raise ResultRejectedError("an identify result without scores")
-        scores = self.cipher.decrypt_scores(result.scores, op="identify", count=result.count)
-        if scores.shape != (result.count,):
-            raise ResultRejectedError(f"identify result decrypts to shape {scores.shape}")
-        live = np.array([s is not None for s in slots], dtype=bool)
-        if not live.any():
-            return None, None
-        masked = np.where(live, scores, -np.inf)
-        best = int(np.argmax(masked))
-        if not np.isfinite(masked[best]):
-            raise ResultRejectedError("identify result decrypts to non-finite scores")
-        return slots[best], float(masked[best])
+        try:
+            best = identify_best(
+                self.cipher,
+                self.guard,
+                labels=slots if result.count else (),
+                scores_blob=result.scores,
+                probe=vec,
+            )
+        except ResultForgedError as exc:
+            self._forged(exc)
+            raise
+        if self.guard is not None:
+            self.guard.decided()
+        return best
 
     def _result_slots(self, result: Result) -> tuple[str | None, ...] | None:
         """The slot list the scores of ``result`` refer to, or None if it cannot be known."""

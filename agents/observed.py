@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from cipherface import __version__
+from cipherface import __version__, errors
 from cipherface.agents.cloud import CloudAgent, Outgoing
 from cipherface.agents.edge import EdgeClient
 from cipherface.observe.health import (
@@ -27,6 +27,27 @@ from cipherface.observe.metrics import AgentMetrics, MetricsServer
 from cipherface.protocol import decode, parse_request_topic
 
 log = logging.getLogger(__name__)
+
+
+def _all_codes() -> frozenset[str]:
+    seen: set[str] = set()
+    stack: list[type[errors.CipherFaceError]] = [errors.CipherFaceError]
+    while stack:
+        cls = stack.pop()
+        seen.add(cls.code)
+        stack.extend(cls.__subclasses__())
+    return frozenset(seen)
+
+
+#: Error codes used as metric labels. A code outside the project's own (a peer can
+#: send any string matching the code syntax) is counted as ``other``: label
+#: cardinality, and so the metrics' memory, stays bounded whatever a cloud sends.
+KNOWN_CODES: frozenset[str] = _all_codes() | {"result", "error", "dropped", "internal"}
+
+
+def label_code(code: str) -> str:
+    """``code`` if it is one of :data:`KNOWN_CODES`, else ``other``."""
+    return code if code in KNOWN_CODES else "other"
 
 
 @dataclass
@@ -158,6 +179,12 @@ def observe_edge(
             "in_progress": 0,
             "unmatched_replies": edge.unmatched,
             "rejected_results": counts["rejected_results"],
+            # The guard (docs/security.md "A cloud that cheats"): forged results refused
+            # by this process, and whether the key's gateway halted.
+            "forged_results": edge.forged,
+            "gateway_halted": int(
+                edge.guard is not None and edge.guard.status().halted is not None
+            ),
             "broker_connected": int(conn is not None and conn.connected),
             "broker_reconnects": conn.reconnects if conn is not None else 0,
             "clouds_online": sum(1 for s in edge.clouds.values() if s == "online"),
@@ -168,18 +195,14 @@ def observe_edge(
 
     def on_request(op: str, outcome: str, seconds: float) -> None:
         ok = outcome == "result"
-        metrics.request(
-            op=op,
-            outcome="result" if ok else "error",
-            code=None if ok else outcome,
-            seconds=seconds,
-        )
+        code = None if ok else label_code(outcome)
+        metrics.request(op=op, outcome="result" if ok else "error", code=code, seconds=seconds)
         log_request(
             role="edge",
             op=op,
             site=edge.site,
             gateway=edge.gateway,
-            outcome=outcome,
+            outcome=code or "result",
             seconds=seconds,
         )
 
@@ -213,7 +236,7 @@ class MetricsOutput:
     def publish(self, event: Any, capture: Any) -> None:
         kind = str(getattr(event, "event_type", "unknown"))
         error = getattr(event, "error", None)
-        self.outcomes.labels("edge", kind, error or "").inc()
+        self.outcomes.labels("edge", kind, label_code(error) if error else "").inc()
         self.counts["outcomes"] += 1
         if error == "result_rejected":
             self.counts["rejected_results"] += 1

@@ -5,13 +5,16 @@ agent under test, a ``cipherface cloud`` process on one CKKS gallery; then drive
 ``--gateways`` closed-loop verify streams (bench/loadgen.py: one connection, probes
 encrypted up front, every 25th result decrypted and checked) for ``--seconds`` each.
 
-The baseline is the agent of ``--baseline`` (a git commit; default: the single-thread
-agent before issue 11) exported to a temp dir and run with the same Python, so both
-rows come from the same machine in the same minute.
+The baseline is this tree's ``cloud --serial``: one worker thread for every
+request, each reply's PUBACK awaited before the next request (the agent before
+issue 11), so both rows use the same engine and run on the same machine in the
+same minute. ``--baseline COMMIT`` adds the agent of an older commit, exported to a
+temp dir; it must read this tree's gallery and probe formats (the CKKS engine
+changed after 9b3ca41, so that commit no longer can).
 
     python bench/bench_fleet.py                         # 1, 10, 50 gateways, 20 s each
     python bench/bench_fleet.py --gateways 50 --seconds 60 --json out.json
-    python bench/bench_fleet.py --no-baseline           # this tree only
+    python bench/bench_fleet.py --baseline 9b3ca41      # + an old commit's agent
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from cipherface.agents.broker import LocalBroker
 from cipherface.crypto import sites
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "9b3ca41"  # main before issue 11: one worker thread, PUBACK waited inline
 SITE = "bench"
 DIM = 128
 
@@ -102,8 +104,7 @@ def main() -> None:
     ap.add_argument("--gateways", default="1,10,50")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--templates", type=int, default=1000)
-    ap.add_argument("--baseline", default=BASELINE, help="git commit of the old agent")
-    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--baseline", metavar="COMMIT", help="also run this commit's agent")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cf-bench-fleet-"))
@@ -111,13 +112,12 @@ def main() -> None:
     try:
         cipher, ids, vectors = build(work / "data", work / "keys", args.templates)
         agents: list[tuple[str, Path, list[str]]] = []
-        if not args.no_baseline:
+        if args.baseline:
             old = export_tree(args.baseline, work / "old")
             agents.append((f"baseline {args.baseline} (1 thread)", old, []))
-        one = ["--max-batch", "1", "--fast-threads", "1"]
-        agents.append(("this tree, --max-batch 1 --fast-threads 1", ROOT, one))
-        agents.append(("this tree, --fast-threads 1", ROOT, ["--fast-threads", "1"]))
-        agents.append(("this tree (2 fast threads, batches of 32)", ROOT, []))
+        agents.append(("--serial (one thread, inline PUBACK: as before)", ROOT, ["--serial"]))
+        agents.append(("lanes, --fast-threads 1", ROOT, ["--fast-threads", "1"]))
+        agents.append(("lanes, 2 fast threads, batches of 32 (default)", ROOT, []))
         with LocalBroker(profile="dev") as broker:
             for label, tree, extra in agents:
                 for g in [int(x) for x in args.gateways.split(",")]:

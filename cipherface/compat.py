@@ -201,13 +201,12 @@ class CipherFace(_FaceMixin):
             body["cts"] = [pub.public_encrypt(x) for x in m]
         return _b64(cast(bytes, msgpack.packb(body, use_bin_type=True)))
 
-    def _load_embedding(self, text: str, what: str, layout: int) -> npt.NDArray[np.uint64]:
+    def _load_embedding(self, text: str, what: str, layout: int) -> Any:
         obj = ckks.decode(_unb64(text, what), self.keys.public, "embedding", DecodeError)
         cts = obj.get("cts")
         if not isinstance(cts, list) or len(cts) != 2:
             raise DecodeError(f"{what}: expected two ciphertexts")
-        # Re-randomised by SEAL before use: a crafted c1 cannot pull the other operand out.
-        return self.keys.public.rerandomise(cts[layout], what)
+        return cts[layout]
 
     # ---------------------------------------------------------------- compare
     def encrypted_compare(self, alpha: str, beta: str) -> str:
@@ -219,10 +218,13 @@ class CipherFace(_FaceMixin):
         Raises:
             DecodeError / KeyMismatchError: malformed input or another key's ciphertext.
         """
-        a = self._load_embedding(alpha, "alpha", 0)
+        pub = self.keys.public
+        # Both operands are re-randomised by SEAL before the product: a crafted c1 cannot
+        # pull the other operand out.
+        a = pub.rerandomise(self._load_embedding(alpha, "alpha", 0), "alpha")
         b = self._load_embedding(beta, "beta", 1)
         live = [True] + [False] * (self._edge.per_pack - 1)  # only coefficient 0 survives
-        return _b64(ckks.pack_result(self.keys.public, a, b, pos=0, live=live))
+        return _b64(ckks.pack_result(pub, a, b, pos=0, live=live, what="beta"))
 
     # ---------------------------------------------------------------- decrypt
     def restore(self, encrypted_distance: str) -> float:

@@ -113,6 +113,19 @@ class UnknownIdentityError(GalleryError, KeyError):
         return str(self.args[0]) if self.args else self.code
 
 
+class GatewayHaltedError(LocalError):
+    """The gateway halted after forged results: rotate the key, or clear the halt
+    (``cipherface guard --reset``)."""
+
+    code = "gateway_halted"
+
+
+class DecisionBudgetError(LocalError):
+    """The key has made its budget of decisions; rotate it (new keygen and re-enrollment)."""
+
+    code = "decision_budget"
+
+
 class StorageError(CipherFaceError):
     """Gallery storage cannot be read or written (disk full, permissions, locked)."""
 
@@ -195,6 +208,14 @@ class ResultRejectedError(RemoteError):
     """A result fails the edge's checks (shape, count, scheme) and is never decrypted."""
 
     code = "result_rejected"
+
+
+class ResultForgedError(ResultRejectedError):
+    """A well-formed result fails the edge's integrity checks (its canaries are off, or a
+    label was never sealed by this site): the cloud is cheating or broken. Never decided
+    on; counted, and the gateway halts after a few (see docs/security.md)."""
+
+    code = "result_forged"
 
 
 class PeerReportedError(RemoteError):

@@ -21,9 +21,13 @@ Values are *coefficient-encoded*: the engine writes the plaintext's NTT residues
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -54,6 +58,8 @@ from cipherface.errors import (
 )
 
 SCHEME = "ckks"
+ZERO_POOL = 160  # encryptions of zero kept ready per public key (an identify takes d)
+IDLE_BEFORE_FILL = 0.05  # seconds without a request before the pool refills
 FORMAT = "cf-ckks/2"  # SEAL serialization inside msgpack (cf-ckks/1: the pre-SEAL engine)
 OLD_FORMATS = ("cf-ckks/1",)
 #: Smudging noise: uniform in +-2^FLOOD_BITS on every score coefficient before rescaling.
@@ -108,6 +114,78 @@ def ring_of(params: seal.Params) -> ntt.Ring:
 
 
 # ---------------------------------------------------------------------- keys
+class ZeroPool:
+    """Fresh encryptions of zero, made ahead by a background thread, each used once.
+
+    Re-randomising an identify probe takes ``d`` of them (128 SEAL public-key
+    encryptions, ~150 ms); making them between requests keeps that off the request's
+    path. The pool holds at most ``size`` (~64 KB each at N=4096) and starts filling at
+    the first :meth:`take`; when it is empty, :meth:`take` makes one on the spot.
+
+    Args:
+        make: returns one fresh encryption of zero.
+        size: how many to keep ready.
+    """
+
+    def __init__(self, make: Callable[[], U64], size: int = ZERO_POOL) -> None:
+        self._make = make
+        self._size = size
+        self._items: collections.deque[U32] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_take = 0.0
+
+    def stop(self) -> None:
+        """Drop the prepared encryptions and end the filling thread."""
+        with self._lock:
+            self._size = 0
+            self._items.clear()
+        self._wake.set()
+
+    def take(self) -> U64:
+        with self._lock:
+            self._last_take = time.monotonic()
+            item = self._items.popleft() if self._items else None
+            low = len(self._items) < self._size // 2
+            if self._thread is None and self._size > 0:
+                self._thread = threading.Thread(target=self._fill, name="ckks-zeros", daemon=True)
+                self._thread.start()
+        if low:
+            self._wake.set()
+        return self._make() if item is None else item.astype(np.uint64)
+
+    def _fill(self) -> None:
+        while self._size:
+            self._wake.wait()
+            self._wake.clear()
+            while len(self._items) < self._size:
+                if time.monotonic() - self._last_take < IDLE_BEFORE_FILL:
+                    # SEAL holds the GIL: stay off the path of a burst of requests.
+                    time.sleep(IDLE_BEFORE_FILL)
+                    continue
+                z = self._make().astype(np.uint32)  # residues < 2^30
+                with self._lock:
+                    if len(self._items) < self._size:
+                        self._items.append(z)
+
+
+_POOLS: collections.OrderedDict[str, ZeroPool] = collections.OrderedDict()
+_POOLS_LOCK = threading.Lock()
+MAX_POOLS = 8  # keys with encryptions of zero kept ready (most recently used)
+
+
+def _pool_for(pub: CkksPublic) -> ZeroPool:
+    """One pool per public key, shared by every object of that key; least recently used
+    pools beyond :data:`MAX_POOLS` are stopped (their memory and thread released)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.pop(pub.key_id, None) or ZeroPool(pub.encrypt_zero)
+        _POOLS[pub.key_id] = pool
+        while len(_POOLS) > MAX_POOLS:
+            _POOLS.popitem(last=False)[1].stop()
+        return pool
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class CkksPublic:
     """What the cloud holds: parameters, embedding geometry and SEAL's public key bytes.
@@ -159,11 +237,31 @@ class CkksPublic:
         enc.encrypt(pt, ct)
         return seal.save_bytes(ct)
 
+    def encrypt_zero(self) -> U64:
+        """A fresh SEAL public-key encryption of zero: ``(2, k, N)`` NTT residues."""
+        _, enc, _ = self._sealed
+        zero = sealapi.Ciphertext()
+        enc.encrypt_zero(zero)
+        q = ring_of(self.params).q
+        return seal.parse_ciphertext(
+            seal.save_bytes(zero),
+            what="zero",
+            parms_id=self.data_level,
+            size=2,
+            n=self.params.n,
+            q=q,
+        ).data
+
+    @property
+    def zeros(self) -> ZeroPool:
+        return _pool_for(self)
+
     def rerandomise(self, data: object, what: str) -> U64:
         """Load a received ciphertext with SEAL and add a fresh public-key encryption of zero.
 
         Whatever the sender put in ``c0, c1``, the result's ``c1`` is fresh randomness
-        from SEAL; only the decryption (plus a little noise) carries over.
+        from SEAL; only the decryption (plus a little noise) carries over. Each
+        encryption of zero is used once (:class:`ZeroPool` makes them ahead of time).
 
         Returns:
             ``(2, k, N)`` NTT residues at the data level.
@@ -171,23 +269,38 @@ class CkksPublic:
         Raises:
             DecodeError: not a ciphertext of this key's parameters.
         """
+        q = ring_of(self.params).q
+        got = seal.parse_ciphertext(
+            seal.save_bytes(self.load_fresh(data, what)),
+            what=what,
+            parms_id=self.data_level,
+            size=2,
+            n=self.params.n,
+            q=q,
+        ).data
+        return (got + self.zeros.take()) % q[None, :, None]
+
+    def load_fresh(self, data: object, what: str) -> Any:
+        """SEAL ``Ciphertext`` of a received size-2 ciphertext at the data level, scale Δ.
+
+        Raises:
+            DecodeError: anything else.
+        """
         ctx = seal.context_for(self.params)
-        n, k = self.params.n, 2
-        raw = seal.check_seeded(data, what, parms_id=self.data_level, n=n, k=k)
-        ct = seal.load_into(sealapi.Ciphertext(), raw, ctx)
+        raw = seal.check_seeded(data, what, parms_id=self.data_level, n=self.params.n, k=2)
+        ct = seal.load_into(sealapi.Ciphertext(), raw, ctx)  # SEAL expands a seed, validates
         if ct.size() != 2 or tuple(ct.parms_id()) != self.data_level or not ct.is_ntt_form():
             raise DecodeError(f"{what}: not a fresh ciphertext of this key's parameters")
         if ct.scale != self.params.delta:
             raise DecodeError(f"{what}: scale {ct.scale} is not 2^{self.params.delta_bits}")
-        _, enc, ev = self._sealed
-        zero = sealapi.Ciphertext()
-        enc.encrypt_zero(zero)
-        zero.scale = ct.scale
-        ev.add_inplace(ct, zero)
-        q = ring_of(self.params).q
-        return seal.parse_ciphertext(
-            seal.save_bytes(ct), what=what, parms_id=self.data_level, size=2, n=n, q=q
-        ).data
+        return ct
+
+    def as_ciphertext(self, data: U64) -> Any:
+        """Our ``(2, k, N)`` residues (data level, scale Δ) as a SEAL ``Ciphertext``."""
+        raw = seal.ciphertext_bytes(
+            data, parms_id=self.data_level, scale=self.params.delta, compress=False
+        )
+        return seal.load_into(sealapi.Ciphertext(), raw, seal.context_for(self.params))
 
     def key_file(self) -> KeyFile:
         return KeyFile(
@@ -448,12 +561,15 @@ def flood(params: seal.Params, small: npt.NDArray[np.bool_]) -> tuple[U64, U64]:
     return f0, f1
 
 
-def finish(pub: CkksPublic, prod: U64, small: npt.NDArray[np.bool_], *, compress: bool) -> bytes:
-    """Size-3 NTT product at ``(q0, q1)`` -> flooded (add_plain), rescaled SEAL ciphertext."""
-    res = ring_of(pub.params).rescale_ntt(prod, flood(pub.params, small))
-    return seal.ciphertext_bytes(
-        res, parms_id=pub.result_level, scale=pub.params.result_scale, compress=compress
-    )
+def finish_many(pub: CkksPublic, prods: U64, small: npt.NDArray[np.bool_]) -> list[bytes]:
+    """Size-3 NTT products ``(B, 3, 2, N)`` at ``(q0, q1)`` -> flooded (``add_plain``),
+    rescaled SEAL ciphertexts, one per product; ``small`` ``(B, N)`` as :func:`flood`."""
+    floods = [flood(pub.params, s) for s in small]
+    f0 = np.stack([f[0] for f in floods])
+    f1 = np.stack([f[1] for f in floods])
+    res = ring_of(pub.params).rescale_ntt(prods, (f0, f1))
+    lvl, scale = pub.result_level, pub.params.result_scale
+    return [seal.ciphertext_bytes(r, parms_id=lvl, scale=scale) for r in res]
 
 
 def product(ring: ntt.Ring, x: U64, y: U64) -> U64:
@@ -468,17 +584,37 @@ def product(ring: ntt.Ring, x: U64, y: U64) -> U64:
     )
 
 
-def pack_result(pub: CkksPublic, x: U64, y: U64, *, pos: int, live: list[bool]) -> bytes:
-    """``result-verify``: the flooded, rescaled product of a pack and a reversed probe.
+def pack_result(
+    pub: CkksPublic, template: U64, probe: object, *, pos: int, live: list[bool], what: str
+) -> bytes:
+    """``result-verify``: the flooded, rescaled product of a pack and a received probe.
 
-    Coefficient ``i*d`` carries the score of the pack's template ``i`` for every live
-    ``i``; every other coefficient (free and deleted templates, cross terms) is erased
-    with uniform noise. ``pos`` is the asked template's place in the pack.
+    Runs on SEAL's ``Evaluator``: the probe is loaded (seed expanded) and re-randomised
+    with a fresh encryption of zero, multiplied by the stored pack (no
+    relinearisation), flooded (``add_plain``) and rescaled. Coefficient ``i*d`` carries
+    the score of the pack's template ``i`` for every live ``i``; every other coefficient
+    (free and deleted templates, cross terms) is erased with uniform noise. ``pos`` is
+    the asked template's place in the pack.
+
+    Raises:
+        DecodeError: the probe is not a ciphertext of this key's parameters.
     """
-    small = np.zeros(pub.params.n, dtype=bool)
+    p = pub.params
+    ctx = seal.context_for(p)
+    _, _, ev = pub._sealed
+    ring = ring_of(p)
+    probe_ct = pub.load_fresh(probe, what)
+    ev.add_inplace(probe_ct, pub.as_ciphertext(pub.zeros.take()))
+    prod = sealapi.Ciphertext()
+    ev.multiply(pub.as_ciphertext(template), probe_ct, prod)
+    small = np.zeros(p.n, dtype=bool)
     small[np.flatnonzero(live) * pub.dim] = True
-    ct = finish(pub, product(ring_of(pub.params), x, y), small, compress=True)
-    body = {**header(pub, "result-verify"), "count": 1, "pos": pos, "ct": ct}
+    f0, f1 = flood(p, small)
+    f_ntt = np.stack([ring.ntt(f0[None], first=0)[0], ring.ntt(f1[None], first=1)[0]])
+    pt = seal.plaintext_bytes(f_ntt, parms_id=pub.data_level, scale=prod.scale)
+    ev.add_plain_inplace(prod, seal.load_into(sealapi.Plaintext(), pt, ctx))
+    ev.rescale_to_next_inplace(prod)
+    body = {**header(pub, "result-verify"), "count": 1, "pos": pos, "ct": seal.save_bytes(prod)}
     return cast(bytes, msgpack.packb(body, use_bin_type=True))
 
 

@@ -90,6 +90,24 @@ def _intt_rows(rows: U64, prime_idx: I64, qs: U64, tables: U64, n_invs: U64) -> 
         _intt_inplace(rows[r], qs[k], tables[k], n_invs[k])
 
 
+@numba.njit(cache=True, nogil=True)
+def _ntt_rows_serial(rows: U64, prime_idx: I64, qs: U64, tables: U64) -> None:
+    for r in range(rows.shape[0]):  # pragma: no cover - jit
+        k = prime_idx[r]
+        _ntt_inplace(rows[r], qs[k], tables[k])
+
+
+@numba.njit(cache=True, nogil=True)
+def _intt_rows_serial(rows: U64, prime_idx: I64, qs: U64, tables: U64, n_invs: U64) -> None:
+    for r in range(rows.shape[0]):  # pragma: no cover - jit
+        k = prime_idx[r]
+        _intt_inplace(rows[r], qs[k], tables[k], n_invs[k])
+
+
+#: At most this many rows run on one thread: starting the parallel pool costs more.
+SERIAL_ROWS = 4
+
+
 def _bitrev(n: int) -> I64:
     bits = n.bit_length() - 1
     idx = np.arange(n)
@@ -140,6 +158,12 @@ class Ring:
         k = out.shape[-2]
         rows = out.reshape(-1, self.n)
         idx = np.tile(np.arange(first, first + k, dtype=np.int64), rows.shape[0] // k)
+        if rows.shape[0] <= SERIAL_ROWS:  # a verify's few rows: no thread pool, no lock
+            if inverse:
+                _intt_rows_serial(rows, idx, self.q, self._inv, self._ninv)
+            else:
+                _ntt_rows_serial(rows, idx, self.q, self._fwd)
+            return out
         with PARALLEL_LOCK:
             if inverse:
                 _intt_rows(rows, idx, self.q, self._inv, self._ninv)
@@ -183,28 +207,29 @@ class Ring:
         return self.ntt(self.to_rns(e))
 
     def rescale_ntt(self, c: U64, flood: tuple[U64, U64] | None = None) -> U64:
-        """SEAL's ``add_plain`` (optional) then ``rescale_to_next`` on ``(s, 2, N)`` NTT data.
+        """SEAL's ``add_plain`` (optional) then ``rescale_to_next`` on ``(..., s, 2, N)`` NTT data.
 
         Args:
-            c: a size-``s`` ciphertext at primes ``(q0, q1)``, NTT domain.
-            flood: coefficient-domain residues ``(F mod q0, F mod q1)`` added to ``c0``
-                first (SEAL: ``add_plain`` of the plaintext ``NTT(F)``).
+            c: size-``s`` ciphertexts at primes ``(q0, q1)``, NTT domain (any leading
+                batch shape: one call transforms a whole batch).
+            flood: coefficient-domain residues ``(F mod q0, F mod q1)``, shape
+                ``(..., N)``, added to each ``c0`` first (SEAL: ``add_plain`` of ``NTT(F)``).
 
         Returns:
-            ``(s, 1, N)`` at ``q0``, NTT domain: ``(c - r) / q1`` with ``r`` the centred
-            residue of ``c mod q1``, exactly as SEAL rounds.
+            ``(..., s, 1, N)`` at ``q0``, NTT domain: ``(c - r) / q1`` with ``r`` the
+            centred residue of ``c mod q1``, exactly as SEAL rounds.
         """
         q0, q1 = int(self.q[0]), int(self.q[1])
-        last = self.intt(c[:, 1:2], first=1)[:, 0]  # (s, N) coefficients mod q1
+        last = self.intt(c[..., 1:2, :], first=1)[..., 0, :]  # (..., s, N) coefficients mod q1
         if flood is not None:
-            last[0] = (last[0] + flood[1]) % np.uint64(q1)
+            last[..., 0, :] = (last[..., 0, :] + flood[1]) % np.uint64(q1)
         r = self.centred(last, 1)  # SEAL adds q1/2, reduces, subtracts q1/2: the same
         r0 = np.mod(r, q0).astype(np.uint64)
-        if flood is not None:
-            r0[0] = (r0[0] + np.uint64(q0) - flood[0]) % np.uint64(q0)  # subtract r, add F
-        r_ntt = self.ntt(r0[:, None, :])[:, 0]
-        diff = (c[:, 0] + np.uint64(q0) - r_ntt) % np.uint64(q0)
-        return ((diff * np.uint64(pow(q1, -1, q0))) % np.uint64(q0))[:, None, :]
+        if flood is not None:  # subtract r, add F
+            r0[..., 0, :] = (r0[..., 0, :] + np.uint64(q0) - flood[0]) % np.uint64(q0)
+        r_ntt = self.ntt(r0[..., None, :])[..., 0, :]
+        diff = (c[..., 0, :] + np.uint64(q0) - r_ntt) % np.uint64(q0)
+        return ((diff * np.uint64(pow(q1, -1, q0))) % np.uint64(q0))[..., None, :]
 
 
 @cache

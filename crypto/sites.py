@@ -32,7 +32,8 @@ def generate_key_dir(
     metric: str = "cosine",
     security_level: int = 128,
 ) -> str:
-    """Create a key pair in ``directory`` (private.key 0600, public.key 0644).
+    """Create a key pair in ``directory`` (private.key 0600, public.key 0644, and the
+    trust secret trust.key 0600: see :mod:`cipherface.crypto.trust`).
 
     Args:
         directory: where to write (created if missing).
@@ -54,6 +55,10 @@ def generate_key_dir(
         raise KeyFileError(f"{d / PRIVATE_NAME} exists already: refusing to overwrite a key")
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
+    from cipherface.crypto.trust import create_trust_key, trust_path
+
+    if not trust_path(d).exists():
+        create_trust_key(d)  # labels and canaries (crypto/trust.py); never leaves the edge
     if scheme == CKKS:
         from cipherface.crypto.ckks import CkksKeys
 

@@ -52,10 +52,24 @@ log = logging.getLogger(__name__)
 BUCKETS: Final = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Keys of the ``state()`` mapping that are counters (the others are gauges).
 COUNTER_KEYS: Final = frozenset(
-    {"duplicates", "rejected_results", "unmatched_replies", "replies_refused", "broker_reconnects"}
+    {
+        "duplicates",
+        "rejected_results",
+        "unmatched_replies",
+        "replies_refused",
+        "broker_reconnects",
+        "forged_results",
+    }
 )
 GAUGE_KEYS: Final = frozenset(
-    {"queue_depth", "in_progress", "galleries_open", "templates", "broker_connected"}
+    {
+        "queue_depth",
+        "in_progress",
+        "galleries_open",
+        "templates",
+        "broker_connected",
+        "gateway_halted",
+    }
 )
 
 State = Callable[[], Mapping[str, float]]

@@ -29,6 +29,7 @@ from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapsho
 
 log = logging.getLogger(__name__)
 DB_NAME = "gallery.sqlite3"
+ANCHOR_SUFFIX = ".seq"  # beside the database: the last committed (seq, gallery check)
 _SCHEMA = """
 CREATE TABLE gallery (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -81,6 +82,8 @@ class SqliteEngine(Engine):
         self.label = label
         self._mu = threading.Lock()
         self._preserved = False
+        # Only the live database keeps an anchor (not migration/import scratch files).
+        self.anchor = Path(str(self.path) + ANCHOR_SUFFIX) if db_name == DB_NAME else None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock = ".lock" if db_name == DB_NAME else db_name + ".lock"  # .lock: as before
@@ -133,7 +136,7 @@ class SqliteEngine(Engine):
         dest = self.dir / f"damaged-{stamp}-{os.getpid()}-{id(self):x}"
         try:
             dest.mkdir()
-            for suffix in ("", "-wal"):
+            for suffix in ("", "-wal", ANCHOR_SUFFIX):
                 src = Path(str(self.path) + suffix)
                 if src.exists():
                     shutil.copy2(src, dest / src.name)
@@ -156,6 +159,8 @@ class SqliteEngine(Engine):
     def read(self) -> Snapshot | None:
         if self._db is None:
             if Path(str(self.path) + "-wal").exists():  # its log survived: not a new gallery
+                raise StorageCorruptError(f"gallery {self.label}: database file missing")
+            if self._anchored() is not None:  # it committed before: never start it empty
                 raise StorageCorruptError(f"gallery {self.label}: database file missing")
             return None
         with self._mu:
@@ -192,6 +197,16 @@ class SqliteEngine(Engine):
                 raise self._err(exc, "reading") from exc
             except (TypeError, ValueError) as exc:
                 raise StorageCorruptError(f"gallery {self.label}: bad row ({exc})") from exc
+        anchored = self._anchored()
+        if anchored is not None and (
+            anchored[0] > row.seq or (anchored[0] == row.seq and anchored[1] != f[8])
+        ):
+            # An older copy of the database (or of its WAL) was put back, or the WAL
+            # was lost: serving it would bring deleted identities back.
+            raise StorageCorruptError(
+                f"gallery {self.label}: rolled back (commit {row.seq} found, "
+                f"{anchored[0]} was acknowledged)"
+            )
         return Snapshot(gallery=row, gallery_check=f[8], slots=slots, blocks=blocks)
 
     def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
@@ -285,6 +300,38 @@ class SqliteEngine(Engine):
                     raise
             except sqlite3.Error as exc:
                 raise self._err(exc, "committing") from exc
+            self._anchor(gallery)
+
+    def _anchored(self) -> tuple[int, int] | None:
+        """The (seq, check) of the last commit this gallery acknowledged, if recorded."""
+        if self.anchor is None:
+            return None
+        try:
+            text = self.anchor.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None  # galleries older than the anchor, or one never committed
+        except (OSError, UnicodeError) as exc:
+            raise StorageCorruptError(f"gallery {self.label}: commit anchor unreadable") from exc
+        parts = text.split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise StorageCorruptError(f"gallery {self.label}: commit anchor damaged")
+        return int(parts[0]), int(parts[1])
+
+    def _anchor(self, g: GalleryRow) -> None:
+        """Record the commit beside the database (after COMMIT, before the ack), so an
+        older copy of the database or WAL is refused at open. Failing here leaves an
+        older anchor, which only weakens that check: the commit stands."""
+        if self.anchor is None:
+            return
+        tmp = Path(str(self.anchor) + ".tmp")
+        try:
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(f"{g.seq} {g.check}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.anchor)
+        except OSError as exc:
+            log.warning("gallery %s: commit anchor not updated: %s", self.label, exc)
 
     def after_commit(self) -> None:
         # An empty WAL after every commit: freed (zeroed) pages reach the file at once,

@@ -35,7 +35,7 @@ from cipherface.store.base import (
     decode_array,
     slots_per_block,
 )
-from cipherface.store.sqlite import DB_NAME, SqliteEngine
+from cipherface.store.sqlite import ANCHOR_SUFFIX, DB_NAME, SqliteEngine
 
 EXPORT_FORMAT = "cipherface-gallery-export"
 EXPORT_VERSION = 1
@@ -272,6 +272,8 @@ def import_gallery(src: str | os.PathLike[str], location: str) -> dict[str, Any]
         raise
     eng.close()
     if engine == "sqlite":
+        # A restore is the operator's deliberate way back: the lost database's anchor goes.
+        Path(str(Path(where) / DB_NAME) + ANCHOR_SUFFIX).unlink(missing_ok=True)
         os.replace(Path(where) / MIGRATING_NAME, Path(where) / DB_NAME)
         Path(str(Path(where) / MIGRATING_NAME) + ".lock").unlink(missing_ok=True)
     else:

@@ -7,6 +7,10 @@ new photo of the same person), and hands any other image to the real face model.
 So a test can drop captures into a gateway's folder and exercise the whole edge
 daemon -- watch, embed, encrypt, ask the cloud, decrypt, decide, publish -- without
 deepface; and with the edge extra installed, real photos go through the same path.
+
+TESTS ONLY: a synthetic capture claims its identity in plain text, so an edge running
+:class:`FaceEmbedder` admits whoever writes that chunk into a PNG. Production edges
+use :class:`cipherface.faces.Embedder` (the CLI never uses this one).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def cipherface_keys_session(tmp_path_factory: pytest.TempPathFactory) -> SiteKey
 
 @pytest.fixture
 def cipherface_keys(tmp_path: Path) -> SiteKeys:
-    """A fresh CKKS key pair for the Dlib model, in ``tmp_path/keys`` (≈3 s)."""
+    """A fresh CKKS key pair for the Dlib model, in ``tmp_path/keys``."""
     from cipherface.testing.services import make_keys
 
     return make_keys(tmp_path / "keys")

@@ -166,7 +166,7 @@ class Recorder:
         filters: Sequence[str],
         username: str | None = None,
         password: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
     ) -> None:
         self.filters = tuple(filters)
         self.messages: list[Recorded] = []
@@ -217,7 +217,7 @@ class Recorder:
         predicate: Predicate | None = None,
         *,
         topic: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
     ) -> Recorded:
         """The first message (already recorded or still to come) that matches.
 
@@ -266,7 +266,7 @@ class Recorder:
         return [e for e in (r.event for r in self.snapshot()) if e is not None]
 
     def wait_for_event(
-        self, predicate: JsonPredicate | None = None, *, timeout: float = 10.0
+        self, predicate: JsonPredicate | None = None, *, timeout: float = 30.0
     ) -> dict[str, Any]:
         """The first integrator JSON event that ``predicate`` accepts.
 
@@ -284,7 +284,7 @@ class Recorder:
         return out
 
     def wait_for_discovery(
-        self, predicate: JsonPredicate | None = None, *, timeout: float = 10.0
+        self, predicate: JsonPredicate | None = None, *, timeout: float = 30.0
     ) -> dict[str, Any]:
         """The first Home Assistant discovery config that ``predicate`` accepts.
 
@@ -298,7 +298,7 @@ class Recorder:
         return [d for d in (r.decision for r in self.snapshot()) if d is not None]
 
     def wait_for_decision(
-        self, predicate: JsonPredicate | None = None, *, timeout: float = 10.0
+        self, predicate: JsonPredicate | None = None, *, timeout: float = 30.0
     ) -> dict[str, Any]:
         """The first protocol decision (as JSON) that ``predicate`` accepts.
 

@@ -14,7 +14,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,12 +233,14 @@ class Faces:
 
 
 class _Kept:
-    """A gateway output that keeps every outcome, for :meth:`Gateway.wait`."""
+    """A gateway output that keeps every outcome, and which captures are finished
+    (their file moved), for :meth:`Gateway.wait`."""
 
     name = "testing"
 
     def __init__(self) -> None:
         self.events: list[IntegratorEvent] = []
+        self.finished: set[str] = set()
         self.cond = threading.Condition()
 
     def start(self, bus: Bus) -> None:
@@ -249,8 +251,36 @@ class _Kept:
             self.events.append(event)
             self.cond.notify_all()
 
+    def finish(self, event_id: str) -> None:
+        with self.cond:
+            self.finished.add(event_id)
+            self.cond.notify_all()
+
     def close(self) -> None:
         pass
+
+
+class _Folder(FolderSource):
+    """A folder source that reports when a capture is done with (after its file moved:
+    outputs see the outcome first, so a test reading the folders must wait for this)."""
+
+    def __init__(self, *, finished: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._finished = finished
+
+    def _capture(self, path: Path, mtime: float) -> Capture:
+        capture = super()._capture(path, mtime)
+        inner = capture.done
+
+        def done(event: IntegratorEvent | None) -> None:
+            try:
+                if inner is not None:
+                    inner(event)
+            finally:
+                self._finished(capture.event_id)
+
+        capture.done = done
+        return capture
 
 
 class Gateway:
@@ -297,7 +327,11 @@ class Gateway:
         self._gateway = CameraGateway(
             edge=edge,
             bus=self._bus,
-            sources=[FolderSource(path=inbox, camera=camera, poll=poll, settle=0.0)],
+            sources=[
+                _Folder(
+                    finished=self._kept.finish, path=inbox, camera=camera, poll=poll, settle=0.0
+                )
+            ],
             outputs=[
                 JsonEventsOutput(),
                 HomeAssistantOutput(
@@ -342,7 +376,8 @@ class Gateway:
         return filename
 
     def wait(self, event_id: str, *, timeout: float = 30.0) -> IntegratorEvent:
-        """The outcome of the capture ``event_id`` (a dropped file's name).
+        """The outcome of the capture ``event_id`` (a dropped file's name), once the
+        gateway is done with it (the file is in ``done/`` or ``failed/``).
 
         Raises:
             TimeoutError: no outcome in time.
@@ -350,9 +385,10 @@ class Gateway:
         deadline = time.monotonic() + timeout
         with self._kept.cond:
             while True:
-                for event in self._kept.events:
-                    if event.event_id == event_id:
-                        return event
+                if event_id in self._kept.finished:
+                    for event in self._kept.events:
+                        if event.event_id == event_id:
+                            return event
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no outcome for {event_id} in {timeout:g} s")

@@ -474,3 +474,152 @@ def test_documented_dev_broker_config_ships_and_runs(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_invalid_topic_flood_is_rate_limited(running: RunningCloud) -> None:
+    """Each message on an invalid request topic used to write one WARNING line."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ops-flood-{secrets.token_hex(3)}")
+    host, port = running.url.removeprefix("mqtt://").rsplit(":", 1)
+    c.connect(host, int(port))
+    c.loop_start()
+    try:
+        topic = f"cipherface/v1/{running.site}/req/BAD-GW/verify"  # matches +, invalid id
+        for _ in range(40):
+            c.publish(topic, b"x", qos=1).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = scrape(running.port)
+        if metric(text, "cipherface_requests_total", op="invalid_topic") >= 40:
+            break
+        time.sleep(0.2)
+    assert metric(scrape(running.port), "cipherface_requests_total", op="invalid_topic") == 40
+    warnings = [
+        line for line in (running.work / "cloud.log").read_text().splitlines()
+        if "BAD-GW" in line and '"WARNING"' in line
+    ]  # fmt: skip
+    assert 1 <= len(warnings) <= 5, warnings
+
+
+def test_help_and_usage_name_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    from cipherface.agents import cli as cli_module
+
+    for command in ("verify", "cloud"):
+        assert cli_module.main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "CIPHERFACE_PASSWORD" in out and "ps" in out, out
+        assert "required" in out, out  # --keys/--site/--gateway, --data
+    code = cli_module.main(["ids", "--site", "s", "--gateway", "g"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--keys (or env CIPHERFACE_KEYS)" in err, err
+
+
+def test_ctrl_c_during_bulk_enroll_says_what_was_committed(
+    running: RunningCloud, tmp_path: Path
+) -> None:
+    import signal
+
+    n = 3 * 4096  # three payloads of one block each
+    rng = np.random.default_rng(1)
+    np.savez(
+        tmp_path / "many.npz",
+        ids=np.array([f"p{i:05d}" for i in range(n)]),
+        embeddings=rng.normal(size=(n, DIM)),
+    )
+    before = metric(
+        scrape(running.port), "cipherface_requests_total", op="enroll", outcome="result"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cipherface.agents.cli", "enroll", *running.edge(
+            "--embeddings", str(tmp_path / "many.npz"), "--no-progress")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = metric(
+            scrape(running.port), "cipherface_requests_total", op="enroll", outcome="result"
+        )
+        if done > before:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the bulk enroll finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: the cloud confirmed" in err and f"of {n} identities" in err, err
+    assert "p00000" in err and "Traceback" not in err, err
+
+
+@pytest.mark.faces
+def test_metrics_scraped_from_a_running_edge_daemon(running: RunningCloud, tmp_path: Path) -> None:
+    import importlib.util
+    import signal
+
+    from cipherface.errors import LocalError
+    from cipherface.faces import Embedder, find_photos
+
+    for module in ("deepface", "dlib", "cv2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the edge extra ({module} missing)")
+    try:
+        Embedder().check_weights()
+        photos = find_photos(["obama", "obama2", "astronaut"])
+    except LocalError as exc:
+        pytest.skip(f"needs the photos and weights of .ci/setup_data.sh: {exc}")
+    done = cli("enroll", *running.edge("--id", "obama", str(photos["obama"])))
+    assert done.returncode == 0, done.stderr
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("obama2", "astronaut"):
+        (inbox / photos[name].name).write_bytes(photos[name].read_bytes())
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cipherface.agents.cli", "edge", *running.edge(
+            "--watch", str(inbox), "--poll", "0.1", "--metrics-port", str(port),
+            "--health-interval", "1")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, text = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                text = scrape(port)
+            except OSError:
+                text = ""
+            if metric(text, "cipherface_outcomes_total") >= 2:
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert metric(text, "cipherface_outcomes_total", event_type="match") == 1, text
+        assert metric(text, "cipherface_outcomes_total", event_type="unknown") == 1, text
+        assert metric(text, "cipherface_requests_total", role="edge", op="identify") >= 2
+        assert metric(text, "cipherface_request_seconds_count", role="edge", op="identify") >= 2
+        assert metric(text, "cipherface_broker_connected", role="edge") == 1
+        assert cli("health", "--url", f"127.0.0.1:{port}", "-q").returncode == 0
+        doc = json.loads(retained(running.url, f"cipherface/v1/{running.site}/health/gw1"))
+        assert (doc["role"], doc["state"]) == ("edge", "online") and "outcomes" in doc["load"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_peer_chosen_error_codes_cannot_grow_the_metrics(tmp_path: Path) -> None:
+    """A cloud can answer with any code string: the edge's labels stay bounded."""
+    from cipherface.agents.observed import observe_edge
+
+    assert cli("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    edge = EdgeClient(
+        broker=BrokerConfig(), cipher=load_edge_cipher(tmp_path / "k"), site="s", gateway="g"
+    )
+    observed, _ = observe_edge(edge)
+    assert edge.on_request is not None
+    for i in range(500):
+        edge.on_request("verify", f"evil_{i}", 0.01)
+    edge.on_request("verify", "unknown_identity", 0.01)
+    text = observed.metrics.exposition().decode()
+    errors = [x for x in text.splitlines() if x.startswith("cipherface_errors_total{")]
+    assert len(errors) == 2, errors
+    assert metric(text, "cipherface_errors_total", code="other") == 500
+    assert metric(text, "cipherface_errors_total", code="unknown_identity") == 1

@@ -453,7 +453,7 @@ def test_cloud_container_command_serves(
     cli = [sys.executable, "-c", "from cipherface.agents.cli import main; main()", *argv[1:]]
     proc = subprocess.Popen(cli, stderr=subprocess.PIPE)
     try:
-        line = _read_until(proc, containers._CLOUD_READY, timeout=30)
+        line = _read_until(proc, containers._CLOUD_READY, timeout=90)
         assert containers._CLOUD_READY.search(line), line
         with open_edge(
             broker_url=cipherface_broker.url, keys=cipherface_keys_session, site=site

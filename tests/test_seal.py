@@ -379,3 +379,20 @@ def test_verify_result_erases_everything_but_live_scores(tmp_path: Path) -> None
     np.testing.assert_allclose(s2[:8], g[32:40] @ x, atol=TOL)
     assert np.mean(np.abs(s2[8:]) > 1.0) > 0.2
     gal.close()
+
+
+def test_untrusted_seal_bytes_are_checked_before_seal_sees_them() -> None:
+    keys = CkksKeys.generate(dim=128)
+    pub = keys.public
+    good = msgpack.unpackb(CkksEdgeCipher(keys=keys).encrypt_probe(np.ones(128), op="verify"))
+    raw = good["ct"]
+    zlib_mode = raw[:5] + bytes([seal.COMPR_ZLIB]) + raw[6:]
+    bomb = seal.wrap(bytes(10_000_000))  # compresses to a few hundred bytes
+    for bad, why in (
+        (zlib_mode, "compression"),
+        (raw[:8] + (len(raw) + 1).to_bytes(8, "little") + raw[16:], "header"),
+        (b"\xa1\x5e" + raw[2:], "header"),
+        (bomb, "larger than expected"),
+    ):
+        with pytest.raises(seal.DecodeError, match=why):
+            pub.rerandomise(bad, "probe")

@@ -1,0 +1,118 @@
+"""Attacks on the gallery store (issue 9 follow-up): a database file rolled back to an
+older copy, a WAL deleted or put back stale, a database deleted outright. Each was a
+silent resurrection of deleted identities (or a silently new empty gallery) before the
+store kept a commit anchor beside the database."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cipherface.errors import StorageCorruptError
+from cipherface.store import open_store
+from cipherface.store.base import GalleryStore
+from cipherface.store.sqlite import SqliteEngine
+
+META = {"scheme": "t", "key_id": "k", "dim": 1, "packing": {"slots": 4}}
+
+
+def _loc(tmp_path: Path) -> str:
+    return f"sqlite:{tmp_path / 'g'}#site-a/k1"
+
+
+def _db(tmp_path: Path) -> Path:
+    return tmp_path / "g" / "gallery.sqlite3"
+
+
+def _filled(tmp_path: Path) -> GalleryStore:
+    st = open_store(_loc(tmp_path), meta=META)
+    block = np.random.default_rng(1).integers(0, 255, (3, 64), dtype=np.uint8)
+    st.commit(blocks=[st.stage_block("phe-000000", block)], slots=list(enumerate("abcd")))
+    return st
+
+
+def _reopen_slots(tmp_path: Path) -> list[str | None]:
+    st = open_store(_loc(tmp_path), meta=META)
+    try:
+        return list(st.slots)
+    finally:
+        st.close()
+
+
+def _assert_refused_with_evidence(tmp_path: Path) -> None:
+    with pytest.raises(StorageCorruptError) as err:
+        _reopen_slots(tmp_path)
+    assert err.value.code == "storage_corrupt"
+    assert "site-a/k1" in str(err.value) and str(tmp_path) not in str(err.value)
+    assert list((tmp_path / "g").glob("damaged-*/gallery.sqlite3")), "evidence not kept"
+
+
+def test_older_backup_of_the_database_is_refused(tmp_path: Path) -> None:
+    st = _filled(tmp_path)
+    st.close()
+    shutil.copy2(_db(tmp_path), tmp_path / "backup.sqlite3")  # the nightly backup
+    st = open_store(_loc(tmp_path), meta=META)
+    st.commit(slots=[(1, "")])  # b erased, acknowledged
+    st.close()
+    shutil.copy2(tmp_path / "backup.sqlite3", _db(tmp_path))  # "restored" by an operator
+    _assert_refused_with_evidence(tmp_path)  # before: b was back (resurrection)
+
+
+def _crash_after_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b deleted and committed, the process killed before the WAL checkpoint: copies
+    of the database and WAL files as kill -9 leaves them."""
+    st = _filled(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(SqliteEngine, "after_commit", lambda self: None)
+        st.commit(slots=[(1, "")])
+        shutil.copy2(_db(tmp_path), tmp_path / "crash.db")
+        shutil.copy2(f"{_db(tmp_path)}-wal", tmp_path / "crash.wal")
+    st.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{_db(tmp_path)}{suffix}").unlink(missing_ok=True)
+    shutil.copy2(tmp_path / "crash.db", _db(tmp_path))
+    shutil.copy2(tmp_path / "crash.wal", f"{_db(tmp_path)}-wal")
+
+
+def test_deleted_wal_after_a_crash_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _crash_after_commit(tmp_path, monkeypatch)
+    Path(f"{_db(tmp_path)}-wal").unlink()  # a "cleanup" of the log file
+    _assert_refused_with_evidence(tmp_path)  # before: the committed delete of b undone
+
+
+def test_stale_wal_put_back_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _crash_after_commit(tmp_path, monkeypatch)
+    assert _reopen_slots(tmp_path) == ["a", "", "c", "d"]  # the crash is recovered
+    st = open_store(_loc(tmp_path), meta=META)
+    st.commit(slots=[(2, "")])  # c erased, acknowledged
+    st.close()
+    shutil.copy2(tmp_path / "crash.wal", f"{_db(tmp_path)}-wal")  # an old log restored
+    Path(f"{_db(tmp_path)}-shm").unlink(missing_ok=True)
+    _assert_refused_with_evidence(tmp_path)  # before: c was back (resurrection)
+
+
+def test_deleted_database_is_not_recreated_empty(tmp_path: Path) -> None:
+    st = _filled(tmp_path)
+    st.close()
+    _db(tmp_path).unlink()  # no WAL either (emptied after every commit)
+    with pytest.raises(StorageCorruptError) as err:  # before: a new, empty gallery
+        _reopen_slots(tmp_path)
+    assert "site-a/k1" in str(err.value) and str(tmp_path) not in str(err.value)
+    assert not _db(tmp_path).exists()
+
+
+def test_import_restores_over_a_lost_database(tmp_path: Path) -> None:
+    """The deliberate way back after a loss (an export) still works."""
+    from cipherface.store.tools import export_gallery, import_gallery
+
+    st = _filled(tmp_path)
+    st.close()
+    export_gallery(_loc(tmp_path), tmp_path / "g.cfgallery")
+    _db(tmp_path).unlink()
+    import_gallery(tmp_path / "g.cfgallery", _loc(tmp_path))
+    assert _reopen_slots(tmp_path) == ["a", "b", "c", "d"]
