@@ -53,7 +53,10 @@ def db_error(exc: BaseException, label: str, doing: str) -> StorageError:
     errno = getattr(exc, "errno", None)
     if name in _FULL or "disk is full" in text or errno == 28:  # ENOSPC
         return StorageFullError(f"gallery {label}: no space left while {doing}")
-    if name in _CORRUPT or "malformed" in text or "not a database" in text:
+    # Our statements are constants: a file that lacks their tables or columns is not
+    # the schema we wrote (a flipped bit in it, or another file put in its place).
+    schema = name == "SQLITE_ERROR" and ("no such column" in text or "no such table" in text)
+    if name in _CORRUPT or schema or "malformed" in text or "not a database" in text:
         return StorageCorruptError(f"gallery {label}: database damaged ({name or text})")
     return StorageError(f"gallery {label}: {doing} failed ({name or type(exc).__name__})")
 

@@ -322,6 +322,10 @@ class Gateway:
         #: Retained ``online`` / ``offline`` of the gateway.
         self.availability_topic = availability_topic(site, gateway)
         self._kept = _Kept()
+        self._closed = False
+        self._ha = HomeAssistantOutput(
+            site=site, gateway=gateway, cameras=[camera], discovery_prefix=discovery_prefix
+        )
         self._bus = MqttBus(broker=edge.broker, availability_topic=self.availability_topic)
         self._bus.start()
         self._gateway = CameraGateway(
@@ -334,9 +338,7 @@ class Gateway:
             ],
             outputs=[
                 JsonEventsOutput(),
-                HomeAssistantOutput(
-                    site=site, gateway=gateway, cameras=[camera], discovery_prefix=discovery_prefix
-                ),
+                self._ha,
                 self._kept,
             ],
             default_policy=policy or Policy(attempts=1, max_age_s=60.0, ttl_s=60.0),
@@ -395,9 +397,16 @@ class Gateway:
                 self._kept.cond.wait(left)
 
     def close(self) -> None:
-        """Stop the gateway (it finishes the capture in hand), then say ``offline``."""
+        """Stop the gateway (it finishes the capture in hand), delete its Home Assistant
+        entities (empty retained configs: a shared broker keeps no test entity), then
+        say ``offline``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._gateway.close()
+            for topic, _config in self._ha.configs():
+                self._bus.publish(topic, b"", retain=True)
         finally:
             self._bus.close()
 

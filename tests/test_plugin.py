@@ -187,7 +187,10 @@ def test_integrator_filters_refuse_a_wildcard_site() -> None:
 
 
 def test_gateway_outcomes_and_folders(
-    cipherface_faces: Faces, cipherface_gateway: Gateway, cipherface_events: Recorder
+    cipherface_faces: Faces,
+    cipherface_gateway: Gateway,
+    cipherface_events: Recorder,
+    cipherface_recorder: Callable[..., Recorder],
 ) -> None:
     cipherface_faces.enroll("carol")
     empty = cipherface_gateway.drop(cipherface_faces.capture(""))
@@ -205,6 +208,14 @@ def test_gateway_outcomes_and_folders(
     assert (online.payload, online.retain) == (b"online", True)
     with pytest.raises(TimeoutError):
         cipherface_gateway.wait("never.png", timeout=0.2)
+    announced = set(cipherface_events.discovery())
+    assert len(announced) == 3  # the camera's event entity, carol's presence and camera
+    cipherface_gateway.close()  # deletes its entities: nothing retained for a later run
+    later = cipherface_recorder(["homeassistant/#"])
+    late = cipherface_recorder(["cipherface/v1/+/json/#"])
+    time.sleep(0.5)
+    assert [m for m in later.snapshot() if m.payload] == []
+    assert [m.payload for m in late.snapshot()] == [b"offline"]  # availability, retained
 
 
 def test_fresh_keys_on_the_session_cloud(

@@ -5,17 +5,26 @@ store kept a commit anchor beside the database."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import storekit
+from test_store_faults import _ask, _people, _setup_site, _verify
 
+from cipherface.agents.cloud import CloudAgent
+from cipherface.agents.mqtt import BrokerConfig
+from cipherface.crypto import sites
+from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import StorageCorruptError
+from cipherface.protocol import Error, KeyPublish
 from cipherface.store import open_store
 from cipherface.store.base import GalleryStore
 from cipherface.store.sqlite import SqliteEngine
 
+pg_url = storekit.pg_url
 META = {"scheme": "t", "key_id": "k", "dim": 1, "packing": {"slots": 4}}
 
 
@@ -116,3 +125,51 @@ def test_import_restores_over_a_lost_database(tmp_path: Path) -> None:
     _db(tmp_path).unlink()
     import_gallery(tmp_path / "g.cfgallery", _loc(tmp_path))
     assert _reopen_slots(tmp_path) == ["a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
+    keys = tmp_path_factory.mktemp("keys") / "site"
+    sites.generate_key_dir(keys, dim=128)
+    return sites.load_edge_cipher(keys)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_lost_gallery_is_not_recreated_when_the_edge_republishes_its_key(
+    tmp_path: Path, cipher: EdgeCipher, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """The gallery vanishes, the cloud restarts, the edge restarts and publishes its key
+    again (every edge process does, before its first enrollment): before, key.publish
+    created a new empty gallery and every enrolled person became unknown_identity."""
+    store = "sqlite:" if engine == "sqlite" else request.getfixturevalue("pg_url")
+    site = f"s{secrets.token_hex(3)}"
+    agent = CloudAgent(broker=BrokerConfig(), data_dir=tmp_path / "c", store=store)
+    people = _people(3)
+    _setup_site(agent, cipher, site, people)
+    agent.keys.close()
+    if engine == "sqlite":
+        (tmp_path / "c" / site / "keys" / cipher.key_id / "gallery" / "gallery.sqlite3").unlink()
+    else:
+        from cipherface.store.postgres import drop_gallery
+
+        assert drop_gallery(store, f"{site}/{cipher.key_id}")
+    reply = _ask(agent, KeyPublish(site=site, gw="g", kid=cipher.key_id, scheme="ckks",
+                                   public_key=cipher.public_key_bytes()))  # fmt: skip
+    got = _verify(agent, cipher, site, f"{site}-p1", people[1])
+    for r in (reply, got):
+        assert isinstance(r, Error) and r.code == "storage_corrupt", r
+        assert str(tmp_path) not in r.message
+    agent.keys.close()
+
+
+@pytest.mark.parametrize("column", [b"slot_sum", b"format"])
+def test_flipped_bit_in_the_schema_is_corrupt_not_retryable(tmp_path: Path, column: bytes) -> None:
+    """One bit flipped in a column name of the stored schema (found by flipping random
+    bits of a gallery file): before, SQLite's "no such column" came out as the
+    retryable storage_error, so gateways retried a dead gallery and nothing was kept."""
+    st = _filled(tmp_path)
+    st.close()
+    raw = bytearray(_db(tmp_path).read_bytes())
+    raw[raw.index(column)] ^= 0x10  # slot_sum -> clot_sum, format -> vormat
+    _db(tmp_path).write_bytes(bytes(raw))
+    _assert_refused_with_evidence(tmp_path)
