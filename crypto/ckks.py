@@ -609,32 +609,27 @@ def pack_result(
 ) -> bytes:
     """``result-verify``: the flooded, rescaled product of a pack and a received probe.
 
-    Runs on SEAL's ``Evaluator``: the probe is loaded (seed expanded) and re-randomised
-    with a fresh encryption of zero, multiplied by the stored pack (no
-    relinearisation), flooded (``add_plain``) and rescaled. Coefficient ``i*d`` carries
-    the score of the pack's template ``i`` for every live ``i``; every other coefficient
-    (free and deleted templates, cross terms) is erased with uniform noise. ``pos`` is
-    the asked template's place in the pack.
+    The probe is loaded by SEAL (seed expanded) and re-randomised with a fresh
+    encryption of zero (:meth:`CkksPublic.rerandomise`); the product (``multiply``
+    without relinearisation), flood (``add_plain``) and ``rescale_to_next`` then run on
+    its residues in numpy, bit-exact with SEAL's ``Evaluator``
+    (tests/test_seal.py::test_kernel_is_bit_exact_with_seal_evaluator) and without
+    three more SEAL serialization round trips. Coefficient ``i*d`` carries the score of
+    the pack's template ``i`` for every live ``i``; every other coefficient (free and
+    deleted templates, cross terms) is erased with uniform noise. ``pos`` is the asked
+    template's place in the pack.
 
     Raises:
         DecodeError: the probe is not a ciphertext of this key's parameters.
     """
     p = pub.params
-    ctx = seal.context_for(p)
-    _, _, ev = pub._sealed
     ring = ring_of(p)
-    probe_ct = pub.load_fresh(probe, what)
-    ev.add_inplace(probe_ct, pub.zeros.take())
-    prod = sealapi.Ciphertext()
-    ev.multiply(pub.as_ciphertext(template), probe_ct, prod)
+    x = pub.rerandomise(probe, what)
     small = np.zeros(p.n, dtype=bool)
     small[np.flatnonzero(live) * pub.dim] = True
-    f0, f1 = flood(p, small)
-    f_ntt = np.stack([ring.ntt(f0[None], first=0)[0], ring.ntt(f1[None], first=1)[0]])
-    pt = seal.plaintext_bytes(f_ntt, parms_id=pub.data_level, scale=prod.scale)
-    ev.add_plain_inplace(prod, seal.load_into(sealapi.Plaintext(), pt, ctx))
-    ev.rescale_to_next_inplace(prod)
-    body = {**header(pub, "result-verify"), "count": 1, "pos": pos, "ct": seal.save_bytes(prod)}
+    res = ring.rescale_ntt(product(ring, template, x), flood(p, small))
+    ct = seal.ciphertext_bytes(res, parms_id=pub.result_level, scale=p.result_scale)
+    body = {**header(pub, "result-verify"), "count": 1, "pos": pos, "ct": ct}
     return cast(bytes, msgpack.packb(body, use_bin_type=True))
 
 
