@@ -194,9 +194,12 @@ class _SiteKeys:
     def _register(self, site: str, kid: str, public_key: bytes) -> Gallery:
         d = self.key_dir(site, kid)
         path = d / sites.PUBLIC_NAME
-        if not path.exists() or path.read_bytes() != public_key:
+        # Registered before (key and gallery made): a gallery missing now was lost, and
+        # an edge republishing its key must not start it again empty.
+        again = path.is_file() and path.read_bytes() == public_key and self.current(site) == kid
+        if not again:
             write_atomic(path, public_key, mode=0o644)
-        gallery = self._gallery(site, kid, create=True)
+        gallery = self._gallery(site, kid, create=not again)
         write_atomic(self.root / site / "current", kid.encode("ascii"), mode=0o644)
         return gallery
 

@@ -53,7 +53,10 @@ def db_error(exc: BaseException, label: str, doing: str) -> StorageError:
     errno = getattr(exc, "errno", None)
     if name in _FULL or "disk is full" in text or errno == 28:  # ENOSPC
         return StorageFullError(f"gallery {label}: no space left while {doing}")
-    if name in _CORRUPT or "malformed" in text or "not a database" in text:
+    # Our statements are constants: a file that lacks their tables or columns is not
+    # the schema we wrote (a flipped bit in it, or another file put in its place).
+    schema = name == "SQLITE_ERROR" and ("no such column" in text or "no such table" in text)
+    if name in _CORRUPT or schema or "malformed" in text or "not a database" in text:
         return StorageCorruptError(f"gallery {label}: database damaged ({name or text})")
     return StorageError(f"gallery {label}: {doing} failed ({name or type(exc).__name__})")
 
@@ -96,6 +99,7 @@ class SqliteEngine(Engine):
             self._lockfile.close()
             raise StorageError(f"gallery {label} is open in another process") from None
         self._db: sqlite3.Connection | None = None
+        self._ino: int | None = None
         try:
             self._db = self._connect()
         except BaseException:
@@ -113,6 +117,7 @@ class SqliteEngine(Engine):
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA secure_delete=ON")
             db.execute("PRAGMA cell_size_check=ON")
+            self._ino = os.stat(self.path).st_ino  # the file this connection writes
             return db
         except sqlite3.Error as exc:
             raise self._err(exc, "opening") from exc
@@ -272,6 +277,16 @@ class SqliteEngine(Engine):
     ) -> None:
         with self._mu:
             db = self._conn()
+            try:
+                ino: int | None = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                ino = None
+            except OSError as exc:
+                raise self._err(exc, "committing") from exc
+            if ino != self._ino:
+                # Another file was renamed over ours (or ours deleted): a commit would go
+                # to an unlinked file, acknowledged and then lost.
+                raise StorageCorruptError(f"gallery {self.label}: database file replaced")
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:

@@ -43,6 +43,7 @@ from cipherface.cameras.outputs.integrator import JsonEventsOutput
 from cipherface.cameras.sources.frigate import FrigateSource
 from cipherface.cameras.sources.opencv import OpenCVSource
 from cipherface.crypto import sites
+from cipherface.crypto.guard import load_guard
 from cipherface.errors import LocalError
 
 pytestmark = [pytest.mark.faces]
@@ -76,9 +77,11 @@ def real(broker: Any, photos: dict[str, Path], tmp_path_factory: pytest.TempPath
         share_group=f"g{secrets.token_hex(4)}",
     )
     cloud.start()
+    cipher = sites.load_edge_cipher(keys)
     edge = EdgeClient(
         broker=BrokerConfig(url=broker.url),
-        cipher=sites.load_edge_cipher(keys),
+        cipher=cipher,
+        guard=load_guard(keys, cipher),  # as the CLI does: sealed names, canaries
         site=site,
         gateway=GW,
         timeout=15.0,
