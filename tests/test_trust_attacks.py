@@ -66,7 +66,7 @@ def _make_site(tmp: Path, people: int) -> Any:
     labels, rows = guard.with_canaries([f"p{i}" for i in range(people)], vecs)
     gallery = CkksGallery(path=tmp / "gallery", public=keys.public)
     gallery.enroll(labels, cipher.encrypt_templates(rows))
-    return cipher, guard, gallery
+    return cipher, guard, gallery, rows
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def _one_canary_attack(
     cloud lists only the target's pack (every other slot ``None``: "free"), so the
     edge checks one canary whatever the gallery's size.
     """
-    cipher, guard, gallery = site
+    cipher, guard, gallery, _rows = site
     s = _secret(cipher)
     labels = gallery.ids()
     opened = guard.open_slots(labels)
@@ -191,3 +191,26 @@ def test_four_canaries_refuse_the_shift(office_site: Any) -> None:
     print(out)
     assert out["rejected"] >= out["asked"] - 2 * 2, out
     assert out["trits_wrong"] == 0, out
+
+
+def test_key_holder_dumps_the_gallery_with_selector_probes(office_site: Any) -> None:
+    """What a key holder can learn (docs/security.md, "What remains"): identify with the
+    probe ``e_i`` returns coordinate ``i`` of every template, so ``d`` = 128 identify
+    requests -- indistinguishable from faces under encryption -- give back the whole
+    gallery, canaries included. The cloud's re-randomisation and erasure do not change
+    this: the probe's decryption is what counts. The default suite reads 8 coordinates
+    (one request each, every template at once); all 128 took 200 s on the loaded
+    two-core machine, max error 2.9e-5."""
+    cipher, _guard, gallery, rows = office_site
+    labels = gallery.ids()
+    live = [i for i, x in enumerate(labels) if x is not None]
+    coords = 8
+    got = np.zeros((len(live), coords))
+    for i in range(coords):
+        e = np.zeros(DIM)
+        e[i] = 1.0
+        res, count = gallery.identify(cipher.encrypt_probe(e, op="identify"))
+        got[:, i] = cipher.decrypt_scores(res, op="identify", count=count)[live]
+    err = float(np.abs(got - rows[: len(live), :coords]).max())
+    print({"requests": coords, "templates": len(live), "max_error": err})
+    assert err < 1e-4, err
