@@ -99,6 +99,7 @@ class SqliteEngine(Engine):
             self._lockfile.close()
             raise StorageError(f"gallery {label} is open in another process") from None
         self._db: sqlite3.Connection | None = None
+        self._ino: int | None = None
         try:
             self._db = self._connect()
         except BaseException:
@@ -116,6 +117,7 @@ class SqliteEngine(Engine):
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA secure_delete=ON")
             db.execute("PRAGMA cell_size_check=ON")
+            self._ino = os.stat(self.path).st_ino  # the file this connection writes
             return db
         except sqlite3.Error as exc:
             raise self._err(exc, "opening") from exc
@@ -275,6 +277,16 @@ class SqliteEngine(Engine):
     ) -> None:
         with self._mu:
             db = self._conn()
+            try:
+                ino: int | None = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                ino = None
+            except OSError as exc:
+                raise self._err(exc, "committing") from exc
+            if ino != self._ino:
+                # Another file was renamed over ours (or ours deleted): a commit would go
+                # to an unlinked file, acknowledged and then lost.
+                raise StorageCorruptError(f"gallery {self.label}: database file replaced")
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:

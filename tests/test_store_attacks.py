@@ -162,14 +162,84 @@ def test_lost_gallery_is_not_recreated_when_the_edge_republishes_its_key(
     agent.keys.close()
 
 
-@pytest.mark.parametrize("column", [b"slot_sum", b"format"])
-def test_flipped_bit_in_the_schema_is_corrupt_not_retryable(tmp_path: Path, column: bytes) -> None:
+def test_flipped_bit_in_the_schema_is_corrupt_not_retryable(tmp_path: Path) -> None:
     """One bit flipped in a column name of the stored schema (found by flipping random
     bits of a gallery file): before, SQLite's "no such column" came out as the
     retryable storage_error, so gateways retried a dead gallery and nothing was kept."""
     st = _filled(tmp_path)
     st.close()
     raw = bytearray(_db(tmp_path).read_bytes())
-    raw[raw.index(column)] ^= 0x10  # slot_sum -> clot_sum, format -> vormat
+    raw[raw.index(b"slot_sum")] ^= 0x10  # -> clot_sum
     _db(tmp_path).write_bytes(bytes(raw))
+    _assert_refused_with_evidence(tmp_path)
+
+
+_COMPACT = """
+import sys
+from cipherface.store.tools import compact
+compact(sys.argv[1], vacuum=True)
+"""
+
+
+def test_kill_9_during_compaction(tmp_path: Path) -> None:
+    """kill -9 at random points of `gallery compact --vacuum` (drops + VACUUM): every
+    live identity and block survives byte for byte; deleted ones never come back."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    st = open_store(_loc(tmp_path), meta=META)
+    rng = np.random.default_rng(2)
+    for b in range(24):  # 24 blocks of 4 slots, 256 KiB each
+        ids = [(b * 4 + i, f"p{b}-{i}") for i in range(4)]
+        st.commit(blocks=[st.stage_block(f"phe-{b:06d}", rng.integers(0, 255, (4, 1 << 16)))],
+                  slots=ids)  # fmt: skip
+    st.commit(slots=[(s, "") for s in range(0, 96) if (s // 4) % 2 == 0])  # even blocks die
+    want_slots = list(st.slots)
+    want = {n: st.load_block(n).tobytes() for n in st.blocks if int(n[-6:]) % 2}
+    st.close()
+    r = random.Random(7)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _COMPACT, _loc(tmp_path)])
+        time.sleep(r.uniform(0.05, 1.0))
+        proc.kill()
+        proc.wait()
+        st = open_store(_loc(tmp_path), meta=META)
+        try:
+            live = {s: i for s, i in enumerate(st.slots) if i}
+            assert live == {s: i for s, i in enumerate(want_slots) if i}
+            for n, data in want.items():
+                assert st.load_block(n).tobytes() == data
+        finally:
+            st.close()
+
+
+def test_database_replaced_under_a_running_store_refuses_writes(tmp_path: Path) -> None:
+    """An older copy renamed over the database while the cloud runs: before, writes
+    went on into the unlinked file and were acknowledged, then lost at the next open."""
+    st = _filled(tmp_path)
+    shutil.copy2(_db(tmp_path), tmp_path / "backup.sqlite3")
+    st.commit(slots=[(1, "")])
+    shutil.copy2(tmp_path / "backup.sqlite3", tmp_path / "g" / "restored")
+    (tmp_path / "g" / "restored").replace(_db(tmp_path))
+    with pytest.raises(StorageCorruptError):
+        st.commit(slots=[(2, "")])  # never acknowledged into a file nobody will open
+    assert st.slots == ["a", "", "c", "d"]
+    st.close()
+    _assert_refused_with_evidence(tmp_path)  # the restored copy is older than the anchor
+
+
+def test_bit_flip_in_the_wal_after_a_crash_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite drops a WAL frame that fails its checksum, and every frame after it, as
+    a torn tail: the committed delete of b was silently undone (issue 9's torn last
+    record, again). The anchor knows that commit was made."""
+    _crash_after_commit(tmp_path, monkeypatch)
+    wal = Path(f"{_db(tmp_path)}-wal")
+    raw = bytearray(wal.read_bytes())
+    raw[len(raw) - 100] ^= 0x04  # inside the last frame's page
+    wal.unlink()
+    wal.write_bytes(bytes(raw))
     _assert_refused_with_evidence(tmp_path)
