@@ -22,12 +22,13 @@ Values are *coefficient-encoded*: the engine writes the plaintext's NTT residues
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -118,23 +119,27 @@ class ZeroPool:
     """Fresh encryptions of zero, made ahead by a background thread, each used once.
 
     Re-randomising an identify probe takes ``d`` of them (128 SEAL public-key
-    encryptions, ~150 ms); making them between requests keeps that off the request's
-    path. The pool holds at most ``size`` (~64 KB each at N=4096) and starts filling at
-    the first :meth:`take`; when it is empty, :meth:`take` makes one on the spot.
+    encryptions, ~2 ms each); making them between requests keeps that off the request's
+    path. Items are SEAL ``Ciphertext`` objects (added with SEAL's ``add_inplace``: no
+    serialization round trip); the pool holds at most ``size`` (~128 KB each at
+    N=4096) and starts filling at the first :meth:`take`; when it is empty,
+    :meth:`take` makes one on the spot. The filler runs only while no request holds
+    :meth:`busy` (SEAL holds the GIL and the kernels want both cores).
 
     Args:
-        make: returns one fresh encryption of zero.
+        make: returns one fresh encryption of zero (a SEAL ``Ciphertext``).
         size: how many to keep ready.
     """
 
-    def __init__(self, make: Callable[[], U64], size: int = ZERO_POOL) -> None:
+    def __init__(self, make: Callable[[], Any], size: int = ZERO_POOL) -> None:
         self._make = make
         self._size = size
-        self._items: collections.deque[U32] = collections.deque()
+        self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_take = 0.0
+        self._busy = 0
 
     def stop(self) -> None:
         """Drop the prepared encryptions and end the filling thread."""
@@ -143,7 +148,21 @@ class ZeroPool:
             self._items.clear()
         self._wake.set()
 
-    def take(self) -> U64:
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Hold off the filler for the length of a request."""
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._last_take = time.monotonic()
+            self._wake.set()
+
+    def take(self) -> Any:
+        """One fresh encryption of zero (never handed out twice)."""
         with self._lock:
             self._last_take = time.monotonic()
             item = self._items.popleft() if self._items else None
@@ -153,18 +172,17 @@ class ZeroPool:
                 self._thread.start()
         if low:
             self._wake.set()
-        return self._make() if item is None else item.astype(np.uint64)
+        return self._make() if item is None else item
 
     def _fill(self) -> None:
         while self._size:
             self._wake.wait()
             self._wake.clear()
             while len(self._items) < self._size:
-                if time.monotonic() - self._last_take < IDLE_BEFORE_FILL:
-                    # SEAL holds the GIL: stay off the path of a burst of requests.
+                if self._busy or time.monotonic() - self._last_take < IDLE_BEFORE_FILL:
                     time.sleep(IDLE_BEFORE_FILL)
                     continue
-                z = self._make().astype(np.uint32)  # residues < 2^30
+                z = self._make()
                 with self._lock:
                     if len(self._items) < self._size:
                         self._items.append(z)
@@ -179,7 +197,7 @@ def _pool_for(pub: CkksPublic) -> ZeroPool:
     """One pool per public key, shared by every object of that key; least recently used
     pools beyond :data:`MAX_POOLS` are stopped (their memory and thread released)."""
     with _POOLS_LOCK:
-        pool = _POOLS.pop(pub.key_id, None) or ZeroPool(pub.encrypt_zero)
+        pool = _POOLS.pop(pub.key_id, None) or ZeroPool(pub.encrypt_zero_ct)
         _POOLS[pub.key_id] = pool
         while len(_POOLS) > MAX_POOLS:
             _POOLS.popitem(last=False)[1].stop()
@@ -237,19 +255,27 @@ class CkksPublic:
         enc.encrypt(pt, ct)
         return seal.save_bytes(ct)
 
-    def encrypt_zero(self) -> U64:
-        """A fresh SEAL public-key encryption of zero: ``(2, k, N)`` NTT residues."""
+    def encrypt_zero_ct(self) -> Any:
+        """A fresh SEAL public-key encryption of zero at the data level (``Ciphertext``)."""
         _, enc, _ = self._sealed
         zero = sealapi.Ciphertext()
         enc.encrypt_zero(zero)
-        q = ring_of(self.params).q
+        zero.scale = self.params.delta  # zero at any scale; SEAL's add wants equal scales
+        return zero
+
+    def encrypt_zero(self) -> U64:
+        """A fresh SEAL public-key encryption of zero: ``(2, k, N)`` NTT residues."""
+        return self.residues(self.encrypt_zero_ct(), "zero")
+
+    def residues(self, ct: Any, what: str) -> U64:
+        """A SEAL size-2 data-level ``Ciphertext`` -> ``(2, k, N)`` residues (checked)."""
         return seal.parse_ciphertext(
-            seal.save_bytes(zero),
-            what="zero",
+            seal.save_bytes(ct),
+            what=what,
             parms_id=self.data_level,
             size=2,
             n=self.params.n,
-            q=q,
+            q=ring_of(self.params).q,
         ).data
 
     @property
@@ -269,16 +295,10 @@ class CkksPublic:
         Raises:
             DecodeError: not a ciphertext of this key's parameters.
         """
-        q = ring_of(self.params).q
-        got = seal.parse_ciphertext(
-            seal.save_bytes(self.load_fresh(data, what)),
-            what=what,
-            parms_id=self.data_level,
-            size=2,
-            n=self.params.n,
-            q=q,
-        ).data
-        return (got + self.zeros.take()) % q[None, :, None]
+        ct = self.load_fresh(data, what)
+        _, _, ev = self._sealed
+        ev.add_inplace(ct, self.zeros.take())  # in SEAL: one serialization, not two
+        return self.residues(ct, what)
 
     def load_fresh(self, data: object, what: str) -> Any:
         """SEAL ``Ciphertext`` of a received size-2 ciphertext at the data level, scale Δ.
@@ -604,7 +624,7 @@ def pack_result(
     _, _, ev = pub._sealed
     ring = ring_of(p)
     probe_ct = pub.load_fresh(probe, what)
-    ev.add_inplace(probe_ct, pub.as_ciphertext(pub.zeros.take()))
+    ev.add_inplace(probe_ct, pub.zeros.take())
     prod = sealapi.Ciphertext()
     ev.multiply(pub.as_ciphertext(template), probe_ct, prod)
     small = np.zeros(p.n, dtype=bool)

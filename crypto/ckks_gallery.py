@@ -45,43 +45,70 @@ IDENTIFY_BATCH = 16  # blocks rescaled together (16 x 192 KB of products)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def _mac_block(g: U32, p: U32, q: U64, out: U64) -> None:  # pragma: no cover - jit
-    """out[c, r, s] = sum_j (g_j x p_j)[c] mod q_r for size-2 inputs -> size-3 output."""
+def _mac_block(g: U32, p: U32, q: U64, fold: U64, out: U64) -> None:  # pragma: no cover - jit
+    """out[c, r, s] = sum_j (g_j x p_j)[c] mod q_r for size-2 inputs -> size-3 output.
+
+    No division in the loop (a 64-bit ``%`` does not vectorise and cost ~10x the
+    multiplies): every 4 features each accumulator is folded, ``a = hi * 2^30 + lo``
+    -> ``hi * fold + lo`` with ``fold = 2^30 mod q`` (congruent mod q), which keeps it
+    below 2^52 so the next 8 products (< 2^60 each) cannot overflow; one ``%`` at the end.
+    """
     d, _, k, n = g.shape
-    chunk = 256
+    chunk = 512
     per_row = n // chunk
+    mask = np.uint64((1 << 30) - 1)
+    sh = np.uint64(30)
     for c in numba.prange(k * per_row):
         r = c // per_row
         s0 = (c % per_row) * chunk
         qr = q[r]
+        f = fold[r]
         a0 = np.zeros(chunk, dtype=np.uint64)
         a1 = np.zeros(chunk, dtype=np.uint64)
         a2 = np.zeros(chunk, dtype=np.uint64)
         for j in range(d):
+            g0r = g[j, 0, r, s0 : s0 + chunk]
+            g1r = g[j, 1, r, s0 : s0 + chunk]
+            p0r = p[j, 0, r, s0 : s0 + chunk]
+            p1r = p[j, 1, r, s0 : s0 + chunk]
             for t in range(chunk):
-                g0 = np.uint64(g[j, 0, r, s0 + t])
-                g1 = np.uint64(g[j, 1, r, s0 + t])
-                p0 = np.uint64(p[j, 0, r, s0 + t])
-                p1 = np.uint64(p[j, 1, r, s0 + t])
+                g0 = np.uint64(g0r[t])
+                g1 = np.uint64(g1r[t])
+                p0 = np.uint64(p0r[t])
+                p1 = np.uint64(p1r[t])
                 a0[t] += g0 * p0
                 a1[t] += g0 * p1 + g1 * p0
                 a2[t] += g1 * p1
-            if j % 4 == 3:  # products < 2^60: reduce before 16 of them could overflow
+            if j % 4 == 3:
                 for t in range(chunk):
-                    a0[t] %= qr
-                    a1[t] %= qr
-                    a2[t] %= qr
+                    a0[t] = (a0[t] >> sh) * f + (a0[t] & mask)
+                    a1[t] = (a1[t] >> sh) * f + (a1[t] & mask)
+                    a2[t] = (a2[t] >> sh) * f + (a2[t] & mask)
         for t in range(chunk):
             out[0, r, s0 + t] = a0[t] % qr
             out[1, r, s0 + t] = a1[t] % qr
             out[2, r, s0 + t] = a2[t] % qr
 
 
+def _folds(q: U64) -> U64:
+    """``2^30 mod q`` per prime, checked small enough for :func:`_mac_block`'s bounds."""
+    out = []
+    for qi in (int(x) for x in q):
+        f = (1 << 30) % qi
+        # after a fold: < 2^34 * f + 2^30; then 8 more products < (q-1)^2 each
+        if qi >= 1 << 30 or (1 << 34) * f + (1 << 30) + 8 * (qi - 1) ** 2 >= 1 << 64:
+            raise InvalidArgumentError(f"prime {qi} is outside the kernel's bounds")
+        out.append(f)
+    return np.array(out, dtype=np.uint64)
+
+
 def mac(g: npt.NDArray[np.uint32], p: npt.NDArray[np.uint32], q: U64) -> U64:
     """``sum_j g_j * p_j`` of size-2 NTT ciphertexts ``(d, 2, k, N)`` -> size 3 ``(3, k, N)``."""
+    if g.shape[3] % 512:
+        raise InvalidArgumentError("the kernel needs N to be a multiple of 512")
     out = np.empty((3, g.shape[2], g.shape[3]), dtype=np.uint64)
     with ntt.PARALLEL_LOCK:
-        _mac_block(np.ascontiguousarray(g), np.ascontiguousarray(p), q, out)
+        _mac_block(np.ascontiguousarray(g), np.ascontiguousarray(p), q, _folds(q), out)
     return out
 
 
@@ -188,8 +215,9 @@ class CkksGallery:
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("an id appears twice in one enrollment")
         npack = -(-count // self.per_pack)
-        col = self._receive(obj.get("col"), d, "column ciphertexts")
-        pack = self._receive(obj.get("pack"), npack, "packed ciphertexts")
+        with self.pub.zeros.busy():
+            col = self._receive(obj.get("col"), d, "column ciphertexts")
+            pack = self._receive(obj.get("pack"), npack, "packed ciphertexts")
         with self._lock:
             # Replaced identities lose their old slot in the same commit as the new one.
             replaced: list[tuple[int, str | None]] = [
@@ -292,9 +320,10 @@ class CkksGallery:
                 s < len(self.store.slots) and self.store.slots[s] is not None
                 for s in range(first, first + self.per_pack)
             ]
-        return pack_result(
-            self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
-        )
+        with self.pub.zeros.busy():
+            return pack_result(
+                self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
+            )
 
     def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
         """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.
@@ -317,6 +346,10 @@ class CkksGallery:
             ``(result bytes, slot count)``; the count equals ``len(self.ids())``.
         """
         obj = decode(probe, self.pub, "probe-identify", DecodeError)
+        with self.pub.zeros.busy():
+            return self._identify(obj)
+
+    def _identify(self, obj: dict[str, object]) -> tuple[bytes, int]:
         p = self._receive(obj.get("cts"), self.dim, "probe-identify").astype(np.uint32)
         with self._lock:
             live_blocks = self._live_blocks()

@@ -358,6 +358,9 @@ def parse_plaintext(data: bytes, *, k: int, n: int) -> U64:
 def check_seeded(data: object, what: str, *, parms_id: tuple[int, ...], n: int, k: int) -> bytes:
     """Cheap checks of an edge's seeded ciphertext before SEAL expands it.
 
+    Returns:
+        The same object, uncompressed (SEAL loads it without inflating it again).
+
     Raises:
         DecodeError: not bytes, bad header, another level, size or ring.
     """
@@ -370,4 +373,5 @@ def check_seeded(data: object, what: str, *, parms_id: tuple[int, ...], n: int, 
     f = _CT.unpack_from(body)
     if tuple(f[:4]) != parms_id or (f[4], f[5], f[6], f[7]) != (1, 2, n, k):
         raise DecodeError(f"{what}: not a fresh ciphertext of this key's parameters")
-    return data
+    # Hand SEAL the members already inflated (and bounded) here: it need not inflate again.
+    return wrap(body, compress=False)

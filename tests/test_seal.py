@@ -107,6 +107,62 @@ def test_kernel_is_bit_exact_with_seal_evaluator(level: int) -> None:
     np.testing.assert_array_equal(edge._decrypt_coeffs(mine), edge._decrypt_coeffs(theirs))
 
 
+@pytest.mark.parametrize("level", [128, 192, 256])
+def test_kernel_worst_case_residues_do_not_overflow(level: int) -> None:
+    """The kernel reduces lazily (folds, one ``%`` at the end): residues all ``q - 1``
+    (largest products) and random ones give the exact sums, against Python integers."""
+    p = seal.preset(level)
+    ring = ckks.ring_of(p)
+    d, n = 128, p.n
+    rng = np.random.default_rng(level)
+    for fill in ("max", "random"):
+        if fill == "max":
+            g = np.broadcast_to((ring.q - 1)[None, None, :, None], (d, 2, 2, n)).astype(np.uint32)
+        else:
+            g = (rng.integers(0, 1 << 62, (d, 2, 2, n), dtype=np.uint64) % ring.qcol).astype(
+                np.uint32
+            )
+        pr = g[::-1].copy()
+        got = mac(g, pr, ring.q)
+        cols = rng.choice(n, 8, replace=False)
+        for r in range(2):
+            q = int(ring.q[r])
+            for s in cols:
+                a = [[int(x) for x in g[j, :, r, s]] for j in range(d)]
+                b = [[int(x) for x in pr[j, :, r, s]] for j in range(d)]
+                want = [
+                    sum(x[0] * y[0] for x, y in zip(a, b)) % q,
+                    sum(x[0] * y[1] + x[1] * y[0] for x, y in zip(a, b)) % q,
+                    sum(x[1] * y[1] for x, y in zip(a, b)) % q,
+                ]
+                assert [int(got[c, r, s]) for c in range(3)] == want
+
+
+def test_zero_pool_hands_each_encryption_out_once_and_waits_for_requests() -> None:
+    """Pooled encryptions of zero are fresh SEAL ciphertexts, never handed out twice,
+    and the filler makes none while a request holds the pool busy."""
+    import time
+
+    pub = CkksKeys.generate(dim=128).public
+    pool = ckks.ZeroPool(pub.encrypt_zero_ct, size=6)
+    try:
+        with pool.busy():
+            first = pool.take()  # starts the filler, which must wait for the request
+            time.sleep(0.5)
+            assert len(pool._items) == 0
+        deadline = time.monotonic() + 30
+        while len(pool._items) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pool._items) == 6
+        got = [first] + [pool.take() for _ in range(10)]  # 6 pooled, the rest on the spot
+        assert len({id(z) for z in got}) == len(got)
+        c1 = {pub.residues(z, "zero")[1].tobytes() for z in got}
+        assert len(c1) == len(got)  # fresh randomness each time
+        assert all(z.scale == pub.params.delta for z in got)
+    finally:
+        pool.stop()
+
+
 # ------------------------------------------------------------------- interop
 PLAIN_SEAL_CLIENT = textwrap.dedent(
     '''
