@@ -180,6 +180,17 @@ def test_one_json_log_line_per_request(running: RunningCloud, tmp_path: Path) ->
     assert line["ms"] >= 0 and line["level"] == "INFO"
 
 
+def test_edge_command_logs_one_line_per_request_at_v(running: RunningCloud, tmp_path: Path) -> None:
+    np.save(tmp_path / "probe.npy", np.ones(DIM))
+    out = cli("-v", "identify", *running.edge("--embedding", str(tmp_path / "probe.npy")))
+    assert out.returncode == 0, out.stderr
+    lines = [x for x in out.stderr.splitlines() if "cipherface.requests" in x]
+    assert any(f"edge identify site={running.site} gateway=gw1 outcome=result" in x
+               for x in lines), out.stderr  # fmt: skip
+    quiet = cli("identify", *running.edge("--embedding", str(tmp_path / "probe.npy")))
+    assert "cipherface.requests" not in quiet.stderr, quiet.stderr
+
+
 def test_health_command_and_endpoint(running: RunningCloud) -> None:
     ok = cli("health", "--url", f"127.0.0.1:{running.port}", "--json")
     assert ok.returncode == 0, ok.stderr
