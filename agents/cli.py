@@ -417,6 +417,7 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from cipherface.agents.edge import EdgeClient
     from cipherface.crypto.guard import load_guard
     from cipherface.crypto.sites import load_edge_cipher
+    from cipherface.observe.logs import log_request
 
     _require(args, "keys", "site", "gateway")
     cipher = load_edge_cipher(
@@ -431,7 +432,7 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
             "(docs/deployment.md, section 5)",
             args.keys,
         )
-    return EdgeClient(
+    edge = EdgeClient(
         broker=broker_config(args),
         cipher=cipher,
         guard=guard,
@@ -441,6 +442,11 @@ def _edge_client(args: argparse.Namespace, **kwargs: Any) -> Any:
         retries=args.retries,
         **kwargs,
     )
+    # -v: one line per request, like the cloud's (the daemon's metrics replace this hook).
+    edge.on_request = lambda op, outcome, seconds: log_request(
+        role="edge", op=op, site=args.site, gateway=args.gateway, outcome=outcome, seconds=seconds
+    )
+    return edge
 
 
 def _load_npy(path: str) -> np.ndarray[Any, Any]:

@@ -386,7 +386,22 @@ class EdgeClient:
                             f"(does account {self.broker.username or 'anonymous'}'s ACL "
                             "allow it?)"
                         )
-                    waiter.event.wait(per_try)
+                    t0 = time.monotonic()
+                    # The retained cloud statuses arrived with our SUBACK: say at once
+                    # that nobody is there, rather than after a silent attempt.
+                    if (
+                        attempt == 1
+                        and not waiter.event.wait(min(0.5, per_try))
+                        and not self._online_clouds()
+                    ):
+                        log.warning(
+                            "%s: no cloud agent is online on %s (%s); waiting up to %g s for one",
+                            msg.TYPE,
+                            self.broker.url,
+                            _cloud_states(self.clouds),
+                            per_try * attempts,
+                        )
+                    waiter.event.wait(max(0.0, per_try - (time.monotonic() - t0)))
                 else:
                     waiter.event.wait(max(0.0, per_try / 2))
             finally:

@@ -109,8 +109,10 @@ def _numpy_problem(path: str, what: str, exc: BaseException, kind: str) -> str:
     text = str(exc)
     if isinstance(exc, zipfile.BadZipFile):
         why = "is not a valid .npz (zip) archive"
-    elif "pickle" in text or "Object arrays" in text:
+    elif "Object arrays" in text or ("pickle" in text and _starts_like_pickle(path)):
         why = "holds pickled Python objects, which are never loaded"
+    elif "pickle" in text:  # numpy's guess for any file without its magic: random bytes
+        why = "is not a numpy file"
     elif isinstance(exc, EOFError) or "EOF" in text or "truncated" in text.lower():
         why = "is empty or truncated"
     else:
@@ -118,6 +120,15 @@ def _numpy_problem(path: str, what: str, exc: BaseException, kind: str) -> str:
     return (
         f"{what} {path} {why}; expected {kind} written by numpy.save{'z' if kind == '.npz' else ''}"
     )
+
+
+def _starts_like_pickle(path: str) -> bool:
+    # Pickle protocols 2+ open with PROTO (0x80); numpy calls any unknown file "pickled".
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(1) == b"\x80"
+    except OSError:
+        return False
 
 
 def one_line(text: str) -> str:

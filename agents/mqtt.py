@@ -370,7 +370,14 @@ class Connection:
         if reason_code.is_failure:
             self._refused = str(reason_code)
             self._auth_refused = getattr(reason_code, "value", None) in _AUTH_REASONS
-            log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
+            # Before the first connection start() raises it (one line from the CLI);
+            # later, while reconnecting, nobody else reports it.
+            log.log(
+                logging.WARNING if self._ever_connected else logging.DEBUG,
+                "%s: broker refused the connection: %s",
+                self.client_id,
+                reason_code,
+            )
             self._connack.set()
             return
         self._refused = None
@@ -411,8 +418,10 @@ class Connection:
         reason_code: Any,
         properties: Any,
     ) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if self._started:
+        # A refused CONNACK also ends in a disconnect: that is not a lost connection.
+        if self._started and was_connected:
             self.disconnects += 1
             self._lost_at = time.monotonic()
             log.warning(

@@ -8,8 +8,9 @@ counters), so they stay usable as libraries without any of this.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import Counter
 
@@ -133,14 +134,26 @@ def observe_cloud(
     return Observed(metrics=metrics, server=server)
 
 
+#: The cloud levels its retained health may carry. Every site's integrator reads that
+#: message, so it holds this process's load only: template, gallery and duplicate counts
+#: summed over all the sites the cloud serves stay on the local /metrics and /healthz.
+PUBLIC_CLOUD_LOAD: Final = ("queue_depth", "in_progress", "broker_connected", "broker_reconnects")
+
+
+def public_cloud_load(load: Mapping[str, Any]) -> dict[str, Any]:
+    """The levels of ``load`` that every site's integrator may read."""
+    return {k: load[k] for k in PUBLIC_CLOUD_LOAD if k in load}
+
+
 def cloud_health(agent: CloudAgent, *, interval: float = DEFAULT_INTERVAL_S) -> HealthPublisher:
-    """The retained JSON health publisher of a started cloud agent."""
+    """The retained JSON health publisher of a started cloud agent (process load only:
+    see :data:`PUBLIC_CLOUD_LOAD`)."""
     return HealthPublisher(
         topic=cloud_health_topic(agent.agent_id),
         role="cloud",
         agent=agent.agent_id,
         version=__version__,
-        load=agent.load,
+        load=lambda: public_cloud_load(agent.load()),
         publish=_retained(lambda: agent.connection),
         interval=interval,
     )
@@ -259,10 +272,12 @@ def edge_health(edge: EdgeClient, observed: Observed, *, interval: float) -> Hea
 
 
 __all__ = [
+    "PUBLIC_CLOUD_LOAD",
     "MetricsOutput",
     "Observed",
     "cloud_health",
     "edge_health",
     "observe_cloud",
     "observe_edge",
+    "public_cloud_load",
 ]

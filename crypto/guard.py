@@ -200,7 +200,8 @@ class Guard:
             return GuardState(**asdict(s))
 
     def reset_halt(self) -> None:
-        """Clear a halt (the forged count stays as a record). Operators only."""
+        """Clear a halt and zero the forged count (each reset gives a cheating cloud
+        ``max_forged`` more refusals to observe; the log keeps the record). Operators only."""
         with self._state(durable=True) as s:
             s.halted = None
             s.forged = 0

@@ -8,9 +8,11 @@ integrator may read (broker ACL, docs/deployment.md):
 * edge:  ``cipherface/v1/<site>/health/<gateway>``
 
 ``{"state": "online"|"offline", "role", "agent", "version", "ts" (ms), "interval_s",
-"uptime_s", "load": {...}}``; ``load`` holds the levels of
-:mod:`cipherface.observe.metrics` (``queue_depth``, ``in_progress``,
-``galleries_open``, ``templates``, ``broker_connected``, ...). It is republished every
+"uptime_s", "load": {...}}``; ``load`` holds levels of
+:mod:`cipherface.observe.metrics`: for the cloud only this process's load
+(``queue_depth``, ``in_progress``, ``broker_connected``, ``broker_reconnects``), since
+every site's integrator reads it; counts of templates and galleries summed over all
+sites stay on the local ``/metrics`` and ``/healthz``. It is republished every
 ``interval_s`` seconds: a ``ts`` older than about twice that means the agent died
 without saying so (the MQTT last will, one per connection, is the msgpack status's).
 """

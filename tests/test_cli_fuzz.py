@@ -138,6 +138,23 @@ def test_bad_embedding_file(
     _check(code, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [("random", "is not a numpy file"), ("text", "is not a numpy file"),
+     ("pickle-stream", "pickled Python objects"), ("pickled-objects", "pickled Python objects")],
+)  # fmt: skip
+def test_random_bytes_are_not_called_a_pickle(
+    case: str, says: str, broker: Any, keys: Path, tmp_path: Path, capsys: Any
+) -> None:
+    path = tmp_path / "probe.npy"
+    path.write_bytes(BAD_ARRAYS[case]())
+    argv = ["verify", *_edge_args(broker.url, keys), "--id", "a", "--embedding", str(path)]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    _check(code, err)
+    assert says in err, err
+
+
 @pytest.mark.parametrize("case", sorted(BAD_NPZ))
 def test_bad_bulk_file(case: str, broker: Any, keys: Path, tmp_path: Path, capsys: Any) -> None:
     path = tmp_path / "bulk.npz"

@@ -287,6 +287,16 @@ def test_probe_that_does_not_fit_is_gallery_error(client: Client, cloud: Cloud) 
     _check_error(kind, reply, reply["b"]["code"], env["id"], client)
 
 
+def test_payload_that_does_not_fit_is_gallery_error(client: Client, cloud: Cloud) -> None:
+    # The gallery exists (key published): garbage ciphertexts do not fit it (spec 8.1).
+    # (An identify probe is not read by an empty gallery: 6.5 answers count = 0.)
+    _publish_key(client, cloud)
+    env = envelope(
+        "enroll", client.site, client.gw, {"ids": ["a"], "payload": b"\x01\x02\x03"}, kid=cloud.kid
+    )
+    _check_error(*client.ask("enroll", env), "gallery_error", env["id"], client)
+
+
 def test_unknown_kid_is_key_mismatch(client: Client, cloud: Cloud) -> None:
     env = envelope(
         "identify", client.site, client.gw, {"probe": b"\x01", "ids_version": None}, kid=hex_id()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import secrets
@@ -50,13 +51,16 @@ from cipherface.observe.logs import JsonFormatter, RateLimit
 DIM = 128
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cipherface.agents.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -176,6 +180,17 @@ def test_one_json_log_line_per_request(running: RunningCloud, tmp_path: Path) ->
     assert line["ms"] >= 0 and line["level"] == "INFO"
 
 
+def test_edge_command_logs_one_line_per_request_at_v(running: RunningCloud, tmp_path: Path) -> None:
+    np.save(tmp_path / "probe.npy", np.ones(DIM))
+    out = cli("-v", "identify", *running.edge("--embedding", str(tmp_path / "probe.npy")))
+    assert out.returncode == 0, out.stderr
+    lines = [x for x in out.stderr.splitlines() if "cipherface.requests" in x]
+    assert any(f"edge identify site={running.site} gateway=gw1 outcome=result" in x
+               for x in lines), out.stderr  # fmt: skip
+    quiet = cli("identify", *running.edge("--embedding", str(tmp_path / "probe.npy")))
+    assert "cipherface.requests" not in quiet.stderr, quiet.stderr
+
+
 def test_health_command_and_endpoint(running: RunningCloud) -> None:
     ok = cli("health", "--url", f"127.0.0.1:{running.port}", "--json")
     assert ok.returncode == 0, ok.stderr
@@ -190,7 +205,9 @@ def test_retained_json_health_with_load(running: RunningCloud) -> None:
     doc = json.loads(payload)
     assert (doc["state"], doc["role"], doc["agent"]) == ("online", "cloud", running.agent_id)
     assert doc["version"] and abs(doc["ts"] / 1000 - time.time()) < 30
-    assert {"queue_depth", "in_progress", "galleries_open", "templates"} <= set(doc["load"])
+    assert {"queue_depth", "in_progress", "broker_connected"} <= set(doc["load"])
+    # Every site's integrator reads it: nothing summed over other tenants' galleries.
+    assert not {"galleries_open", "templates", "duplicates"} & set(doc["load"]), doc["load"]
 
 
 # ------------------------------------------------------------ secure broker
@@ -229,6 +246,21 @@ def test_connection_errors_name_the_cause(
         _connect(
             _cfg(secure_broker, secure_deployment, user, url=f"mqtts://127.0.0.1:{free_port()}")
         )
+
+
+def test_cli_wrong_password_is_one_line(
+    secure_broker: LocalBroker, secure_deployment: Deployment, tmp_path: Path
+) -> None:
+    assert cli("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    out = cli(
+        "ids", "--broker", f"mqtts://127.0.0.1:{secure_broker.tls_port}",
+        "--ca-file", str(secure_deployment.ca_cert_path), "--username", "site-b.gw1",
+        "--keys", str(tmp_path / "k"), "--site", "site-b", "--gateway", "gw1",
+        env={"CIPHERFACE_PASSWORD": "wrong"},
+    )  # fmt: skip
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert out.returncode == 3 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error [broker_auth]") and "CIPHERFACE_PASSWORD" in lines[0]
 
 
 def test_acl_denied_request_fails_at_once(
@@ -338,7 +370,9 @@ def test_no_cloud_online_is_said_per_retry(
         with pytest.raises(NoCloudError, match="no cloud agent is online"):
             edge.ids()
     lines = [r for r in caplog.records if "no cloud agent is online" in r.getMessage()]
-    assert len(lines) == 3, [r.getMessage() for r in lines]
+    # Said at once from the retained statuses, then once per attempt.
+    assert len(lines) == 4, [r.getMessage() for r in lines]
+    assert "waiting up to 1.5 s" in lines[0].getMessage()
 
 
 def test_cli_no_cloud_exit_3_one_line(restartable_broker: LocalBroker, tmp_path: Path) -> None:
@@ -348,7 +382,7 @@ def test_cli_no_cloud_exit_3_one_line(restartable_broker: LocalBroker, tmp_path:
     assert out.returncode == 3
     errors = [x for x in out.stderr.splitlines() if x.startswith("error [")]
     assert errors == [errors[0]] and "[no_cloud]" in errors[0], out.stderr
-    assert out.stderr.count("no cloud agent is online") == 3  # 2 attempts + the error
+    assert out.stderr.count("no cloud agent is online") == 4  # at once, 2 attempts, error
 
 
 # -------------------------------------------------------------- log helpers

@@ -10,7 +10,8 @@ pack) -- therefore passes a large, key-dependent shift with probability 1/3, and
 decision on the target then reads a whole key coefficient (no jitter matters at
 ``t = 0.5``; the cloud needs no knowledge of any face or score).
 
-Replay: ``python -m pytest -q -p no:cacheprovider tests/test_trust_attacks.py -rxX``.
+Replay: ``python -m pytest -q -p no:cacheprovider tests/test_trust_attacks.py -rxX -s``
+(prints the counts).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _make_site(tmp: Path, people: int) -> Any:
     labels, rows = guard.with_canaries([f"p{i}" for i in range(people)], vecs)
     gallery = CkksGallery(path=tmp / "gallery", public=keys.public)
     gallery.enroll(labels, cipher.encrypt_templates(rows))
-    return cipher, guard, gallery
+    return cipher, guard, gallery, rows
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def office_site(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _one_canary_attack(
-    site: Any, *, tries: int, seed: int = 1, trim: bool = False
+    site: Any, *, tries: int, seed: int = 1, trim: bool = False, stop_after: int = 10**9
 ) -> dict[str, int]:
     """Adaptive reaction attack against a result checked by one canary.
 
@@ -100,7 +101,7 @@ def _one_canary_attack(
     cloud lists only the target's pack (every other slot ``None``: "free"), so the
     edge checks one canary whatever the gallery's size.
     """
-    cipher, guard, gallery = site
+    cipher, guard, gallery, _rows = site
     s = _secret(cipher)
     labels = gallery.ids()
     opened = guard.open_slots(labels)
@@ -119,6 +120,8 @@ def _one_canary_attack(
     pub, ring = cipher.pub, cipher.ring
     out = {"asked": 0, "rejected": 0, "passed_j": 0, "trits_right": 0, "trits_wrong": 0}
     for _ in range(tries):
+        if out["passed_j"] >= stop_after:  # enough to show it (bounded run time)
+            break
         j = int(rng.integers(0, cipher.params.n))
         seen: list[bool | None] = []
         for sign in (1, -1):
@@ -167,7 +170,8 @@ def _one_canary_attack(
     "canaries per pack / result (design change, issue 8)",
 )
 def test_one_canary_result_leaks_key_coefficients(small_site: Any) -> None:
-    out = _one_canary_attack(small_site, tries=15)
+    # (2/3)^40 < 1e-7: the run is bounded and does not flake; ~9 shifts on average.
+    out = _one_canary_attack(small_site, tries=40, stop_after=3)
     print(out)
     # What the guard promises: every crafted, key-dependent result is refused.
     assert out["passed_j"] == 0, out
@@ -179,7 +183,7 @@ def test_one_canary_result_leaks_key_coefficients(small_site: Any) -> None:
     "leaves one canary to check, whatever the gallery's size (same 1-in-3 bypass)",
 )
 def test_trimmed_listing_leaves_one_canary(office_site: Any) -> None:
-    out = _one_canary_attack(office_site, tries=15, seed=2, trim=True)
+    out = _one_canary_attack(office_site, tries=40, seed=2, trim=True, stop_after=3)
     print(out)
     assert out["passed_j"] == 0, out
 
@@ -187,7 +191,30 @@ def test_trimmed_listing_leaves_one_canary(office_site: Any) -> None:
 def test_four_canaries_refuse_the_shift(office_site: Any) -> None:
     """Control (and the shape of a fix): with the honest listing, 4 canaries are checked
     and the shift passes only when all four coefficients are 0 (1 in 81)."""
-    out = _one_canary_attack(office_site, tries=15, seed=2)
+    out = _one_canary_attack(office_site, tries=10, seed=2)
     print(out)
-    assert out["rejected"] >= out["asked"] - 2 * 2, out
+    assert out["rejected"] >= out["asked"] - 2 * 2, out  # P(3+ passes of 10) ~ 2e-4
     assert out["trits_wrong"] == 0, out
+
+
+def test_key_holder_dumps_the_gallery_with_selector_probes(office_site: Any) -> None:
+    """What a key holder can learn (docs/security.md, "What remains"): identify with the
+    probe ``e_i`` returns coordinate ``i`` of every template, so ``d`` = 128 identify
+    requests -- indistinguishable from faces under encryption -- give back the whole
+    gallery, canaries included. The cloud's re-randomisation and erasure do not change
+    this: the probe's decryption is what counts. The default suite reads 8 coordinates
+    (one request each, every template at once); all 128 took 200 s on the loaded
+    two-core machine, max error 2.9e-5."""
+    cipher, _guard, gallery, rows = office_site
+    labels = gallery.ids()
+    live = [i for i, x in enumerate(labels) if x is not None]
+    coords = 8
+    got = np.zeros((len(live), coords))
+    for i in range(coords):
+        e = np.zeros(DIM)
+        e[i] = 1.0
+        res, count = gallery.identify(cipher.encrypt_probe(e, op="identify"))
+        got[:, i] = cipher.decrypt_scores(res, op="identify", count=count)[live]
+    err = float(np.abs(got - rows[: len(live), :coords]).max())
+    print({"requests": coords, "templates": len(live), "max_error": err})
+    assert err < 1e-4, err
