@@ -143,6 +143,8 @@ def _kill_run(loc: str, kills: int, tmp_path: Path) -> None:
         want = rnd.randint(3, 25)
         acks, inflight, killed = 0, None, False
         for line in proc.stdout:  # after the kill: what it printed before dying
+            if not line.endswith("\n"):
+                break  # torn by the kill: the writer never finished saying it
             kind, _, rec = line.partition(" ")
             if kind == "BEGIN":
                 inflight = json.loads(rec)
