@@ -241,6 +241,11 @@ class EdgeClient:
     def _on_subscribe(self, *args: Any) -> None:
         self._subscribed.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and still waiting for their reply (for metrics and health)."""
+        return len(self._pending)
+
     def start(self) -> None:
         """Connect and subscribe to the gateway's result and error topics.
 

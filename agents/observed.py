@@ -189,7 +189,7 @@ def observe_edge(
     def load() -> dict[str, Any]:
         conn = edge.connection
         return {
-            "in_progress": 0,
+            "in_progress": edge.in_flight,
             "unmatched_replies": edge.unmatched,
             "rejected_results": counts["rejected_results"],
             # The guard (docs/security.md "A cloud that cheats"): forged results refused

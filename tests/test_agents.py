@@ -359,11 +359,13 @@ def test_request_sent_while_cloud_is_down_is_served_on_start(
         enroll = pool.submit(edge.enroll, "bob", embeddings=people[1])
         time.sleep(1.0)
         assert not pending.done()  # nobody is serving
+        assert edge.in_flight == 1  # the verify waits (the enroll is queued behind it)
         make_cloud()  # same agent id, same data: the queued requests are delivered
         decision = pending.result(timeout=30)
         assert enroll.result(timeout=30).enrolled == 1
     assert decision.match and decision.identity == "alice"
     assert edge.identify(vector=near(people[1], rng)).identity == "bob"
+    assert edge.in_flight == 0
 
 
 class _StallingCloud(CloudAgent):
