@@ -21,7 +21,7 @@ import logging
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -98,6 +98,21 @@ class GalleryRow:
     slot_sum: int
     block_sum: int
     nblocks: int
+
+    @classmethod
+    def from_db(cls, r: Sequence[Any]) -> GalleryRow:
+        """From the columns (format, meta, ids_version, seq, nslots, slot_sum, block_sum,
+        nblocks), in that order, as both engines select them."""
+        return cls(
+            format=r[0],
+            meta=bytes(r[1]),
+            ids_version=r[2],
+            seq=r[3],
+            nslots=r[4],
+            slot_sum=r[5],
+            block_sum=r[6],
+            nblocks=r[7],
+        )
 
     @property
     def check(self) -> int:

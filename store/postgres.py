@@ -155,16 +155,7 @@ class PostgresEngine(Engine):
                 if g is None:
                     return None
                 self.gid = int(g[0])
-                row = GalleryRow(
-                    format=g[1],
-                    meta=bytes(g[2]),
-                    ids_version=g[3],
-                    seq=g[4],
-                    nslots=g[5],
-                    slot_sum=g[6],
-                    block_sum=g[7],
-                    nblocks=g[8],
-                )
+                row = GalleryRow.from_db(g[1:9])
                 cur.execute(
                     "SELECT slot, ident, dead, chk FROM cf_slots WHERE gid = %s", (self.gid,)
                 )

@@ -178,16 +178,7 @@ class SqliteEngine(Engine):
                 if len(g) != 1:
                     raise StorageCorruptError(f"gallery {self.label}: gallery row missing")
                 f = g[0]
-                row = GalleryRow(
-                    format=f[0],
-                    meta=bytes(f[1]),
-                    ids_version=f[2],
-                    seq=f[3],
-                    nslots=f[4],
-                    slot_sum=f[5],
-                    block_sum=f[6],
-                    nblocks=f[7],
-                )
+                row = GalleryRow.from_db(f[:8])
                 slots = [
                     (SlotRow(slot=s, ident=i, dead=bool(d)), c)
                     for s, i, d, c in db.execute("SELECT slot, ident, dead, chk FROM slots")
