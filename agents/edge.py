@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -609,8 +609,6 @@ class EdgeClient:
         Raises:
             InvalidArgumentError: not a folder, or no photo in it.
         """
-        from tqdm import tqdm
-
         root = Path(folder)
         if not root.is_dir():
             raise InvalidArgumentError(f"{root} is not a folder of photos")
@@ -624,9 +622,30 @@ class EdgeClient:
                 people.setdefault(entry.stem, []).append(entry)
         if not people:
             raise InvalidArgumentError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {root}")
+        ids, matrix, skipped = self.embed_people(people, progress=progress)
+        failures = {
+            str(photo) if photo is not None else str(people[who][0].parent / who): why
+            for (who, photo), why in skipped.items()
+        }
+        return ids, matrix, failures
+
+    def embed_people(
+        self, people: Mapping[str, Sequence[Path]], *, progress: bool = True
+    ) -> tuple[list[str], FloatArray, dict[tuple[str, Path | None], str]]:
+        """Embed each person's photos into one template (their L2-normalised mean).
+
+        Photos without exactly one face, and names that are not valid identities, are
+        skipped and reported, never fatal.
+
+        Returns:
+            ``(ids, vectors, skipped)``: identities, their ``(n, dim)`` templates, and
+            ``{(identity, photo or None for the name itself): error message}``.
+        """
+        from tqdm import tqdm
+
         ids: list[str] = []
         rows: list[FloatArray] = []
-        failures: dict[str, str] = {}
+        skipped: dict[tuple[str, Path | None], str] = {}
         total = sum(len(v) for v in people.values())
         with tqdm(total=total, unit="photo", desc="embed", disable=not progress) as bar:
             for identity, photos in people.items():
@@ -635,16 +654,16 @@ class EdgeClient:
                     try:
                         vecs.append(self.embed(photo, label=photo.name))
                     except FaceError as exc:
-                        failures[str(photo)] = str(exc)
+                        skipped[identity, photo] = str(exc)
                     bar.update(1)
                 if vecs and is_valid_identity(identity):
                     ids.append(identity)
                     mean = np.mean(vecs, axis=0)
                     rows.append(mean / np.linalg.norm(mean))
                 elif vecs:
-                    failures[str(photos[0].parent / identity)] = "not a valid identity name"
+                    skipped[identity, None] = "not a valid identity name"
         matrix = np.stack(rows) if rows else np.zeros((0, self.cipher.dim))
-        return ids, matrix, failures
+        return ids, matrix, skipped
 
     def enroll_bulk(
         self,

@@ -12,10 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
-from cipherface.errors import FaceError, InvalidArgumentError
-from cipherface.protocol import is_valid_identity
+from cipherface.errors import InvalidArgumentError
 
 from .sources.folder import PHOTO_SUFFIXES
 
@@ -67,28 +64,12 @@ def embed_library(
     Returns:
         ``(ids, vectors, failures)`` as :meth:`EdgeClient.embed_folder` returns them.
     """
-    from tqdm import tqdm
-
-    ids: list[str] = []
-    rows = []
-    failures: dict[str, str] = {}
-    total = sum(len(v) for v in people.values())
-    with tqdm(total=total, unit="photo", desc="embed", disable=not progress) as bar:
-        for name, photos in people.items():
-            vecs = []
-            for photo in photos:
-                try:
-                    vecs.append(edge.embed(photo, label=photo.name))
-                except FaceError as exc:
-                    failures[f"{name}/{photo.name}"] = str(exc)
-                bar.update(1)
-            if vecs and is_valid_identity(name):
-                mean = np.mean(vecs, axis=0)
-                ids.append(name)
-                rows.append(mean / np.linalg.norm(mean))
-            elif vecs:
-                failures[name] = "not a valid identity name"
-    return ids, np.stack(rows) if rows else np.zeros((0, edge.cipher.dim)), failures
+    ids, vectors, skipped = edge.embed_people(people, progress=progress)
+    failures = {
+        f"{who}/{photo.name}" if photo is not None else who: why
+        for (who, photo), why in skipped.items()
+    }
+    return ids, vectors, failures
 
 
 __all__ = ["NOT_PEOPLE", "embed_library", "faces_root", "library"]
