@@ -21,6 +21,7 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from vectors import near, unit
 
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.edge import IDS_RESTARTS, EdgeClient
@@ -58,17 +59,6 @@ GW = "gw1"
 
 
 # ------------------------------------------------------------------- helpers
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def near(v: np.ndarray, rng: np.random.Generator, eps: float = 0.02) -> np.ndarray:
-    """A probe of the same person: a small perturbation (cosine distance << 0.07)."""
-    w = v + eps * rng.normal(size=v.shape) / np.sqrt(DIM)
-    return w / np.linalg.norm(w)
-
-
 class Sniffer:
     """A plain paho client: publishes raw bytes, records what arrives on its filters."""
 

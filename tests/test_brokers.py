@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from vectors import unit
 
 from cipherface.agents.broker import BrokerUnavailableError
 from cipherface.agents.brokers import NatsBroker, RabbitMqBroker
@@ -56,11 +57,6 @@ def rabbitmq() -> Iterator[RabbitMqBroker]:
         pytest.skip(str(exc))
     with broker:
         yield broker
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def full_flow(

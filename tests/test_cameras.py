@@ -22,6 +22,7 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from vectors import near, unit
 
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.edge import EdgeClient
@@ -52,16 +53,6 @@ from cipherface.protocol import decode, events_topic
 
 DIM = 128
 GW = "gw1"
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def near(v: np.ndarray, rng: np.random.Generator, eps: float = 0.02) -> np.ndarray:
-    w = v + eps * rng.normal(size=v.shape) / np.sqrt(DIM)
-    return w / np.linalg.norm(w)
 
 
 def frigate_event(

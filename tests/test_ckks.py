@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vectors import unit
 
 from cipherface import CipherFace
 from cipherface.crypto import ckks, seal, sites, thresholds
@@ -26,11 +27,6 @@ from cipherface.errors import (
 )
 
 TOL = 1e-4
-
-
-def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    v = rng.normal(size=(n, d))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")

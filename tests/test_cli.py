@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from vectors import unit
 
 from cipherface.agents import cli
 
@@ -39,11 +40,6 @@ def run(
         env={**os.environ, **(env or {})},
         check=False,
     )
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 @dataclass

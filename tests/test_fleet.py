@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import storekit
+from vectors import unit
 
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.dispatch import lane_for
@@ -41,11 +42,6 @@ from cipherface.store import gallery_location, store_exists
 
 DIM = 128
 pg_url = storekit.pg_url  # fixture: a PostgreSQL database of this session's own
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 import tenseal.sealapi as sealapi
+from vectors import unit
 
 from cipherface import CipherFace
 from cipherface.crypto import ckks, seal
@@ -20,11 +21,6 @@ from cipherface.crypto.ckks import CkksEdgeCipher, CkksKeys
 from cipherface.crypto.ckks_gallery import CkksGallery, mac
 
 TOL = 1e-4
-
-
-def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    v = rng.normal(size=(n, d))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def _parse(pub: ckks.CkksPublic, ct: object, size: int, level: tuple[int, ...]) -> np.ndarray:
