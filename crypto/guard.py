@@ -115,7 +115,8 @@ class Guard:
         dim: embedding dimension (canary templates).
         state_path: the ``trust.state`` file (created 0600).
         sigma: honest per-score noise standard deviation.
-        per_pack: slots per pack (one canary each); :data:`DEFAULT_SPACING` otherwise.
+        per_pack: slots per pack (each holds ``trust.canaries`` canaries, at most half of
+            it); :data:`DEFAULT_SPACING` when the scheme has no packs.
         budget: decisions allowed under this key.
         max_forged: forged results before the gateway halts.
 
@@ -142,6 +143,9 @@ class Guard:
         self.dim = dim
         self.sigma = float(sigma)
         self.per_pack = int(per_pack)
+        # Canaries per pack: what the trust key was made with, at most half a pack (a
+        # 512-d model has 8 slots a pack: 4 canaries; a first-format key: 1).
+        self.canaries = max(1, min(trust.canaries, self.per_pack // 2))
         self.budget = int(budget)
         self.max_forged = int(max_forged)
         self.state_path = Path(state_path)
@@ -285,22 +289,28 @@ class Guard:
     def with_canaries(
         self, names: Sequence[str], vectors: npt.ArrayLike
     ) -> tuple[list[str], FloatArray]:
-        """Sealed labels and templates of one enrollment payload, one canary per pack.
+        """Sealed labels and templates of one enrollment payload, with its canaries.
 
-        Every ``per_pack - 1`` names get a canary at a random position among them, so
-        each pack the payload fills (the cloud starts a multi-template payload on a pack
-        boundary) holds exactly one. A single name makes a two-template payload.
+        Every ``per_pack - canaries`` names get ``canaries`` canaries at random positions
+        among them, so each pack the payload fills (the cloud starts a multi-template
+        payload on a pack boundary) holds exactly that many. A single name makes a
+        ``1 + canaries`` template payload.
         """
         v = np.asarray(vectors, dtype=np.float64)
         labels: list[str] = []
         rows: list[FloatArray] = []
-        group = self.per_pack - 1
+        m = self.canaries
+        group = self.per_pack - m
         for lo in range(0, len(names), group):
-            chunk = list(range(lo, min(lo + group, len(names))))
-            at = secrets.randbelow(len(chunk) + 1)
-            label, canary = self.trust.new_canary()
-            for i in [*chunk[:at], -1, *chunk[at:]]:
+            hi = min(lo + group, len(names))
+            order: list[int] = list(range(lo, hi)) + [-1] * m  # -1: a canary
+            # Fisher-Yates with the CSPRNG: the canaries' places are secret.
+            for i in range(len(order) - 1, 0, -1):
+                j = secrets.randbelow(i + 1)
+                order[i], order[j] = order[j], order[i]
+            for i in order:
                 if i < 0:
+                    label, canary = self.trust.new_canary()
                     labels.append(label)
                     rows.append(self.canary_vector(canary))
                 else:
@@ -311,7 +321,7 @@ class Guard:
     def payload_names(self, max_templates: int) -> int:
         """How many user names fit in one payload of ``max_templates`` with their canaries."""
         packs = max(1, max_templates // self.per_pack)
-        return packs * (self.per_pack - 1)
+        return packs * (self.per_pack - self.canaries)
 
     # ----------------------------------------------------------------- checks
     def check(
@@ -330,7 +340,7 @@ class Guard:
             scores: the decrypted scores.
             probe: the L2-normalised probe the edge encrypted.
             first_slot: gallery slot number of ``slots[0]`` (pack alignment).
-            packed: every pack holding a user's template must hold a canary (CKKS).
+            packed: every pack holding a user's template must hold all its canaries (CKKS).
 
         Raises:
             ResultForgedError: a canary is missing or off (recorded; may halt).
@@ -339,14 +349,21 @@ class Guard:
             raise self.forged(f"{len(scores)} scores for {len(slots)} slots")
         canaries = [i for i, s in enumerate(slots) if isinstance(s, Canary)]
         users = [i for i, s in enumerate(slots) if isinstance(s, str)]
-        if users and not canaries:
-            raise self.forged("a result without a canary")
+        m = self.canaries
+        if users and len(canaries) < m:
+            raise self.forged(f"a result with {len(canaries)} canaries (at least {m})")
         if packed and users:
+            # Every pack holding a person must show all its canaries: a cloud that lists
+            # fewer (marks them free) would leave the shift fewer places to be caught.
             P = self.per_pack
-            guarded = {(first_slot + i) // P for i in canaries}
-            bare = sorted({(first_slot + i) // P for i in users} - guarded)
+            per: dict[int, int] = {}
+            for i in canaries:
+                per[(first_slot + i) // P] = per.get((first_slot + i) // P, 0) + 1
+            bare = sorted(p for p in {(first_slot + i) // P for i in users} if per.get(p, 0) < m)
             if bare:
-                raise self.forged(f"{len(bare)} pack(s) without their canary (first: {bare[0]})")
+                raise self.forged(
+                    f"{len(bare)} pack(s) with fewer than {m} canaries (first: {bare[0]})"
+                )
         if not canaries:
             return
         expect = np.array([self.canary_vector(slots[i]).dot(probe) for i in canaries])  # type: ignore[arg-type]

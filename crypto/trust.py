@@ -11,10 +11,11 @@ are derived from it with HKDF-SHA256:
   (SIV authenticates). Deterministic on purpose: verify and delete name a label.
 * a **canary key**: a canary is a label whose plaintext is ``\\x00`` + 8 random bytes (a
   user name is printable, so it can never be a canary) and whose template is a unit
-  vector expanded from SHAKE-256(canary key, those 8 bytes). The edge enrolls one canary
-  in every pack of every enrollment, at a random position, inside ordinary enroll
-  batches; it knows each canary's template, so it knows the score every canary must get
-  against any probe, and refuses a result whose canaries are off
+  vector expanded from SHAKE-256(canary key, those 8 bytes). The edge enrolls
+  :data:`CANARIES_PER_PACK` canaries in every pack of every enrollment, at random
+  positions, inside ordinary enroll batches; it knows each canary's template, so it
+  knows the score every canary must get against any probe, and refuses a result whose
+  canaries are off
   (:mod:`cipherface.crypto.guard`). To the cloud a canary is one more 128-character
   label and one more ciphertext.
 """
@@ -41,7 +42,14 @@ from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import InvalidArgumentError, KeyFileError
 
 TRUST_NAME: Final = "trust.key"
-MAGIC: Final = b"CFTRUST1\n"
+MAGIC: Final = b"CFTRUST2\n"
+#: The first format (one canary per pack; still read, never written).
+MAGIC_V1: Final = b"CFTRUST1\n"
+#: Canaries in every pack of a key made now. A key-dependent shift leaves one given
+#: canary exactly unmoved with probability 1/3 (ternary secret), so a result checked by
+#: ``m`` canaries passes such a shift with probability ``3^-m``: 1 in 81 here, against
+#: 1 in 3 with the first format's single canary (tests/test_trust_attacks.py).
+CANARIES_PER_PACK: Final = 4
 SEED_BYTES: Final = 32
 #: Plaintext of every label: one length byte + up to 79 bytes of UTF-8, zero padded.
 LABEL_PLAIN_BYTES: Final = 80
@@ -69,14 +77,19 @@ class TrustKey:
 
     Args:
         seed: the 32-byte trust secret (:func:`load_trust_key` / :func:`create_trust_key`).
+        canaries: canaries enrolled in every pack under this key (1 for a first-format
+            ``trust.key``).
 
     Raises:
-        InvalidArgumentError: a seed of the wrong length.
+        InvalidArgumentError: a seed of the wrong length or a canary count out of 1..16.
     """
 
-    def __init__(self, *, seed: bytes) -> None:
+    def __init__(self, *, seed: bytes, canaries: int = CANARIES_PER_PACK) -> None:
         if len(seed) != SEED_BYTES:
             raise InvalidArgumentError(f"a trust seed has {SEED_BYTES} bytes")
+        if not 1 <= canaries <= 16:
+            raise InvalidArgumentError("canaries per pack must be in 1..16")
+        self.canaries = int(canaries)
         self._siv = AESSIV(_hkdf(seed, b"cipherface labels v1", 64))
         self._canary_key = _hkdf(seed, b"cipherface canaries v1", 32)
         self._fingerprint = hashlib.sha256(b"fp" + seed).hexdigest()[:8]
@@ -163,8 +176,8 @@ def create_trust_key(keys: str | os.PathLike[str]) -> TrustKey:
     if path.exists():
         raise KeyFileError(f"{path} exists already: refusing to overwrite a trust secret")
     seed = secrets.token_bytes(SEED_BYTES)
-    write_atomic(path, MAGIC + seed, mode=0o600)
-    return TrustKey(seed=seed)
+    write_atomic(path, MAGIC + seed + bytes([CANARIES_PER_PACK]), mode=0o600)
+    return TrustKey(seed=seed, canaries=CANARIES_PER_PACK)
 
 
 def load_trust_key(keys: str | os.PathLike[str]) -> TrustKey | None:
@@ -181,12 +194,18 @@ def load_trust_key(keys: str | os.PathLike[str]) -> TrustKey | None:
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{path} is readable by group or others: chmod 600 it")
     data = path.read_bytes()
-    if len(data) != len(MAGIC) + SEED_BYTES or not data.startswith(MAGIC):
+    if len(data) == len(MAGIC_V1) + SEED_BYTES and data.startswith(MAGIC_V1):
+        return TrustKey(seed=data[len(MAGIC_V1) :], canaries=1)
+    if len(data) != len(MAGIC) + SEED_BYTES + 1 or not data.startswith(MAGIC):
         raise KeyFileError(f"{path} is not a cipherface trust secret")
-    return TrustKey(seed=data[len(MAGIC) :])
+    try:
+        return TrustKey(seed=data[len(MAGIC) : -1], canaries=data[-1])
+    except InvalidArgumentError:
+        raise KeyFileError(f"{path} is not a cipherface trust secret") from None
 
 
 __all__ = [
+    "CANARIES_PER_PACK",
     "LABEL_CHARS",
     "MAX_NAME_BYTES",
     "TRUST_NAME",

@@ -33,6 +33,7 @@ from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.guard import Guard, chi2_limit
 from cipherface.crypto.judge import identify_decision
 from cipherface.crypto.trust import (
+    CANARIES_PER_PACK,
     LABEL_CHARS,
     Canary,
     TrustKey,
@@ -92,8 +93,8 @@ def _site(tmp: Path, n_names: int, *, seed: int = 7, max_forged: int = 10**9) ->
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    # A full block: 3,968 users and 128 canaries (one per pack of 32).
-    s = _site(tmp_path_factory.mktemp("site"), 4096 - 128)
+    # A full block: 3,584 users and 512 canaries (four per pack of 32).
+    s = _site(tmp_path_factory.mktemp("site"), 4096 - 4 * 128)
     yield s
     s.gallery.close()
 
@@ -269,10 +270,11 @@ def test_same_face_at_two_sites_cannot_be_linked(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- honest path
-def test_every_pack_holds_one_canary_and_honest_results_pass(site: Site) -> None:
+def test_every_pack_holds_four_canaries_and_honest_results_pass(site: Site) -> None:
     opened = site.guard.open_slots(site.gallery.ids())
     packs = np.array([isinstance(x, Canary) for x in opened]).reshape(-1, site.cipher.per_pack)
-    assert (packs.sum(axis=1) == 1).all()
+    assert CANARIES_PER_PACK == 4
+    assert (packs.sum(axis=1) == CANARIES_PER_PACK).all()
     assert sorted(x for x in opened if isinstance(x, str)) == sorted(site.names)
     rng = np.random.default_rng(5)
     devs = []
