@@ -31,7 +31,7 @@ from cipherface.crypto import seal, thresholds
 from cipherface.crypto.ckks import CkksEdgeCipher, CkksKeys
 from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.guard import Guard, chi2_limit
-from cipherface.crypto.judge import identify_decision
+from cipherface.crypto.judge import identify_decision, verify_decision
 from cipherface.crypto.trust import (
     CANARIES_PER_PACK,
     LABEL_CHARS,
@@ -450,7 +450,7 @@ def test_chi2_limit_is_far_in_the_tail() -> None:
     not os.environ.get("CIPHERFACE_HONEST_RUNS"), reason="set CIPHERFACE_HONEST_RUNS=100000"
 )
 def test_no_false_rejection_over_100k_honest_results(site: Site) -> None:
-    """100,000 honest identify results (128 canaries each, fresh jitter each) pass.
+    """100,000 honest identify results (512 canaries each, fresh jitter each) pass.
 
     Run: ``CIPHERFACE_HONEST_RUNS=100000 python -m pytest -q -p no:cacheprovider
     tests/test_guard.py -k 100k`` (hours on two cores).
@@ -470,3 +470,50 @@ def test_no_false_rejection_over_100k_honest_results(site: Site) -> None:
         if i % 1000 == 0:
             print(f"{i} results, {rejected} rejected, {time.time() - t0:.0f} s", flush=True)
     assert rejected == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("CIPHERFACE_HONEST_RUNS"), reason="set CIPHERFACE_HONEST_RUNS=100000"
+)
+def test_no_false_rejection_over_100k_honest_verify_results(site: Site) -> None:
+    """100,000 honest verify results pass: each a fresh jittered probe of a random
+    person (genuine or impostor), the cloud's pack result, the edge's pack check (the
+    four canaries and the asked place) and decision, as ``EdgeClient.verify`` runs it.
+
+    Run: ``CIPHERFACE_HONEST_RUNS=100000 python -m pytest -q -p no:cacheprovider
+    tests/test_guard.py -k 100k_honest_verify`` (about 10 min on one core).
+    """
+    runs = int(os.environ.get("CIPHERFACE_HONEST_RUNS", "100000"))
+    rng = np.random.default_rng(4321)
+    labels = site.gallery.ids()
+    opened = site.guard.open_slots(labels)
+    people = [i for i, x in enumerate(opened) if isinstance(x, str)]
+    P = site.cipher.per_pack
+    rejected = matches = 0
+    t0 = time.time()
+    for i in range(runs):
+        slot = people[int(rng.integers(len(people)))]
+        genuine = i % 2 == 0
+        face = site.templates[slot] if genuine else _unit(rng, 1)[0]
+        vec = site.guard.jitter(face)
+        label = labels[slot]
+        assert label is not None
+        res = site.gallery.verify(label, site.cipher.encrypt_probe(vec, op="verify"))
+        first = slot - slot % P
+        try:
+            matches += verify_decision(
+                site.cipher,
+                site.guard,
+                scores_blob=res,
+                probe=vec,
+                pack=labels[first : first + P],
+                target=slot - first,
+            )
+        except ResultForgedError:
+            rejected += 1
+        if i % 5000 == 0:
+            print(f"{i} results, {rejected} rejected, {time.time() - t0:.0f} s", flush=True)
+    print(f"{runs} honest verify results, {rejected} rejected, {matches} matches")
+    assert rejected == 0
+    assert matches == (runs + 1) // 2  # every genuine probe matches, no impostor does
