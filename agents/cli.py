@@ -46,6 +46,7 @@ from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
+from cipherface.agents.quota import IDENTIFY_PER_HOUR, VERIFY_PER_IDENTITY_PER_HOUR
 from cipherface.errors import InvalidArgumentError
 from cipherface.observe.logs import LOG_FORMATS, setup_logging
 from cipherface.store.cli import register_cli as register_gallery_cli
@@ -190,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="gallery store: sqlite:[DIR] (default: SQLite under --data) or "
         "postgresql://USER@HOST/DB shared by several workers (env CIPHERFACE_STORE)",
+    )
+    p.add_argument(
+        "--quota-identify",
+        type=int,
+        default=_env("CIPHERFACE_QUOTA_IDENTIFY") or str(IDENTIFY_PER_HOUR),
+        metavar="N",
+        help="identify requests each gateway may make an hour (0: no limit; "
+        f"default {IDENTIFY_PER_HOUR}, env CIPHERFACE_QUOTA_IDENTIFY)",
+    )
+    p.add_argument(
+        "--quota-verify",
+        type=int,
+        default=_env("CIPHERFACE_QUOTA_VERIFY") or str(VERIFY_PER_IDENTITY_PER_HOUR),
+        metavar="N",
+        help="verifies of one identity each gateway may make an hour (0: no limit; "
+        f"default {VERIFY_PER_IDENTITY_PER_HOUR}, env CIPHERFACE_QUOTA_VERIFY)",
     )
     p.add_argument(
         "--agent-id",
@@ -520,6 +537,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
     """Run the cloud agent until SIGINT/SIGTERM: it stores each site's encrypted
     gallery under --data and answers the edges' requests."""
     from cipherface.agents.cloud import DEFAULT_AGENT_ID, CloudAgent
+    from cipherface.agents.quota import QuotaPolicy
 
     _require(args, "data")
     if os.path.exists(args.data) and not os.path.isdir(args.data):
@@ -533,6 +551,10 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         sites=sites,
         share_group=None if args.no_share else args.share_group,
         store=args.store,
+        quotas=QuotaPolicy(
+            identify_per_hour=args.quota_identify,
+            verify_per_identity_per_hour=args.quota_verify,
+        ),
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,
         serial=args.serial,

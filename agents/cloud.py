@@ -64,6 +64,7 @@ from cipherface.agents.mqtt import (
     publish_properties,
     wait_published,
 )
+from cipherface.agents.quota import QuotaPolicy, Quotas
 from cipherface.crypto import sites
 from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
@@ -76,6 +77,7 @@ from cipherface.errors import (
     KeyMismatchError,
     LocalError,
     PayloadTooLargeError,
+    RateLimitedError,
     RemoteError,
     StorageCorruptError,
     ValidationError,
@@ -335,6 +337,9 @@ class CloudAgent:
             to this agent before it acknowledges any.
         store: gallery store: ``sqlite:`` (one SQLite file per gallery under
             ``data_dir``), ``sqlite:ROOT``, or a ``postgresql://`` URL shared by workers.
+        quotas: what each gateway may ask an hour (:mod:`cipherface.agents.quota`;
+            default :class:`QuotaPolicy`; ``QuotaPolicy(identify_per_hour=0,
+            verify_per_identity_per_hour=0)`` turns them off, e.g. for load tests).
 
     Raises:
         InvalidArgumentError: a bad agent id, site or share group.
@@ -359,6 +364,7 @@ class CloudAgent:
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
         share_check_s: float = 3.0,
         store: str = "sqlite:",
+        quotas: QuotaPolicy | None = None,
     ) -> None:
         if max_batch < 1 or not 1 <= receive_maximum <= 65535:
             raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
@@ -385,6 +391,7 @@ class CloudAgent:
         self.max_reply_bytes = max_reply_bytes
         self.publish_timeout = publish_timeout
         self.cache = reply_cache if reply_cache is not None else ReplyCache()
+        self.quotas = Quotas(policy=quotas)
         self._cache = LockedCache(self.cache)
         self.keys = _SiteKeys(self.data_dir, store=store)
         self.status_topic = cloud_status_topic(self.agent_id)
@@ -841,6 +848,12 @@ class CloudAgent:
             return [
                 Outgoing(topic=result_topic(req.site, req.gw), payload=stored, correlation=echo)
             ]
+        try:
+            self.quotas.charge(req)  # after dedup: a retried copy costs nothing
+        except RateLimitedError as exc:
+            log.warning("%s", exc)
+            self._cache.release(key)
+            return [self._error_retry(exc, req.site, req.gw, req.id, req.kid, echo)[0]]
         return _Job(req=req, key=key, echo=echo)
 
     def _run(self, job: _Job, computed: bytes | Exception | None) -> list[Outgoing]:

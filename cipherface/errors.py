@@ -218,6 +218,12 @@ class ResultForgedError(ResultRejectedError):
     code = "result_forged"
 
 
+class RateLimitedError(RemoteError):
+    """The gateway asked more than its quota allows (cloud side; see agents/quota.py)."""
+
+    code = "rate_limited"
+
+
 class PeerReportedError(RemoteError):
     """The peer answered our request with an error message."""
 
