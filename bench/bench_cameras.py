@@ -98,6 +98,10 @@ def run(args: argparse.Namespace, work: Path, photos: dict[str, Path]) -> int:
             str(work / "cloud"),
             "--agent-id",
             "bench-cloud",
+            "--quota-identify",  # a latency bench, not a gateway's traffic
+            "0",
+            "--quota-verify",
+            "0",
         ],
         stderr=subprocess.PIPE,
         text=True,

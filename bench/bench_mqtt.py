@@ -146,8 +146,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
     cloud_agent: Any = None
     if args.in_process:
         from cipherface.agents.cloud import CloudAgent
+        from cipherface.agents.quota import QuotaPolicy
 
-        cloud_agent = CloudAgent(broker=config, data_dir=data, agent_id="bench-cloud")
+        cloud_agent = CloudAgent(
+            broker=config,
+            data_dir=data,
+            agent_id="bench-cloud",
+            quotas=QuotaPolicy(identify_per_hour=0, verify_per_identity_per_hour=0),
+        )
         cloud_agent.start()
     else:
         cloud_proc = subprocess.Popen(
@@ -162,6 +168,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 str(data),
                 "--agent-id",
                 "bench-cloud",
+                "--quota-identify",  # a latency bench, not a gateway's traffic
+                "0",
+                "--quota-verify",
+                "0",
                 "--mqtt-version",
                 args.mqtt_version,
             ],
