@@ -31,9 +31,11 @@ Example:
     >>> b = emb.represent(photos["obama2"])
     >>> float(a @ b) > 0.93                   # cosine distance below Dlib's 0.07
     True
+    >>> face = emb.represent_face(photos["obama"])  # the same vector, and where the face is
+    >>> x, y, w, h = face.box                 # pixels of the photo as given (not downscaled)
 """
 
-from cipherface.faces.embedder import Embedder
+from cipherface.faces.embedder import Box, Embedder, Face
 from cipherface.faces.images import DEFAULT_MAX_SIDE, ImageInput, read_image
 from cipherface.faces.paths import cache_home, deepface_home, find_photos, photo_dir, weights_dir
 from cipherface.faces.weights import (
@@ -49,7 +51,9 @@ __all__ = [
     "DETECTORS",
     "DLIB_WEIGHT_FILES",
     "MODELS",
+    "Box",
     "Embedder",
+    "Face",
     "ImageInput",
     "cache_home",
     "deepface_engine",

@@ -9,7 +9,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from cipherface.errors import (
 from cipherface.faces.images import (
     DEFAULT_MAX_SIDE,
     ImageInput,
+    _box_in_original,
     _downscale,
     _image_name,
     read_image,
@@ -50,6 +51,33 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 log = logging.getLogger(__name__)
+
+#: A face's box: ``(x, y, width, height)`` in pixels of the photo as given.
+Box: TypeAlias = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Face:
+    """One face found in a photo: its embedding, where it is, and how sure the detector was.
+
+    Args:
+      vector (numpy.ndarray): the ``(dim,)`` float64 unit embedding.
+      box (tuple[int, int, int, int] | None): ``(x, y, width, height)`` of the detected
+        face in pixels of the photo as given (before the embedder's downscaling); the
+        whole photo for detector "skip". Always set by :class:`Embedder`; None only from
+        callers wrapping an embedder that reports no box.
+      confidence (float | None): the detector's confidence in [0, 1]; None for "skip".
+    """
+
+    vector: NDArray[np.float64]
+    box: Box | None
+    confidence: float | None = None
+
+    @property
+    def area(self) -> int | None:
+        """int | None: ``width * height`` of the box in pixels (None without a box)."""
+        return None if self.box is None else self.box[2] * self.box[3]
+
 
 # ---------------------------------------------------------------------- deepface
 _LOAD_LOCK = threading.Lock()
@@ -357,6 +385,37 @@ class Embedder:
           MissingWeightsError: if a weight file is missing (first call only).
           InvalidArgumentError: if the input has an unsupported type, shape or dtype.
         """
+        return self.represent_face(img, color=color, name=name).vector
+
+    def represent_face(
+        self,
+        img: ImageInput,
+        *,
+        color: Literal["bgr", "rgb"] = "bgr",
+        name: str | None = None,
+    ) -> Face:
+        """Return the one face in a photo: its embedding and its box.
+
+        The embedding is the one :meth:`represent` returns. The box is where the detector
+        found the face, in pixels of ``img`` as given: a photo downscaled for detection
+        (``max_side``) has its box scaled back. With detector "skip" it is the whole photo.
+
+        Args:
+          img (str | PathLike | bytes | numpy.ndarray): as for :meth:`represent`.
+          color (str): channel order of an array input: "bgr" (default) or "rgb".
+          name (str | None): how to call the image in error messages.
+
+        Returns:
+          Face: ``vector`` (``(dim,)`` float64, unit norm), ``box`` ``(x, y, width,
+          height)`` and the detector's ``confidence``.
+
+        Raises:
+          ImageReadError: if the image cannot be read or decoded.
+          NoFaceError: if no face is found.
+          MultipleFacesError: if more than one face is found.
+          MissingWeightsError: if a weight file is missing (first call only).
+          InvalidArgumentError: if the input has an unsupported type, shape or dtype.
+        """
         label = _image_name(img, name)
         faces = self._embed(img, color=color, label=label)
         if len(faces) > 1:
@@ -389,15 +448,14 @@ class Embedder:
           MissingWeightsError: if a weight file is missing (first call only).
           InvalidArgumentError: if the input has an unsupported type, shape or dtype.
         """
-        return self._embed(img, color=color, label=_image_name(img, name))
+        return [face.vector for face in self._embed(img, color=color, label=_image_name(img, name))]
 
-    def _embed(
-        self, img: ImageInput, *, color: Literal["bgr", "rgb"], label: str
-    ) -> list[NDArray[np.float64]]:
+    def _embed(self, img: ImageInput, *, color: Literal["bgr", "rgb"], label: str) -> list[Face]:
         import cv2
 
         # Decode before loading anything: a bad file is reported without a model load.
-        bgr = _downscale(read_image(img, color=color, name=label), self._max_side, cv2)
+        original = read_image(img, color=color, name=label)
+        bgr = _downscale(original, self._max_side, cv2)
         with self._lock:
             loaded = self._ensure_loaded()
             try:
@@ -412,7 +470,7 @@ class Embedder:
                         align=self._align,
                     )
                     raw = [
-                        r["embedding"]
+                        (r["embedding"], _region(r.get("facial_area")), r.get("face_confidence"))
                         for r in results
                         if self._detector == "skip"
                         or float(r.get("face_confidence") or 0.0) >= self._min_confidence
@@ -421,9 +479,22 @@ class Embedder:
                 raise self._map_error(exc, label) from exc
         if not raw:
             raise NoFaceError(f"no face detected in {label}")
-        return [self._normalise(vec, label) for vec in raw]
+        height, width = original.shape[:2]
+        return [
+            Face(
+                vector=self._normalise(vec, label),
+                # "skip": the whole photo (deepface's own region for it swaps w and h).
+                box=(0, 0, width, height)
+                if self._detector == "skip" or region is None
+                else _box_in_original(region, bgr.shape, original.shape),
+                confidence=None if self._detector == "skip" else _confidence(confidence),
+            )
+            for vec, region, confidence in raw
+        ]
 
-    def _embed_fast(self, loaded: _Loaded, bgr: NDArray[np.uint8]) -> list[Any]:
+    def _embed_fast(
+        self, loaded: _Loaded, bgr: NDArray[np.uint8]
+    ) -> list[tuple[Any, tuple[float, float, float, float] | None, float | None]]:
         """DeepFace.represent's steps, minus its whole-image padding.
 
         deepface pads the photo by half its size on every side before detection so that
@@ -433,8 +504,11 @@ class Embedder:
         crops, resized and scaled the same way, to the same model.
         """
         assert loaded.detection is not None and loaded.preprocessing is not None
+        # (region, confidence) of each crop: region (x, y, w, h) on ``bgr``, None for "skip"
+        found: list[tuple[tuple[float, float, float, float] | None, float | None]] = []
         if loaded.detector is None:  # "skip": the whole photo is the face
             crops = [bgr]
+            found.append((None, None))
         else:
             crops = []
             for area in loaded.detector.detect_faces(bgr):
@@ -451,6 +525,7 @@ class Embedder:
                 ).img
                 if face.shape[0] > 0 and face.shape[1] > 0:
                     crops.append(face)
+                    found.append(((area.x, area.y, area.w, area.h), area.confidence))
         if not crops:
             return []
         height, width = loaded.model.input_shape
@@ -460,8 +535,8 @@ class Embedder:
             scaled = face / 255.0 if face.max() > 1 else face
             batch.append(loaded.preprocessing.resize_image(img=scaled, target_size=(width, height)))
         out = loaded.model.forward(np.concatenate(batch, axis=0))
-        vectors = np.asarray(out, dtype=np.float64)
-        return list(vectors.reshape(len(crops), -1))
+        vectors = np.asarray(out, dtype=np.float64).reshape(len(crops), -1)
+        return [(vec, region, conf) for vec, (region, conf) in zip(vectors, found, strict=True)]
 
     def _map_error(self, exc: ValueError, label: str) -> FaceError | LocalError:
         kind = type(exc).__name__
@@ -486,3 +561,23 @@ class Embedder:
             raise FaceError(f"{self._model_name} gave a zero or non-finite embedding for {label}")
         out: NDArray[np.float64] = vec / norm
         return out
+
+
+def _region(area: object) -> tuple[float, float, float, float] | None:
+    """``(x, y, w, h)`` of deepface's ``facial_area`` dict, or None if it has none."""
+    if not isinstance(area, dict):
+        return None
+    try:
+        return (float(area["x"]), float(area["y"]), float(area["w"]), float(area["h"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _confidence(value: Any) -> float | None:
+    """deepface's detector confidence as a float in [0, 1] (None if it gave none)."""
+    if value is None:
+        return None
+    try:
+        return min(1.0, max(0.0, float(value)))
+    except (TypeError, ValueError):
+        return None

@@ -130,3 +130,23 @@ def _downscale(img: NDArray[np.uint8], max_side: int | None, cv2: Any) -> NDArra
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # INTER_AREA: the right filter for shrinking (no aliasing on HOG gradients).
     return np.asarray(cv2.resize(img, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+
+
+def _box_in_original(
+    box: tuple[float, float, float, float],
+    detected_on: tuple[int, ...],
+    original: tuple[int, ...],
+) -> tuple[int, int, int, int]:
+    """Map an ``(x, y, w, h)`` box found on a downscaled copy back to the original's pixels.
+
+    ``detected_on`` and ``original`` are the two images' shapes. Each axis has its own
+    factor (:func:`_downscale` rounds each side), and the box is clipped to the image.
+    """
+    fx = original[1] / detected_on[1]
+    fy = original[0] / detected_on[0]
+    x, y, w, h = box
+    left = min(original[1], max(0, round(x * fx)))
+    top = min(original[0], max(0, round(y * fy)))
+    right = min(original[1], max(left, round((x + w) * fx)))
+    bottom = min(original[0], max(top, round((y + h) * fy)))
+    return (left, top, right - left, bottom - top)

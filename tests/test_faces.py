@@ -391,6 +391,59 @@ def test_two_faces_all_and_multiple_error(
     assert all(np.linalg.norm(v) == pytest.approx(1.0) for v in found)
 
 
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(0, w) * max(0, h)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@pytest.mark.faces
+@needs_face_stack
+def test_face_box_is_the_face_in_the_photos_own_pixels(
+    weights_home: Path,
+    embedder: faces.Embedder,
+    photos: dict[str, Path],
+    vectors: dict[str, np.ndarray],
+) -> None:
+    import cv2
+
+    for name in ("obama", "obama2", "biden"):
+        face = embedder.represent_face(photos[name])
+        np.testing.assert_array_equal(face.vector, vectors[name])  # represent's vector
+        height, width = cv2.imread(str(photos[name])).shape[:2]
+        x, y, w, h = face.box
+        assert x >= 0 and y >= 0 and x + w <= width and y + h <= height, (name, face.box)
+        # A head-and-shoulders portrait: a squarish face, a fifth to a half of the width.
+        assert 0.8 < w / h < 1.25 and width / 5 < w < width / 2, (name, face.box, width)
+        assert face.area == w * h and face.confidence is not None and face.confidence > 0.3
+        assert face.box[1] < height / 2, name  # in the upper half, where the head is
+
+    obama = cv2.imread(str(photos["obama"]))
+    # 1137 px tall: detected on a 640 px copy. Its 2x copy is detected on (almost) the
+    # same 640 px pixels, so its box scaled back must be exactly twice as large.
+    one = embedder.represent_face(obama).box
+    two = embedder.represent_face(cv2.resize(obama, None, fx=2, fy=2)).box
+    assert one is not None and two is not None
+    np.testing.assert_allclose(two, np.multiply(one, 2), atol=3)
+    # 600 px tall: detected as is; its 2x copy (1200 px) is downscaled to 640 first, so
+    # dlib looks at other pixels: its box, scaled back, is still twice the first.
+    small = cv2.resize(obama, (480, 600), interpolation=cv2.INTER_AREA)
+    near = embedder.represent_face(small)
+    far = embedder.represent_face(cv2.resize(small, (960, 1200), interpolation=cv2.INTER_CUBIC))
+    assert near.box is not None and far.box is not None
+    # dlib's box sizes step by its pyramid's 6/5 scale: the centre is what must double.
+    cx, cy = near.box[0] + near.box[2] / 2, near.box[1] + near.box[3] / 2
+    fx, fy = far.box[0] + far.box[2] / 2, far.box[1] + far.box[3] / 2
+    assert math.hypot(fx - 2 * cx, fy - 2 * cy) < 0.05 * far.box[2], (near.box, far.box)
+    assert 2 / 1.25 < far.box[2] / near.box[2] < 2 * 1.25, (near.box, far.box)
+    assert cosine(near.vector, far.vector) < DLIB_COS
+    # "skip": the whole photo is the face.
+    whole = faces.Embedder(detector="skip", deepface_home=weights_home).represent_face(small)
+    assert whole.box == (0, 0, 480, 600) and whole.confidence is None
+
+
 @pytest.mark.faces
 @needs_face_stack
 def test_fast_path_agrees_with_deepface_represent(
@@ -403,11 +456,16 @@ def test_fast_path_agrees_with_deepface_represent(
     # With deepface's internals hidden, the Embedder falls back to DeepFace.represent.
     monkeypatch.setattr(faces.embedder, "_pipeline_modules", lambda: (None, None))
     public = faces.Embedder(deepface_home=weights_home)
-    for name in ("obama", "biden"):
-        ours, theirs = vectors[name], public.represent(photos[name])
+    theirs = {name: public.represent_face(photos[name]) for name in ("obama", "biden")}
+    for name, face in theirs.items():
         # Not identical: dlib's HOG boxes shift by a few pixels on deepface's padded image.
-        assert cosine(ours, theirs) < 0.03, name
-    assert cosine(public.represent(photos["obama"]), public.represent(photos["biden"])) > DLIB_COS
+        assert cosine(vectors[name], face.vector) < 0.03, name
+        # deepface's facial_area gives the box, in the photo's own pixels like ours.
+        ours_box = embedder.represent_face(photos[name]).box
+        assert face.box is not None and ours_box is not None
+        assert iou(face.box, ours_box) > 0.8, (name, face.box, ours_box)
+    np.testing.assert_array_equal(public.represent(photos["obama"]), theirs["obama"].vector)
+    assert cosine(theirs["obama"].vector, theirs["biden"].vector) > DLIB_COS
 
 
 @pytest.mark.faces
