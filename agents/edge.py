@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -89,6 +89,9 @@ from cipherface.protocol import (
     validate_id,
     validate_identity,
 )
+
+if TYPE_CHECKING:
+    from cipherface.faces import Face
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +513,25 @@ class EdgeClient:
         """
         vec = self.embedder.represent(photo, name=label)
         return _as_matrix(vec, self.cipher.dim, "embedding")[0]
+
+    def embed_face(self, photo: Any, *, label: str | None = None) -> Face:
+        """The one face in ``photo``: the :meth:`embed` vector and the face's box.
+
+        The box is ``(x, y, width, height)`` in pixels of ``photo`` as given; it is None
+        only for a custom embedder without ``represent_face`` (vector only).
+
+        Raises:
+            FaceError: no face, several faces, unreadable image.
+            MissingWeightsError: the face model's weights are not installed.
+        """
+        from cipherface.faces import Face
+
+        represent_face = getattr(self.embedder, "represent_face", None)
+        if represent_face is None:
+            return Face(vector=self.embed(photo, label=label), box=None)
+        face = represent_face(photo, name=label)
+        vec = _as_matrix(face.vector, self.cipher.dim, "embedding")[0]
+        return Face(vector=vec, box=face.box, confidence=face.confidence)
 
     def _probe_vector(
         self, photo: Any, vector: npt.ArrayLike | None, label: str | None

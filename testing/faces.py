@@ -21,12 +21,15 @@ import secrets
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from cipherface.errors import NoFaceError
+
+if TYPE_CHECKING:
+    from cipherface.faces import Face
 
 #: PNG ``tEXt`` keyword that marks a synthetic capture.
 SYNTHETIC_KEY: Final = b"cipherface-synthetic-face"
@@ -144,6 +147,22 @@ class FaceEmbedder:
         rng = np.random.default_rng(secrets.randbits(64))
         w = v + self.noise * rng.normal(size=self.dim) / np.sqrt(self.dim)
         return np.asarray(w / np.linalg.norm(w), dtype=np.float64)
+
+    def represent_face(self, photo: Any, *, name: str | None = None) -> Face:
+        """A :class:`cipherface.faces.Face`: a real photo's face has its detected box; a
+        synthetic capture's has none (its pixels show no face, so there is nothing to
+        size: a camera's ``min_face_area`` does not apply to it).
+
+        Raises:
+            as :meth:`represent`.
+        """
+        from cipherface.faces import Face
+
+        data = _read(photo)
+        if data is None or synthetic_name(data) is None:
+            face: Face = self.real.represent_face(photo, name=name)
+            return face
+        return Face(vector=self.represent(photo, name=name), box=None)
 
     @property
     def real(self) -> Any:
