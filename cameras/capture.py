@@ -34,7 +34,8 @@ class Frame:
         image: encoded bytes, a path, or a BGR array.
         label: how to name it in messages (never a server path in a published event).
         face_area: the face's area in pixels when the source knows it (Frigate's face
-            attribute), else None.
+            attribute), else None. Checked against ``min_face_area`` before the frame is
+            embedded; the box the detector finds is checked after, for every source.
     """
 
     image: Image

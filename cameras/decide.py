@@ -31,7 +31,7 @@ from typing import Final
 from cipherface.crypto import thresholds
 from cipherface.errors import InvalidArgumentError
 
-from .events import EventType
+from .events import Box, EventType
 
 #: Attempts per capture that any camera may ask for (each is a fetch + embed + identify).
 MAX_ATTEMPTS: Final = 10
@@ -46,8 +46,11 @@ class Policy:
             the face model's deepface threshold, e.g. 0.07 cosine for Dlib).
         unknown_distance: a frame votes "unknown" above this distance (default: the
             same as ``match_distance``, so every frame votes).
-        min_face_area: faces smaller than this many pixels (width x height, where the
-            source reports the face box, e.g. Frigate's face attribute) are skipped.
+        min_face_area: faces smaller than this many pixels (width x height of the box
+            the detector found, in pixels of the frame as received) are refused with
+            ``face_too_small`` before they are identified, whatever the source; a box
+            the source reports (Frigate's face attribute) is checked first, before the
+            frame is even embedded.
         consensus: votes one person needs before a match (1 = the first match wins).
         attempts: frames to examine per capture at most (1..10).
         attempt_interval_s: pause between two fetches of the same capture.
@@ -108,6 +111,7 @@ class Verdict:
     event_type: EventType
     identity: str | None = None
     confidence: float | None = None
+    box: Box | None = None
     error: str | None = None
     message: str | None = None
 
@@ -130,17 +134,26 @@ class Tally:
     faces: int = 0
     unknown: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: The face box of the last frame that voted for each identity, and of the last face.
+    boxes: dict[str, Box] = field(default_factory=dict)
+    last_box: Box | None = None
 
-    def add_face(self, identity: str | None, similarity: float | None) -> None:
+    def add_face(
+        self, identity: str | None, similarity: float | None, box: Box | None = None
+    ) -> None:
         """Count one frame with a face: the gallery's best identity and its similarity
-        (None for both when the gallery is empty)."""
+        (None for both when the gallery is empty), and where the face was (if known)."""
         self.faces += 1
+        if box is not None:
+            self.last_box = box
         if identity is None or similarity is None:
             self.unknown += 1
             return
         distance = thresholds.distance_from_similarity(similarity, self.metric)
         if distance <= self.match_distance:
             self.votes[identity] += 1
+            if box is not None:
+                self.boxes[identity] = box
         elif distance > self.unknown_distance:
             self.unknown += 1
 
@@ -166,10 +179,13 @@ class Tally:
         if won is not None:
             identity, count = won
             return Verdict(
-                event_type="match", identity=identity, confidence=round(count / self.faces, 2)
+                event_type="match",
+                identity=identity,
+                confidence=round(count / self.faces, 2),
+                box=self.boxes.get(identity),
             )
         if self.faces:
-            return Verdict(event_type="unknown")
+            return Verdict(event_type="unknown", box=self.last_box)
         code, message = self.failures[-1] if self.failures else ("no_frame", "no frame")
         return Verdict(event_type="error", error=code, message=message)
 

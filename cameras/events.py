@@ -12,6 +12,7 @@ envelopes of the edge/cloud protocol; they get these instead (docs/integrations.
 Events are QoS 1 and never retained: a retained "alice is at the door" would be replayed
 to every new subscriber (and a lock automation) long after it was true. Nothing here
 carries a score: see :mod:`cipherface.cameras.decide` for what ``confidence`` is.
+``face_box`` says where the decided face was in the frame the gateway examined.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 from cipherface.errors import InvalidArgumentError
 from cipherface.protocol import validate_id
 from cipherface.protocol.topics import PREFIX
 
 EventType = Literal["match", "unknown", "stale", "error"]
+#: A face's box: ``(x, y, width, height)`` in pixels of the frame as the gateway got it.
+Box: TypeAlias = tuple[int, int, int, int]
 EVENT_TYPES: Final[tuple[EventType, ...]] = ("match", "unknown", "stale", "error")
 #: Camera names: Frigate's own rule (letters, digits, ``_``, ``-``), one topic level.
 CAMERA_PATTERN: Final = r"^[A-Za-z0-9_-]{1,63}$"
@@ -96,7 +99,7 @@ def events_filter(site: str | None = None) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class IntegratorEvent:
-    """One outcome, as integrators see it (every field is a JSON scalar).
+    """One outcome, as integrators see it (every field a JSON scalar but ``face_box``).
 
     Args:
         event_type: ``match``, ``unknown`` (a face, nobody enrolled), ``stale`` (the
@@ -116,6 +119,10 @@ class IntegratorEvent:
         expires_at: after this instant the outcome must not be acted upon.
         latency_ms: from the capture's arrival at the gateway to the outcome.
         frames: frames examined.
+        face_box: ``(x, y, width, height)`` of the decided face (for a match, the last
+            frame that voted for the person; for unknown, the last frame with a face) in
+            pixels of that frame as the gateway received it; None for stale and error
+            outcomes. A ``[x, y, width, height]`` array in the JSON.
         error: a stable error code (``stale``, ``no_face``, ``timeout``...), or None.
         message: a short human-readable reason for an error (no paths), or None.
     """
@@ -135,12 +142,16 @@ class IntegratorEvent:
     expires_at: str
     latency_ms: float
     frames: int
+    face_box: Box | None = None
     error: str | None = None
     message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (keys in a fixed order)."""
-        return asdict(self)
+        out = asdict(self)
+        if self.face_box is not None:
+            out["face_box"] = list(self.face_box)
+        return out
 
     def to_json(self) -> bytes:
         """The UTF-8 JSON payload published on the topics."""
@@ -157,6 +168,15 @@ class IntegratorEvent:
             obj = json.loads(data)
             if obj.get("event_type") not in EVENT_TYPES:
                 raise ValueError("no event_type")
+            box = obj.get("face_box")
+            if box is not None:
+                if not (
+                    isinstance(box, list)
+                    and len(box) == 4
+                    and all(type(v) is int and v >= 0 for v in box)
+                ):
+                    raise ValueError("face_box is not [x, y, width, height]")
+                obj["face_box"] = tuple(box)
             return cls(**obj)
         except (ValueError, TypeError, AttributeError) as exc:
             raise InvalidArgumentError(f"not an integrator event: {exc}") from exc
@@ -181,6 +201,7 @@ __all__ = [
     "EVENT_TYPES",
     "OFFLINE",
     "ONLINE",
+    "Box",
     "EventType",
     "IntegratorEvent",
     "availability_topic",

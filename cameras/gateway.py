@@ -4,7 +4,10 @@ Sources hand captures to a bounded queue (never blocking the MQTT network thread
 worker pulls the frames of each capture one at a time, embeds each, asks the cloud
 through the :class:`~cipherface.agents.edge.EdgeClient` (encrypted), and feeds the
 decrypted best score -- which stays in this process -- to the camera's
-:class:`~.decide.Tally`. It stops at the first settled match. A capture older than the
+:class:`~.decide.Tally`. It stops at the first settled match. A face smaller than the
+camera's ``min_face_area`` is refused (``face_too_small``): on the box the source reports
+before embedding (Frigate's face attribute), and on the box the detector found before
+identifying, whatever the source. A capture older than the
 camera's ``max_age_s`` before or after the work is published as ``stale`` and never as a
 decision. Every outcome goes to every output; match and unknown outcomes also leave as
 the protocol's msgpack ``decision`` on ``cipherface/v1/<site>/events/<gateway>``.
@@ -167,8 +170,7 @@ class Gateway:
                     tally.add_failure(
                         "face_too_small", f"face of {item.face_area} px < {policy.min_face_area}"
                     )
-                else:
-                    self._one_frame(item, tally)
+                elif self._one_frame(item, tally, policy):
                     last_face = item
                 if tally.settled or frames >= policy.attempts or self._stale(capture, policy):
                     break
@@ -210,14 +212,21 @@ class Gateway:
             self.unknown_faces.keep(last_face.image, camera=capture.camera)
         return self._publish(capture, event, capture.done)
 
-    def _one_frame(self, frame: Frame, tally: Tally) -> None:
+    def _one_frame(self, frame: Frame, tally: Tally, policy: Policy) -> bool:
+        """Embed, size-check and identify one frame; True when its face was counted."""
         try:
-            vec = self.edge.embed(frame.image, label=frame.label)
+            face = self.edge.embed_face(frame.image, label=frame.label)
         except FaceError as exc:
             tally.add_failure(exc.code, _face_message(exc))
-            return
-        identity, similarity = self.edge.best_match(vec)
-        tally.add_face(identity, similarity)
+            return False
+        area = face.area
+        if area is not None and policy.min_face_area and area < policy.min_face_area:
+            # Refused before identify: no encrypted request, no decision spent.
+            tally.add_failure("face_too_small", f"face of {area} px < {policy.min_face_area}")
+            return False
+        identity, similarity = self.edge.best_match(face.vector)
+        tally.add_face(identity, similarity, face.box)
+        return True
 
     # ---------------------------------------------------------------- outcomes
     @staticmethod
@@ -247,6 +256,7 @@ class Gateway:
             expires_at=iso(now + ttl if verdict.event_type == "match" else now),
             latency_ms=round(max(0.0, now - capture.received_at) * 1000.0, 1),
             frames=frames,
+            face_box=verdict.box,
             error=verdict.error,
             message=verdict.message,
         )

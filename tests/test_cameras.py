@@ -112,9 +112,12 @@ def test_integrator_event_round_trips_as_flat_json() -> None:
         expires_at="2026-11-29T14:00:10.250Z",
         latency_ms=250.0,
         frames=3,
+        face_box=(120, 64, 180, 182),
     )
     obj = json.loads(ev.to_json())
-    assert all(not isinstance(v, dict | list) for v in obj.values())  # flat
+    # flat but for the face box, an [x, y, width, height] array
+    assert all(not isinstance(v, dict | list) for k, v in obj.items() if k != "face_box")
+    assert obj["face_box"] == [120, 64, 180, 182]
     for key in (
         "site",
         "gateway",
@@ -135,25 +138,31 @@ def test_integrator_event_round_trips_as_flat_json() -> None:
     assert "MATCH alice" in ev.describe()
     with pytest.raises(InvalidArgumentError):
         IntegratorEvent.from_json(b'{"event_type": "unlock"}')
+    for bad_box in ([1, 2, 3], [1, 2, 3, -4], [1, 2, 3.5, 4], "1,2,3,4", {"x": 1}):
+        with pytest.raises(InvalidArgumentError, match="face_box"):
+            IntegratorEvent.from_json(json.dumps({**obj, "face_box": bad_box}))
 
 
 def test_tally_thresholds_consensus_and_coarse_confidence() -> None:
     policy = Policy(consensus=2, attempts=4, match_distance=0.07, unknown_distance=0.12)
     m, u = policy.limits("Dlib", "cosine")
     t = Tally(match_distance=m, unknown_distance=u, consensus=2, metric="cosine")
-    t.add_face("alice", 1 - 0.05)  # match vote
+    t.add_face("alice", 1 - 0.05, (10, 10, 90, 90))  # match vote
     assert not t.settled
-    t.add_face("alice", 1 - 0.10)  # uncertain: no vote
-    t.add_face("alice", 1 - 0.0301234)  # second vote
+    t.add_face("alice", 1 - 0.10, (0, 0, 5, 5))  # uncertain: no vote
+    t.add_face("alice", 1 - 0.0301234, (12, 11, 88, 91))  # second vote
     assert t.settled
     v = t.verdict()
     assert (v.event_type, v.identity, v.confidence) == ("match", "alice", 0.67)
+    assert v.box == (12, 11, 88, 91)  # the last frame that voted for her, not the doubtful one
     # The confidence is votes/faces: no digit of any similarity gets through.
     assert v.confidence == round(2 / 3, 2)
 
     t2 = Tally(match_distance=m, unknown_distance=u, consensus=1, metric="cosine")
-    t2.add_face("bob", 1 - 0.5)
+    t2.add_face("bob", 1 - 0.5, (3, 4, 50, 60))
+    t2.add_face("bob", 1 - 0.6)  # a face whose box nobody reported
     assert t2.verdict().event_type == "unknown" and t2.verdict().confidence is None
+    assert t2.verdict().box == (3, 4, 50, 60)
     t3 = Tally(match_distance=m, unknown_distance=u, consensus=1, metric="cosine")
     t3.add_failure("no_face", "no face detected in front/latest")
     assert (t3.verdict().event_type, t3.verdict().error) == ("error", "no_face")
@@ -352,7 +361,12 @@ def test_double_take_payloads_have_double_takes_fields() -> None:
         frames=2,
     )
     match = IntegratorEvent(
-        event_type="match", identity="alice", match=True, confidence=1.0, **base
+        event_type="match",
+        identity="alice",
+        match=True,
+        confidence=1.0,
+        face_box=(152, 281, 290, 291),
+        **base,
     )
     (t1, p1), (t2, p2) = out.payloads(match, cap)
     assert t1 == "double-take/matches/alice" and t2 == "double-take/cameras/front"
@@ -369,12 +383,17 @@ def test_double_take_payloads_have_double_takes_fields() -> None:
         "filename",
     }
     assert p1["match"]["confidence"] == 100.0 and p1["attempts"] == 2
+    # Double Take's box: top/left/width/height of the face in the examined frame.
+    box = {"top": 281, "left": 152, "width": 290, "height": 291}
+    assert p1["match"]["box"] == box and p2["matches"][0]["box"] == box
     assert p2["counts"] == {"person": 1, "match": 1, "miss": 0, "unknown": 0}
     unknown = IntegratorEvent(
         event_type="unknown", identity=None, match=False, confidence=None, **base
     )
     (t3, p3), (_, p4) = out.payloads(unknown, cap)
     assert t3 == "double-take/matches/unknown" and p3["match"]["name"] == "unknown"
+    # No box reported (an embedder without represent_face): zeros, as before.
+    assert p3["match"]["box"] == {"top": 0, "left": 0, "width": 0, "height": 0}
     assert p4["unknowns"] and not p4["matches"]
     stale = IntegratorEvent(
         event_type="stale", identity=None, match=False, confidence=None, error="stale", **base
@@ -483,6 +502,7 @@ DOCUMENTED_FIELDS = {
     "expires_at",
     "latency_ms",
     "frames",
+    "face_box",
     "error",
     "message",
 }

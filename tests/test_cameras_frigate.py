@@ -41,6 +41,7 @@ from cipherface.cameras.outputs.frigate import FrigateSubLabelOutput
 from cipherface.cameras.outputs.homeassistant import HomeAssistantOutput
 from cipherface.cameras.outputs.integrator import JsonEventsOutput
 from cipherface.cameras.sources.frigate import FrigateSource
+from cipherface.cameras.sources.mqtt_jpeg import MqttJpegSource
 from cipherface.cameras.sources.opencv import OpenCVSource
 from cipherface.crypto import sites
 from cipherface.crypto.guard import load_guard
@@ -233,6 +234,13 @@ def test_frigate_event_to_decision_sub_label_home_assistant_and_double_take(
         # Double Take-compatible topics.
         dt = {m.topic: json.loads(m.payload) for m in msgs if m.topic.startswith(f"dt-{site}/")}
         assert dt[f"dt-{site}/matches/obama"]["match"]["name"] == "obama"
+        # The box of the face the gateway decided on, in the snapshot it fetched.
+        dt_obama = dt[f"dt-{site}/matches/obama"]
+        box = events[dt_obama["id"]].face_box
+        assert box is not None and box[2] > 40 and box[3] > 40, box
+        assert dt_obama["match"]["box"] == dict(
+            zip(("left", "top", "width", "height"), box, strict=True)
+        )
         assert dt[f"dt-{site}/matches/unknown"]["camera"] == "back"
         assert dt[f"dt-{site}/cameras/side"]["counts"]["match"] == 1
 
@@ -287,6 +295,56 @@ def test_min_face_area_and_consensus_per_camera(
         assert (events[tiny].event_type, events[tiny].error) == ("error", "face_too_small")
     finally:
         frigate.close()
+
+
+def test_min_face_area_on_the_detected_box_whatever_the_source(
+    real: dict[str, Any], photos: dict[str, Path], gateway_for: Any
+) -> None:
+    """JPEG-over-MQTT frames come with no face box: the box the detector finds is checked
+    against each camera's floor, and a decided face's box reaches the integrator event and
+    Double Take's payload."""
+    import cv2
+
+    site, broker, edge = real["site"], real["broker"], real["edge"]
+    portrait = cv2.imread(str(photos["obama2"]))
+    # A quarter of the size: a face of about 75 x 75 px in a 156 x 300 px frame.
+    small = cv2.resize(portrait, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
+    jpeg = cv2.imencode(".jpg", small)[1].tobytes()
+    face = edge.embedder.represent_face(jpeg)
+    assert 2_500 < face.area < 10_000, face.box
+    listener = Listener(
+        broker.url, [f"cipherface/v1/{site}/json/{GW}/events/+", f"dt-{site}/matches/+"]
+    )
+    try:
+        gw = gateway_for(
+            sources=[MqttJpegSource(topic=f"{site}-cams/+/person/snapshot", camera_level=1)],
+            outputs=[JsonEventsOutput(), DoubleTakeOutput(topic_prefix=f"dt-{site}")],
+            policies={  # 10,000 px: Double Take's own default floor for a match
+                "far": Policy(min_face_area=10_000, attempts=1, max_age_s=30),
+                "near": Policy(min_face_area=2_500, attempts=1, max_age_s=30),
+            },
+        )
+        for camera in ("far", "near"):
+            listener.publish(f"{site}-cams/{camera}/person/snapshot", jpeg)
+        wait_counts(gw, 2)
+        msgs = listener.drain(0.5)
+    finally:
+        listener.close()
+    events = {
+        e.camera: e
+        for e in (IntegratorEvent.from_json(m.payload) for m in msgs if "/json/" in m.topic)
+    }
+    far, near = events["far"], events["near"]
+    assert (far.event_type, far.error, far.face_box) == ("error", "face_too_small", None)
+    assert far.message == f"face of {face.area} px < 10000"
+    assert (near.event_type, near.identity, near.source) == ("match", "obama", "mqtt")
+    assert near.face_box == face.box  # the detected face, in the frame's own pixels
+    x, y, w, h = face.box
+    assert x + w <= small.shape[1] and y + h <= small.shape[0]
+    dt = [json.loads(m.payload) for m in msgs if m.topic == f"dt-{site}/matches/obama"]
+    assert len(dt) == 1 and dt[0]["camera"] == "near"
+    assert dt[0]["match"]["box"] == {"top": y, "left": x, "width": w, "height": h}
+    assert not [m for m in msgs if m.topic == f"dt-{site}/matches/unknown"]
 
 
 def _frames_of(source: OpenCVSource, gw: Gateway, timeout: float) -> None:

@@ -8,7 +8,9 @@
   match, miss, unknown}}``.
 
 Not retained. ``confidence`` is our coarse confidence x 100 (Double Take's 0-100 scale);
-``box`` is not known for our frames and is sent as zeros; ``detector`` is
+``box`` is Double Take's ``{top, left, width, height}``: the detected face, in pixels of
+the frame the gateway examined (Double Take's was of the image it sent its detector), from
+the event's ``face_box`` (zeros only if the embedder reported no box); ``detector`` is
 ``cipherface``. Stale and error outcomes publish nothing here (Double Take had none).
 """
 
@@ -45,11 +47,12 @@ class DoubleTakeOutput:
             return []
         seconds = round(event.latency_ms / 1000.0, 2)
         name = event.identity if event.identity is not None else "unknown"
+        x, y, width, height = event.face_box or (0, 0, 0, 0)
         result = {
             "name": name,
             "confidence": round((event.confidence or 0.0) * 100, 2),
             "match": event.match,
-            "box": {"top": 0, "left": 0, "width": 0, "height": 0},
+            "box": {"top": y, "left": x, "width": width, "height": height},
             "type": capture.source,
             "duration": seconds,
             "detector": "cipherface",

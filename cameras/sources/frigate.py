@@ -213,7 +213,8 @@ class FrigateSource:
             except OSError as exc:
                 yield Miss(code="fetch_failed", message=f"Frigate {label}: {str(exc)[:120]}")
                 continue
-            # The face box is of the event's snapshot; the latest frame is unmeasured.
+            # Frigate's face box is of the event's snapshot; a latest frame has none (the
+            # gateway still checks the box its detector finds in either).
             yield Frame(image=data, label=label, face_area=area if "snapshot" in label else None)
 
 
