@@ -204,6 +204,20 @@ class KeyMismatchError(RemoteError):
     code = "key_mismatch"
 
 
+class KeyInUseError(RemoteError):
+    """A ``key.retire`` would leave the site without a working key: it names the site's
+    current key, or its successor is not registered and current."""
+
+    code = "key_in_use"
+
+
+class KeyRetiredError(RemoteError):
+    """The key was retired (``cipherface rotate-key``): its gallery is destroyed and it
+    may never be published again; the gateway must load the site's new key."""
+
+    code = "key_retired"
+
+
 class ResultRejectedError(RemoteError):
     """A result fails the edge's checks (shape, count, scheme) and is never decrypted."""
 

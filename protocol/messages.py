@@ -33,6 +33,9 @@ MAX_IDS: Final = 100_000
 #: Most score slots one result may announce (``Result.count`` with ``scores``), and
 #: the largest gallery (``Result.total``) an id list may be paged from.
 MAX_SLOTS: Final = 1 << 24
+#: Most packs one ``gallery.export`` page may ask for (a CKKS pack is ~70 KB: the cloud
+#: sends fewer when the page would exceed its reply size).
+MAX_EXPORT_PACKS: Final = 1024
 MAX_IDENTITY_CHARS: Final = 128
 MAX_TEXT_CHARS: Final = 1024
 MAX_VERSION_CHARS: Final = 64
@@ -483,6 +486,51 @@ class IdsGet(Envelope):
         _optional("limit", self.limit, _int, lo=1, hi=MAX_IDS)
 
 
+@dataclass(frozen=True, kw_only=True)
+class GalleryExport(Envelope):
+    """edge -> cloud: one page of the packed ciphertexts of the gallery of ``kid``
+    (key rotation: the edge decrypts them and enrolls the live templates under its
+    new key; docs/protocol.md 6.11).
+
+    Args:
+        first: the first pack of the page (0..16777216).
+        count: the most packs in the page (1..1024).
+    """
+
+    TYPE: ClassVar[str] = "gallery.export"
+    CORR: ClassVar[Literal["forbidden", "optional", "required"]] = "forbidden"
+    KID_REQUIRED: ClassVar[bool] = True
+
+    first: int = 0
+    count: int = 1
+
+    def _check_body(self) -> None:
+        _int("first", self.first, hi=MAX_SLOTS)
+        _int("count", self.count, lo=1, hi=MAX_EXPORT_PACKS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyRetire(Envelope):
+    """edge -> cloud: destroy the gallery and public key of ``kid``, for good, once the
+    site has moved to ``successor`` (docs/protocol.md 6.12).
+
+    Args:
+        successor: the key that replaces ``kid``: it must differ from ``kid``, be
+            registered (key.publish) and be the site's current key.
+    """
+
+    TYPE: ClassVar[str] = "key.retire"
+    CORR: ClassVar[Literal["forbidden", "optional", "required"]] = "forbidden"
+    KID_REQUIRED: ClassVar[bool] = True
+
+    successor: str
+
+    def _check_body(self) -> None:
+        _hex_id("successor", self.successor)
+        if self.successor == self.kid:
+            raise _FieldError("successor: must differ from kid (the key retired)")
+
+
 # ---------------------------------------------------------------------- replies
 @dataclass(frozen=True, kw_only=True)
 class Result(Envelope):
@@ -499,8 +547,14 @@ class Result(Envelope):
             one page of them (ids.get); None otherwise.
         enrolled: number of templates stored (enroll), else None.
         deleted: number of identities erased (delete), else None.
-        offset: the page's first slot (ids.get), else None.
-        total: the number of slots in the gallery (ids.get), else None.
+        offset: the page's first slot (ids.get) or pack (gallery.export), else None.
+        total: the number of slots (ids.get) or packs (gallery.export) in the
+            gallery, else None.
+
+    A ``gallery.export`` result carries the export page in ``scores`` (always set,
+    docs/crypto.md "Export pages") and the number of packs in the page in ``count``
+    (0 only for the empty page at ``offset == total``). A ``key.retire`` result has
+    ``deleted`` 1 when it destroyed the key's gallery, 0 when it was gone already.
     """
 
     TYPE: ClassVar[str] = "result"
@@ -521,7 +575,7 @@ class Result(Envelope):
         _int("ids_version", self.ids_version)
         _optional("scores", self.scores, _blob)
         _int("count", self.count, hi=MAX_SLOTS)
-        if self.scores is not None and self.count == 0:
+        if self.scores is not None and self.count == 0 and self.op != "gallery.export":
             raise _FieldError("count: at least 1 with scores")
         if self.ids is not None:
             self._set("ids", _identities("ids", self.ids, unique=False, allow_none=True))
@@ -537,11 +591,15 @@ class Result(Envelope):
         self._check_page()
 
     def _check_page(self) -> None:
-        """An ids.get result is exactly one page: ids, offset and total, no scores."""
+        """An ids.get result is exactly one page: ids, offset and total, no scores; a
+        gallery.export result one page of packs: scores, offset and total, no ids."""
         paged = (self.offset, self.total)
+        if self.op == "gallery.export":
+            self._check_export_page()
+            return
         if self.op != "ids.get":
             if paged != (None, None):
-                raise _FieldError("offset, total: only in an ids.get result")
+                raise _FieldError("offset, total: only in an ids.get or gallery.export result")
             return
         if self.ids is None or self.offset is None or self.total is None:
             raise _FieldError("ids, offset, total: required in an ids.get result")
@@ -554,6 +612,20 @@ class Result(Envelope):
         if not self.ids and self.offset != self.total:
             # An empty page before the end would leave a pager without progress.
             raise _FieldError(f"ids: empty page at offset {self.offset} of {self.total}")
+
+    def _check_export_page(self) -> None:
+        if self.scores is None or self.offset is None or self.total is None:
+            raise _FieldError("scores, offset, total: required in a gallery.export result")
+        if self.ids is not None:
+            raise _FieldError("ids: not in a gallery.export result")
+        if self.count > MAX_EXPORT_PACKS:
+            raise _FieldError(f"count: {self.count} packs, at most {MAX_EXPORT_PACKS}")
+        if self.offset + self.count > self.total:
+            raise _FieldError(
+                f"count: packs {self.offset}..{self.offset + self.count} past total {self.total}"
+            )
+        if self.count == 0 and self.offset != self.total:
+            raise _FieldError(f"count: empty page at pack {self.offset} of {self.total}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -647,7 +719,7 @@ class Decision(Envelope):
         _optional("photo", self.photo, _text, max_chars=MAX_TEXT_CHARS)
 
 
-Request = KeyPublish | Enroll | Delete | Verify | Identify | IdsGet
+Request = KeyPublish | Enroll | Delete | Verify | Identify | IdsGet | GalleryExport | KeyRetire
 Reply = Result | Error
 Message = Request | Reply | Status | Decision
 
@@ -661,6 +733,8 @@ MESSAGE_TYPES: Final[dict[str, type[Envelope]]] = {
         Verify,
         Identify,
         IdsGet,
+        GalleryExport,
+        KeyRetire,
         Result,
         Error,
         Status,
@@ -771,6 +845,7 @@ __all__ = [
     "CODE_PATTERN",
     "HEADER_FIELDS",
     "HEX_ID_PATTERN",
+    "MAX_EXPORT_PACKS",
     "MAX_IDENTITY_CHARS",
     "MAX_IDS",
     "MAX_INT",
@@ -787,10 +862,12 @@ __all__ = [
     "Enroll",
     "Envelope",
     "Error",
+    "GalleryExport",
     "Header",
     "Identify",
     "IdsGet",
     "KeyPublish",
+    "KeyRetire",
     "Message",
     "Reply",
     "Request",

@@ -22,7 +22,7 @@ _ID_RE: Final = re.compile(ID_PATTERN)
 RESERVED_SITES: Final = frozenset({"cloud"})
 
 #: Topic ``<op>`` levels of requests, in the order of the spec.
-OPS: Final = ("key", "enroll", "delete", "verify", "identify", "ids")
+OPS: Final = ("key", "enroll", "delete", "verify", "identify", "ids", "export", "retire")
 #: Request message type (envelope ``t``) -> topic ``<op>``.
 OP_FOR_TYPE: Final = {
     "key.publish": "key",
@@ -31,6 +31,8 @@ OP_FOR_TYPE: Final = {
     "verify": "verify",
     "identify": "identify",
     "ids.get": "ids",
+    "gallery.export": "export",
+    "key.retire": "retire",
 }
 #: Topic ``<op>`` -> request message type.
 TYPE_FOR_OP: Final = {op: t for t, op in OP_FOR_TYPE.items()}

@@ -39,10 +39,12 @@ from cipherface.protocol import (
     Enroll,
     Envelope,
     Error,
+    GalleryExport,
     Header,
     Identify,
     IdsGet,
     KeyPublish,
+    KeyRetire,
     Matched,
     PendingRequests,
     ReplyCache,
@@ -102,6 +104,8 @@ def sample_messages() -> list[Envelope]:
         Identify(**_hdr(), probe=b"p", ids_version=42),
         IdsGet(**_hdr(kid=None)),
         IdsGet(**_hdr(), offset=200_000, limit=1),
+        GalleryExport(**_hdr(), first=64, count=32),
+        KeyRetire(**_hdr(), successor="f" * 32),
         result_for(req, ids_version=7, scores=b"s" * 64, count=1),
         Result(
             **_hdr(corr=req.id), op="identify", ids_version=3, scores=b"x", count=2, ids=("a", "a")
@@ -136,6 +140,25 @@ def sample_messages() -> list[Envelope]:
         Result(**_hdr(corr=req.id), op="ids.get", ids_version=0, ids=(), offset=0, total=0),
         Result(**_hdr(corr=req.id), op="enroll", ids_version=9, enrolled=3),
         Result(**_hdr(corr=req.id), op="delete", ids_version=10, deleted=0),
+        Result(
+            **_hdr(corr=req.id),
+            op="gallery.export",
+            ids_version=2,
+            scores=b"page",
+            count=2,
+            offset=4,
+            total=7,
+        ),
+        Result(
+            **_hdr(corr=req.id),
+            op="gallery.export",
+            ids_version=2,
+            scores=b"empty page",
+            count=0,
+            offset=7,
+            total=7,
+        ),
+        Result(**_hdr(corr=req.id), op="key.retire", ids_version=3, deleted=1),
         Error(
             **_hdr(corr=req.id), code="unknown_identity", message="no such\nidentity", retry=False
         ),
@@ -663,7 +686,7 @@ def test_last_page_of_a_large_gallery_round_trips() -> None:
         (lambda: _page(scores=b"s"), "scores"),
         (
             lambda: Result(**_hdr(corr=KID), op="identify", ids_version=1, offset=0, total=0),
-            "only in an ids.get",
+            "only in an ids.get or gallery.export",
         ),
         (
             lambda: Result(
