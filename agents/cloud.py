@@ -28,7 +28,11 @@ Data directory (``--data DIR``)::
     DIR/<site>/keys/<kid>/public.key   the site's public key (from key.publish)
     DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (gallery.sqlite3, docs/storage.md);
                                        with --store postgresql://... it lives in that database
-    DIR/<site>/replies/<gw>.<id>       replies of enroll/delete, for redeliveries after a restart
+    DIR/<site>/replies/<gw>.<id>       replies of enroll/delete/key.retire, for redeliveries
+    DIR/<site>/retired/<kid>           tombstone of a key retired by rotate-key (never again)
+
+Key rotation's requests (``gallery.export``, ``key.retire``) are served by
+:mod:`cipherface.agents.cloud_rotate`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Final, Literal
 import paho.mqtt.client as paho
 
 from cipherface import __version__
+from cipherface.agents.cloud_rotate import export_page, refuse_retired, retire_key
 from cipherface.agents.dispatch import (
     DEFAULT_MAX_BATCH,
     AckQueue,
@@ -91,9 +96,11 @@ from cipherface.protocol import (
     REQUEST_FILTER,
     Delete,
     Enroll,
+    GalleryExport,
     Identify,
     IdsGet,
     KeyPublish,
+    KeyRetire,
     ReplyCache,
     Request,
     Result,
@@ -123,7 +130,7 @@ DEFAULT_AGENT_ID: Final = "cloud-local"
 #: Replies of enroll/delete kept on disk this long, for redeliveries after a restart.
 PERSISTED_REPLY_TTL_S: Final = 24 * 3600.0
 PRUNE_EVERY_S: Final = 3600.0  # how often a running agent drops expired stored replies
-_MUTATING: Final = (Enroll, Delete)
+_MUTATING: Final = (Enroll, Delete, KeyRetire)
 # Reply-cache entries are tagged with the topic they go to (results vs errors).
 _RESULT_TAG: Final = b"R"
 _ERROR_TAG: Final = b"E"
@@ -234,6 +241,18 @@ class _SiteKeys:
             self._open.pop(next(iter(self._open))).close()
         self._open[(site, kid)] = gallery
         return gallery
+
+    def unregister(self, site: str, kid: str) -> bool:
+        """Forget a key (key.retire): its public key goes first, so nothing reopens its
+        gallery, then its open gallery is closed. Returns whether it was registered."""
+        with self._lock:
+            path = self.key_dir(site, kid) / sites.PUBLIC_NAME
+            existed = path.is_file()
+            path.unlink(missing_ok=True)
+            gallery = self._open.pop((site, kid), None)
+        if gallery is not None:
+            gallery.close()
+        return existed
 
     def current(self, site: str) -> str | None:
         try:
@@ -937,6 +956,10 @@ class CloudAgent:
                     return result
                 # Long names under a lowered reply limit: a shorter page still progresses.
                 page = page[: len(page) // 2]
+        if isinstance(req, GalleryExport):
+            return export_page(self.keys, req, self.max_reply_bytes)
+        if isinstance(req, KeyRetire):
+            return retire_key(self.keys, req)
         assert req.kid is not None  # the codec requires kid on the other requests
         gallery = self.keys.gallery(req.site, req.kid)
         if isinstance(req, Enroll):
@@ -996,6 +1019,7 @@ class CloudAgent:
             raise KeyMismatchError(
                 f"key.publish says {req.scheme}/{req.kid} but the key is {pub.scheme}/{pub.key_id}"
             )
+        refuse_retired(self.data_dir, req.site, req.kid)
         gallery = self.keys.register(req.site, req.kid, req.public_key)
         log.info("site %s: key %s (%s) registered", req.site, req.kid, req.scheme)
         return result_for(req, ids_version=gallery.ids_version)

@@ -20,13 +20,15 @@ Three steps, each usable on its own (the transport is the caller's):
   ``(name, template)`` pairs;
 * :func:`rekey` ties them together in process, page by page, resumable through a
   progress file (the page is re-enrolled before the progress moves; a replayed page
-  replaces its identities, never duplicates them).
+  replaces its identities, never duplicates them), each page's people in a fresh
+  random order.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, cast
@@ -48,6 +50,12 @@ KIND: Final = "templates-export"
 #: (fresh-encryption noise is ~1e-7 per coordinate; a forged pack is off by ~0.1).
 CANARY_TOLERANCE: Final = 1e-3
 FloatArray = npt.NDArray[np.float64]
+
+
+def pack_count(gallery: CkksGallery) -> int:
+    """The number of packs :func:`export_packs` pages through (dropped blocks included)."""
+    with gallery._lock:
+        return -(-len(gallery.store.slots) // gallery.per_pack)
 
 
 def export_packs(gallery: CkksGallery, first: int, count: int) -> bytes:
@@ -184,6 +192,9 @@ def rekey(
         if first != nxt:
             raise oguard.forged(f"export page starts at pack {first}, {nxt} asked")
         if live:
+            # A fresh order (CSPRNG): the new slots do not mirror the old ones, so a
+            # cloud that watches the rotation links a person only to a page of people.
+            secrets.SystemRandom().shuffle(live)
             names = [n for n, _ in live]
             labels, rows = nguard.with_canaries(names, np.stack([v for _, v in live]))
             enroll(labels, ncipher.encrypt_templates(rows))
@@ -196,4 +207,4 @@ def rekey(
             return moved
 
 
-__all__ = ["CANARY_TOLERANCE", "KIND", "export_packs", "open_export", "rekey"]
+__all__ = ["CANARY_TOLERANCE", "KIND", "export_packs", "open_export", "pack_count", "rekey"]

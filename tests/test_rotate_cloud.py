@@ -1,0 +1,227 @@
+"""The cloud's side of rotate-key without a broker (``CloudAgent.handle``): export pages
+are the engine's own, key.retire destroys the old gallery's rows and files and only
+once its successor is current, a retired key never comes back; and the protocol's
+checks on both messages."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import storekit
+from vectors import unit
+
+from cipherface.agents.cloud import CloudAgent
+from cipherface.agents.mqtt import BrokerConfig
+from cipherface.crypto import rekey, sites
+from cipherface.crypto.ckks import CkksEdgeCipher
+from cipherface.crypto.guard import Guard, load_guard
+from cipherface.errors import DecodeError, InvalidArgumentError, ValidationError
+from cipherface.protocol import (
+    MAX_EXPORT_PACKS,
+    MAX_SLOTS,
+    Enroll,
+    Error,
+    GalleryExport,
+    KeyPublish,
+    KeyRetire,
+    Result,
+    Verify,
+    decode,
+    encode,
+    request_topic,
+)
+from cipherface.store import gallery_location, store_exists
+from cipherface.store.erase import shred_tree
+
+DIM = 128
+KID = "0123456789abcdef0123456789abcdef"
+pg_url = storekit.pg_url  # fixture: a PostgreSQL database of this session's own
+
+Key = tuple[CkksEdgeCipher, Guard, bytes]
+
+
+def _key(directory: Path) -> Key:
+    sites.generate_key_dir(directory, dim=DIM)
+    cipher = sites.load_edge_cipher(directory)
+    guard = load_guard(directory, cipher)
+    assert isinstance(cipher, CkksEdgeCipher) and guard is not None
+    return cipher, guard, (directory / sites.PRIVATE_NAME).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Key, Key]:
+    base = tmp_path_factory.mktemp("rotkeys")
+    return _key(base / "old"), _key(base / "new")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def agent(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudAgent]:
+    store = "sqlite:" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    cloud = CloudAgent(
+        broker=BrokerConfig(url="mqtt://127.0.0.1:1"),  # never started: handle() only
+        data_dir=tmp_path / "cloud",
+        store=store,
+    )
+    yield cloud
+    cloud.keys.close()
+
+
+def _ask(agent: CloudAgent, msg: Any, *, raw: bool = False) -> Any:
+    [out] = agent.handle(request_topic(msg.site, msg.gw, msg.TYPE), encode(msg))
+    return out.payload if raw else decode(out.payload)
+
+
+def _publish(agent: CloudAgent, site: str, cipher: CkksEdgeCipher) -> None:
+    msg = KeyPublish(
+        site=site,
+        gw="gw",
+        kid=cipher.key_id,
+        scheme="ckks",
+        public_key=cipher.public_key_bytes(),
+    )
+    assert isinstance(_ask(agent, msg), Result)
+
+
+def _code(reply: Any) -> str:
+    assert isinstance(reply, Error), reply
+    return reply.code
+
+
+def test_export_pages_and_retire(agent: CloudAgent, keys: tuple[Key, Key]) -> None:
+    (ocipher, oguard, _), (ncipher, _, _) = keys
+    site, old, new = f"s{secrets.token_hex(3)}", ocipher.key_id, ncipher.key_id
+    hdr: dict[str, Any] = {"site": site, "gw": "gw"}
+    _publish(agent, site, ocipher)
+    names = [f"n{i}" for i in range(40)]
+    vecs = unit(np.random.default_rng(1), 41)
+    for batch, rows in ((names, vecs[:40]), (["single"], vecs[40:])):  # 2 packs, then 1
+        labels, tmpl = oguard.with_canaries(batch, rows)
+        enroll = Enroll(**hdr, kid=old, ids=tuple(labels), payload=ocipher.encrypt_templates(tmpl))
+        assert isinstance(_ask(agent, enroll), Result)
+
+    # Pages are the engine's export, byte for byte; paging covers the gallery once.
+    gallery = agent.keys.gallery(site, old)
+    page = _ask(agent, GalleryExport(**hdr, kid=old, first=0, count=2))
+    assert (page.op, page.count, page.offset, page.total) == ("gallery.export", 2, 0, 3)
+    assert page.scores == rekey.export_packs(gallery, 0, 2)
+    last = _ask(agent, GalleryExport(**hdr, kid=old, first=2, count=MAX_EXPORT_PACKS))
+    assert (last.count, last.offset, last.total) == (1, 2, 3)
+    seen = [n for p in (page, last) for n, _ in rekey.open_export(ocipher, oguard, p.scores)[2]]
+    assert sorted(seen) == sorted([*names, "single"])
+    for first in (3, 99):  # past the end: the empty page at offset = total
+        end = _ask(agent, GalleryExport(**hdr, kid=old, first=first, count=5))
+        assert (end.count, end.offset, end.total) == (0, 3, 3)
+        assert rekey.open_export(ocipher, oguard, end.scores)[2] == []
+    agent.max_reply_bytes = len(encode(page)) - 1  # a page that does not fit is halved
+    assert _ask(agent, GalleryExport(**hdr, kid=old, first=0, count=2)).count == 1
+    agent.max_reply_bytes = 1000  # not even one pack fits
+    assert _code(_ask(agent, GalleryExport(**hdr, kid=old, first=0, count=2))) == "too_large"
+    assert _code(_ask(agent, GalleryExport(**hdr, kid=KID, first=0, count=2))) == "key_mismatch"
+
+    # Retire: never the current key, never to a successor that is not current.
+    assert _code(_ask(agent, KeyRetire(**hdr, kid=old, successor=new))) == "key_in_use"
+    _publish(agent, site, ncipher)
+    assert _code(_ask(agent, KeyRetire(**hdr, kid=new, successor=old))) == "key_in_use"
+    _publish(agent, site, ocipher)  # a gateway republishes the old key: current again
+    assert _code(_ask(agent, KeyRetire(**hdr, kid=old, successor=new))) == "key_in_use"
+    _publish(agent, site, ncipher)
+    location = gallery_location(agent.keys.store, site, old, agent.data_dir)
+    assert store_exists(location)
+    retire = KeyRetire(**hdr, kid=old, successor=new)
+    first = _ask(agent, retire, raw=True)
+    done = decode(first)
+    assert isinstance(done, Result) and (done.op, done.deleted) == ("key.retire", 1)
+    assert not store_exists(location) and not agent.keys.key_dir(site, old).exists()
+    assert (agent.data_dir / site / "retired" / old).read_text() == f"{new}\n"
+    assert agent.keys.kids(site) == [new] and agent.keys.current(site) == new
+    assert _ask(agent, retire, raw=True) == first  # a redelivery: the same reply
+    again = _ask(agent, KeyRetire(**hdr, kid=old, successor=new))  # a rerun: idempotent
+    assert isinstance(again, Result) and again.deleted == 0
+    # The old key can never come back, and nothing answers under it.
+    msg = KeyPublish(**hdr, kid=old, scheme="ckks", public_key=ocipher.public_key_bytes())
+    assert _code(_ask(agent, msg)) == "key_retired"
+    probe = ocipher.encrypt_probe(vecs[0], op="verify")
+    assert _code(_ask(agent, Verify(**hdr, kid=old, identity=oguard.seal("n0"), probe=probe))) == (
+        "key_mismatch"
+    )
+    assert agent.keys.kids(site) == [new] and not store_exists(location)
+
+
+def test_export_of_a_paillier_gallery_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "phe"
+    kid = sites.generate_key_dir(d, scheme="paillier", dim=DIM, security_level=112)
+    agent = CloudAgent(broker=BrokerConfig(url="mqtt://127.0.0.1:1"), data_dir=tmp_path / "c")
+    msg = KeyPublish(
+        site="s", gw="g", kid=kid, scheme="paillier", public_key=(d / "public.key").read_bytes()
+    )
+    assert isinstance(_ask(agent, msg), Result)
+    assert _code(_ask(agent, GalleryExport(site="s", gw="g", kid=kid))) == "gallery_error"
+    agent.keys.close()
+
+
+def test_shredding_overwrites_before_unlinking(tmp_path: Path) -> None:
+    tree = tmp_path / "old-key"
+    (tree / "sub").mkdir(parents=True)
+    secret = secrets.token_bytes(5000)
+    (tree / "private.key").write_bytes(secret)
+    (tree / "sub" / "x").write_bytes(secret)
+    (tree / "link").symlink_to(tmp_path / "outside")
+    (tmp_path / "outside").write_bytes(b"keep me")
+    fd = open(tree / "private.key", "rb")  # read what the inode holds after
+    assert shred_tree(tree) and not tree.exists()
+    assert fd.read() == bytes(len(secret))  # zeros, not the secret, were left behind
+    fd.close()
+    assert (tmp_path / "outside").read_bytes() == b"keep me"  # a link is not followed
+    assert not shred_tree(tree)  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: GalleryExport(site="s", gw="g", kid=KID, count=0), "count"),
+        (lambda: GalleryExport(site="s", gw="g", kid=KID, count=MAX_EXPORT_PACKS + 1), "count"),
+        (lambda: GalleryExport(site="s", gw="g", kid=KID, first=-1), "first"),
+        (lambda: GalleryExport(site="s", gw="g", kid=KID, first=MAX_SLOTS + 1), "first"),
+        (lambda: GalleryExport(site="s", gw="g", kid=None), "kid"),
+        (lambda: KeyRetire(site="s", gw="g", kid=KID, successor=KID), "differ"),
+        (lambda: KeyRetire(site="s", gw="g", kid=KID, successor="ABC"), "successor"),
+        (lambda: KeyRetire(site="s", gw="g", kid=None, successor=KID), "kid"),
+        (lambda: _export_result(scores=None, count=0, offset=1), "required"),
+        (lambda: _export_result(total=None), "required"),
+        (lambda: _export_result(ids=("a",)), "ids"),
+        (lambda: _export_result(count=3, offset=0, total=2), "past total"),
+        (lambda: _export_result(count=0, offset=0, total=2), "empty page"),
+        (lambda: _export_result(count=MAX_EXPORT_PACKS + 1, total=MAX_SLOTS), "count"),
+    ],
+)
+def test_rotation_messages_refuse_bad_fields(factory: Any, match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        factory()
+
+
+def _export_result(**kw: Any) -> Result:
+    fields: dict[str, Any] = {"op": "gallery.export", "ids_version": 1, "scores": b"p"}
+    fields.update({"count": 1, "offset": 0, "total": 1, **kw})
+    if fields.get("ids") is not None:
+        fields["count"] = len(fields["ids"])
+    return Result(site="s", gw="g", kid=KID, corr=KID, **fields)
+
+
+def test_rotation_messages_on_the_wire() -> None:
+    import msgpack
+
+    wire = msgpack.unpackb(encode(GalleryExport(site="s", gw="g", kid=KID)), raw=False)
+    assert wire["t"] == "gallery.export" and wire["b"] == {"first": 0, "count": 1}
+    wire["b"]["count"] = 5000
+    with pytest.raises(ValidationError):
+        decode(msgpack.packb(wire, use_bin_type=True))
+    wire["b"]["count"] = "all"
+    with pytest.raises(DecodeError):
+        decode(msgpack.packb(wire, use_bin_type=True))
+    assert request_topic("s", "g", "gallery.export") == "cipherface/v1/s/req/g/export"
+    assert request_topic("s", "g", "key.retire") == "cipherface/v1/s/req/g/retire"
