@@ -13,6 +13,7 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 ``edge``       camera gateway: ``--config FILE`` (Frigate, RTSP, MQTT, folders) or ``--watch DIR``
 ``events``     print the integrator events (JSON decisions) of a site as they happen
 ``guard``      forged results refused, decision budget, clear a halt
+``rotate-key`` move the site to a new key pair, no re-capture (resumable)
 ``demo``       the whole system on this machine with real photos
 ``creds``      broker credentials: CA, certificates, accounts, ACL
 ``gallery``    check, stats, export/import, compact the cloud's galleries
@@ -326,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset", action="store_true", help="clear a halt after investigating")
     _json_option(p)
     p.set_defaults(func=_cmd_guard)
+
+    p = sub.add_parser(
+        "rotate-key",
+        help="move the site to a new key pair without re-capturing a face",
+        description=_cmd_rotate_key.__doc__,
+    )
+    _edge_options(p)
+    p.add_argument(
+        "--page-packs",
+        type=int,
+        default=_int_env("CIPHERFACE_ROTATE_PAGE_PACKS") or 32,
+        metavar="N",
+        help="packs of the old gallery per page, 1..128 (31 identities each; "
+        "env CIPHERFACE_ROTATE_PAGE_PACKS; default 32)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    _json_option(p)
+    p.set_defaults(func=_cmd_rotate_key)
 
     p = sub.add_parser("events", help="print integrator events", description=_cmd_events.__doc__)
     _broker_options(p)
@@ -727,6 +746,65 @@ def _cmd_guard(args: argparse.Namespace) -> int:
         print(
             f"key {info['key_id']}: {halted}; {info['decisions']} of {info['budget']} "
             f"decisions, {info['forged']} forged result(s) refused"
+        )
+    return EXIT_OK
+
+
+def _cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Move the site to a new key pair without re-capturing a face: a new key and
+    trust.key are made beside --keys DIR (DIR.rotating), the gallery is streamed back
+    from the cloud page by page, decrypted (canaries checked) and enrolled under the new
+    key, then DIR switches to the new key atomically, the cloud destroys the old gallery
+    and the old private key is shredded. The old gallery serves until the switch.
+    Interrupted (even kill -9)? Run the same command again: it resumes."""
+    from cipherface.agents.rotate import RotationStatus, rotate_key
+
+    _require(args, "keys", "site", "gateway")
+
+    def show(st: RotationStatus) -> None:
+        if st.phase == "copy":
+            done, total = st.pages
+            text = f"page {done}/{total} ({st.packs_done}/{st.packs_total} packs)"
+            print(f"rotate-key: {text}, {st.moved} identities moved", file=sys.stderr, flush=True)
+        elif st.phase == "switched":
+            print(f"rotate-key: {args.keys} now holds key {st.new}", file=sys.stderr, flush=True)
+        elif st.phase == "retired":
+            print(f"rotate-key: key {st.old} retired at the cloud", file=sys.stderr, flush=True)
+
+    try:
+        report = rotate_key(
+            broker=broker_config(args),
+            keys=args.keys,
+            site=args.site,
+            gateway=args.gateway,
+            page_packs=args.page_packs,
+            timeout=args.timeout,
+            retries=args.retries,
+            allow_insecure_permissions=args.allow_insecure_key_permissions,
+            on_progress=None if args.no_progress else show,
+        )
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: run the same command again to resume the rotation",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
+    out = {
+        "old_key": report.old,
+        "new_key": report.new,
+        "moved": report.moved,
+        "resumed": report.resumed,
+        "site": args.site,
+        "keys": str(args.keys),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"site {args.site}: key {report.old} -> {report.new}, {report.moved} identities "
+            f"moved; the old gallery and private key are destroyed (restart the gateways "
+            f"that use {args.keys})"
         )
     return EXIT_OK
 
