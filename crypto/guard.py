@@ -16,7 +16,7 @@ or no-match reveals its sign) recovered the whole key from a few thousand decisi
 * **a halt**: each failure is counted in the key directory's ``trust.state``; after
   ``max_forged`` (default 3) the gateway refuses every decision
   (:class:`~cipherface.errors.GatewayHaltedError`) until an operator rotates the key
-  (new keygen and re-enrollment) or clears the halt (``cipherface guard --reset``). The
+  (``cipherface rotate-key``) or clears the halt (``cipherface guard --reset``). The
   failure itself is one bit the cloud may observe, so the halt bounds that channel.
 * **a decision budget**: at most ``budget`` decisions under one key
   (:class:`~cipherface.errors.DecisionBudgetError` afterwards, with rotation as the
@@ -222,13 +222,13 @@ class Guard:
             if s.halted is not None:
                 raise GatewayHaltedError(
                     f"gateway halted after {s.forged} forged result(s) from the cloud "
-                    f"({s.halted}); rotate the key (docs/deployment.md, section 5) or, "
+                    f"({s.halted}); rotate the key (cipherface rotate-key) or, "
                     "after investigating, clear it with cipherface guard --reset"
                 )
             if s.decisions >= self.budget:
                 raise DecisionBudgetError(
                     f"key {self.key_id} has made its {self.budget} decisions: rotate it "
-                    "(new keygen and re-enrollment, docs/deployment.md section 5) to go on"
+                    "(cipherface rotate-key, docs/deployment.md section 5) to go on"
                 )
 
     def decided(self) -> int:

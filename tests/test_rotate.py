@@ -311,3 +311,55 @@ def test_a_forged_export_page_is_refused_and_nothing_switches(
     assert cli.main(_cli_argv(site, "--no-progress", "--json")) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["resumed"] and out["moved"] == len(site.live) and site.kid() == out["new_key"]
+
+
+def test_rotate_key_through_the_secure_broker_acl(
+    secure_broker: Any, secure_deployment: Any, tmp_path: Path
+) -> None:
+    """TLS, passwords and the generated ACL: a gateway account may export and retire its
+    own site's gallery with no ACL change (`<site>/req/<gateway>/#`)."""
+
+    def cfg(user: str) -> BrokerConfig:
+        return BrokerConfig(
+            url=secure_broker.tls_url,
+            username=user,
+            password=secure_deployment.password(user),
+            ca_file=str(secure_deployment.ca_cert_path),
+        )
+
+    keys = tmp_path / "keys"
+    sites.generate_key_dir(keys, dim=DIM)
+    cipher = sites.load_edge_cipher(keys)
+    faces = unit(np.random.default_rng(4), 3)
+    cloud = CloudAgent(
+        broker=cfg("cloud-main"),
+        data_dir=tmp_path / "cloud",
+        agent_id="cloud-main",
+        sites=["site-a", "site-b"],
+    )
+    cloud.start()
+    try:
+        edge = EdgeClient(
+            broker=cfg("site-a.gw1"),
+            cipher=cipher,
+            guard=load_guard(keys, cipher),
+            site="site-a",
+            gateway="gw1",
+        )
+        with edge:
+            assert edge.enroll_bulk(["ann", "bob", "cy"], faces, progress=False) == 3
+        report = rotate_key(broker=cfg("site-a.gw2"), keys=keys, site="site-a", gateway="gw2")
+        assert report.moved == 3 and cloud.keys.kids("site-a") == [report.new]
+        cipher = sites.load_edge_cipher(keys)
+        edge = EdgeClient(
+            broker=cfg("site-a.gw1"),
+            cipher=cipher,
+            guard=load_guard(keys, cipher),
+            site="site-a",
+            gateway="gw1",
+            publish_decisions=False,
+        )
+        with edge:
+            assert edge.verify("bob", vector=faces[1]).match
+    finally:
+        cloud.stop(retire=True)

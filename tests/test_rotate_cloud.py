@@ -1,7 +1,7 @@
-"""The cloud's side of rotate-key without a broker (``CloudAgent.handle``): export pages
+"""rotate-key without a broker: the cloud's side (``CloudAgent.handle``: export pages
 are the engine's own, key.retire destroys the old gallery's rows and files and only
-once its successor is current, a retired key never comes back; and the protocol's
-checks on both messages."""
+once its successor is current, a retired key never comes back), the protocol's checks
+on both messages, shredding, the key directory switch, the CLI's refusals."""
 
 from __future__ import annotations
 
@@ -225,3 +225,59 @@ def test_rotation_messages_on_the_wire() -> None:
         decode(msgpack.packb(wire, use_bin_type=True))
     assert request_topic("s", "g", "gallery.export") == "cipherface/v1/s/req/g/export"
     assert request_topic("s", "g", "key.retire") == "cipherface/v1/s/req/g/retire"
+
+
+def test_rotate_key_cli_refuses_bad_input_in_one_line(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cipherface.agents import cli
+
+    for var in ("CIPHERFACE_KEYS", "CIPHERFACE_SITE", "CIPHERFACE_GATEWAY"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli.main(["rotate-key"]) == 2
+    assert "missing required --keys" in capsys.readouterr().err
+    kdir = tmp_path / "k"
+    sites.generate_key_dir(kdir, dim=DIM)
+    (tmp_path / "file").write_text("x")
+    phe = tmp_path / "phe"
+    sites.generate_key_dir(phe, scheme="paillier", dim=DIM, security_level=112)
+    base = ["rotate-key", "--broker", "mqtt://127.0.0.1:1", "--site", "s", "--gateway", "g"]
+    cases = [
+        ([*base, "--keys", str(tmp_path / "file")], "invalid_argument"),
+        ([*base, "--keys", str(tmp_path / "none")], "invalid_argument"),
+        ([*base, "--keys", str(kdir), "--page-packs", "0"], "invalid_argument"),
+        ([*base, "--keys", str(kdir), "--page-packs", "129"], "invalid_argument"),
+        ([*base, "--keys", str(phe)], "invalid_argument"),
+        (["rotate-key", "--keys", str(kdir), "--site", "Bad Site", "--gateway", "g"], "invalid"),
+    ]
+    for argv, code in cases:
+        assert cli.main(argv) == 3, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error [{code}"), (argv, err)
+    assert not (tmp_path / "k.rotating").exists()  # nothing staged by a refused run
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_the_key_directory_switch_is_atomic_or_finished_after_a_crash(
+    atomic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cipherface.agents import keyswap
+
+    paths = keyswap.RotationPaths.of(tmp_path / "keys")
+    for d, what in ((paths.keys, "old"), (paths.stage, "new")):
+        d.mkdir()
+        (d / "which").write_text(what)
+    if not atomic:
+        monkeypatch.setattr(keyswap, "_exchange", lambda a, b: False)
+    keyswap.switch(paths)
+    assert (paths.keys / "which").read_text() == "new" and not paths.swap.exists()
+    assert (paths.stage / "which").read_text() == "old"
+    # The fallback's three renames, cut after the first and after the second.
+    for done in (1, 2):
+        keyswap.switch(paths)  # back to old in DIR
+        steps = [(paths.keys, paths.swap), (paths.stage, paths.keys)][:done]
+        for src, dst in steps:
+            src.rename(dst)
+        keyswap.recover_switch(paths)
+        assert (paths.keys / "which").read_text() == "new", done
+        assert (paths.stage / "which").read_text() == "old" and not paths.swap.exists()
