@@ -152,6 +152,13 @@ class _Rotation:
 
     # ---------------------------------------------------------------- helpers
     def load(self, directory: Any) -> tuple[CkksEdgeCipher, Guard]:
+        """The cipher and guard of a key directory.
+
+        Raises:
+            InvalidArgumentError: not a CKKS key, or no trust.key (nothing to check an
+                export page against).
+            KeyFileError: the key does not load.
+        """
         cipher = sites.load_edge_cipher(directory, allow_insecure_permissions=self.insecure)
         if not isinstance(cipher, CkksEdgeCipher):
             raise InvalidArgumentError(
@@ -168,6 +175,7 @@ class _Rotation:
         return cipher, guard
 
     def client(self, cipher: CkksEdgeCipher, guard: Guard) -> EdgeClient:
+        """An edge client of ``cipher`` on the rotation's gateway (no decision events)."""
         return EdgeClient(
             broker=self.broker,
             cipher=cipher,
@@ -180,10 +188,12 @@ class _Rotation:
         )
 
     def header(self, kid: str) -> dict[str, Any]:
+        """Envelope fields of a request for key ``kid`` (``exp`` covers every attempt)."""
         budget = int(1000 * self.timeout * (self.retries + 1)) + _EXPIRY_GRACE_MS
         return {"site": self.site, "gw": self.gateway, "kid": kid, "exp": now_ms() + budget}
 
     def report(self, phase: str, progress: Progress, total: int, moved: int) -> None:
+        """Tell ``on_progress`` (if any) where the rotation is."""
         if self.on_progress is not None:
             self.on_progress(
                 RotationStatus(
@@ -226,18 +236,15 @@ class _Rotation:
                 f"remove {self.paths.stage} to start over"
             )
         moved = progress.moved
-        total = 0
         with self.client(ncipher, nguard) as edge:
             edge.publish_key()
 
             def source(first: int, count: int) -> bytes:
-                nonlocal total
                 res = edge.request(
                     GalleryExport(**self.header(progress.old), first=first, count=count)
                 )
                 if res.op != "gallery.export" or res.scores is None or res.offset != first:
                     raise ResultRejectedError(f"gallery.export: not the page at pack {first}")
-                total = res.total or 0
                 return res.scores
 
             def enroll(labels: list[str], payload: bytes) -> None:

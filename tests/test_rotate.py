@@ -84,13 +84,13 @@ def site(broker: Any, tmp_path: Path) -> Iterator[Site]:
     cloud.start()
     s = Site(url=broker.url, name=name, keys=keys, cloud=cloud, work=tmp_path)
     rng = np.random.default_rng(secrets.randbits(32))
-    names = [f"person {i}" for i in range(PEOPLE + 2)]
+    names = [f"person {i}" for i in range(PEOPLE + 1)]
     vecs = unit(rng, len(names))
     s.faces = dict(zip(names, vecs, strict=True))
     try:
         with s.client(keys) as edge:
             assert edge.enroll_bulk(names[:PEOPLE], vecs[:PEOPLE], progress=False) == PEOPLE
-            for who in names[PEOPLE:]:  # a pack each
+            for who in names[PEOPLE:]:  # a pack of its own
                 edge.enroll(who, embeddings=s.faces[who])
             gone = names[3:PEOPLE:17]
             assert edge.delete(gone) == len(gone)
@@ -104,7 +104,7 @@ Decisions = dict[str, tuple[bool | None, bool | None, bool | None]]
 
 
 def _decisions(s: Site, keys: Path, people: list[str]) -> Decisions:
-    """Per person: verify as themselves; as the next person (every 5th); identify (two of
+    """Per person: verify as themselves; as the next person (every 5th); identify (one of
     them and a stranger: 0.7 s each, its probe is d ciphertexts)."""
     rng = np.random.default_rng(5)
     out: Decisions = {}
@@ -114,7 +114,7 @@ def _decisions(s: Site, keys: Path, people: list[str]) -> Decisions:
             other = ident = None
             if i % 5 == 0:
                 other = edge.verify(people[(i + 1) % len(people)], vector=probe).match
-            if i in (0, len(people) // 2):
+            if i == len(people) // 2:
                 hit = edge.identify(vector=probe)
                 ident = hit.match and hit.identity == who
             out[who] = (edge.verify(who, vector=probe).match, other, ident)
@@ -142,7 +142,7 @@ def test_rotate_key_end_to_end_through_the_broker(site: Site) -> None:
     before = _decisions(site, site.keys, site.live)
     assert before.pop("a stranger") == (None, None, False)  # a sane population:
     assert all(me and not other for me, other, _ in before.values())
-    assert [ident for _, _, ident in before.values() if ident is not None] == [True, True]
+    assert [ident for _, _, ident in before.values() if ident is not None] == [True]
 
     seen: list[RotationStatus] = []
     t0 = time.perf_counter()
@@ -313,6 +313,7 @@ def test_a_forged_export_page_is_refused_and_nothing_switches(
     assert out["resumed"] and out["moved"] == len(site.live) and site.kid() == out["new_key"]
 
 
+@pytest.mark.slow
 def test_rotate_key_through_the_secure_broker_acl(
     secure_broker: Any, secure_deployment: Any, tmp_path: Path
 ) -> None:
