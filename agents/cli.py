@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_int_env("CIPHERFACE_ROTATE_PAGE_PACKS") or 32,
         metavar="N",
-        help="packs of the old gallery per page, 1..128 (31 identities each; "
+        help="packs of the old gallery per page, 1..128 (32 slots each, canaries included; "
         "env CIPHERFACE_ROTATE_PAGE_PACKS; default 32)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")

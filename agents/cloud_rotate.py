@@ -145,7 +145,9 @@ def export_page(keys: KeyRegistry, req: GalleryExport, max_reply_bytes: int) -> 
             total=total,
         )
         if _encoded_size(result) <= max_reply_bytes:
-            log.info(
+            # An export hands the key holder its gallery: make its start stand out.
+            log.log(
+                logging.WARNING if first == 0 else logging.INFO,
                 "site %s/%s: exported packs %d..%d of %d of key %s",
                 req.site,
                 req.gw,

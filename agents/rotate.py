@@ -72,8 +72,9 @@ from cipherface.store.erase import shred_tree
 
 log = logging.getLogger(__name__)
 
-#: Packs per export page: 32 packs hold up to 992 identities, ~2.3 MB of export and
-#: one ~5 MB enroll payload under the new key.
+#: Packs per export page: 32 packs of 32 slots (canaries included: 28 people each with
+#: four canaries a pack) are ~2.3 MB of export and one ~5 MB enroll payload under the
+#: new key.
 DEFAULT_PAGE_PACKS: Final = 32
 _EXPIRY_GRACE_MS: Final = 5000
 

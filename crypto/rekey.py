@@ -170,7 +170,8 @@ def rekey(
             process or through the cloud).
         old: the old key's cipher and guard.
         new: the new key's cipher and guard (the same ones to compact).
-        enroll: ``(labels, payload)`` -> stores one payload in the new gallery.
+        enroll: ``(labels, payload)`` -> stores one payload in the new gallery (a page
+            takes one, or more when the new key's canaries need more packs).
         progress: the progress file (JSON ``{"old", "new", "next", "moved"}``, 0600);
             it is read on start, so a crashed run resumes at its last finished page.
         page_packs: packs per page.
@@ -195,9 +196,15 @@ def rekey(
             # A fresh order (CSPRNG): the new slots do not mirror the old ones, so a
             # cloud that watches the rotation links a person only to a page of people.
             secrets.SystemRandom().shuffle(live)
-            names = [n for n, _ in live]
-            labels, rows = nguard.with_canaries(names, np.stack([v for _, v in live]))
-            enroll(labels, ncipher.encrypt_templates(rows))
+            # The new key may hold more canaries a pack than the old one: a page's people
+            # then need more packs, so they go in as many payloads as that takes.
+            step = nguard.payload_names(ncipher.max_templates_per_payload)
+            for lo in range(0, len(live), step):
+                part = live[lo : lo + step]
+                labels, rows = nguard.with_canaries(
+                    [n for n, _ in part], np.stack([v for _, v in part])
+                )
+                enroll(labels, ncipher.encrypt_templates(rows))
         nxt, moved = min(total, first + page_packs), moved + len(live)
         state = {"old": ocipher.key_id, "new": ncipher.key_id, "next": nxt, "moved": moved}
         write_atomic(path, json.dumps(state).encode(), mode=0o600)

@@ -281,3 +281,48 @@ def test_the_key_directory_switch_is_atomic_or_finished_after_a_crash(
         keyswap.recover_switch(paths)
         assert (paths.keys / "which").read_text() == "new", done
         assert (paths.stage / "which").read_text() == "old" and not paths.swap.exists()
+
+
+def test_a_first_format_key_rotates_into_packs_with_more_canaries(tmp_path: Path) -> None:
+    """Old packs hold 31 people (1 canary), new ones 28 (4 canaries): a page's people no
+    longer fit the payload they came from and go in several (payloads shrunk to 4 packs
+    here so that a small gallery shows it)."""
+    from cipherface.crypto.ckks import CkksKeys
+    from cipherface.crypto.ckks_gallery import CkksGallery
+    from cipherface.crypto.trust import TrustKey
+
+    def key(canaries: int, name: str) -> tuple[CkksKeys, CkksEdgeCipher, Guard]:
+        keys = CkksKeys.generate(dim=DIM)
+        cipher = CkksEdgeCipher(keys=keys)
+        trust = TrustKey(seed=secrets.token_bytes(32), canaries=canaries)
+        state = tmp_path / f"{name}.state"
+        return keys, cipher, Guard(trust=trust, key_id=cipher.key_id, dim=DIM, state_path=state)
+
+    okeys, ocipher, oguard = key(1, "old")
+    nkeys, ncipher, nguard = key(4, "new")
+    assert (oguard.canaries, nguard.canaries) == (1, 4)
+    old = CkksGallery(path=tmp_path / "old", public=okeys.public)
+    new = CkksGallery(path=tmp_path / "new", public=nkeys.public)
+    names = [f"p{i}" for i in range(8 * 31)]
+    labels, rows = oguard.with_canaries(names, unit(np.random.default_rng(2), len(names)))
+    old.enroll(labels, ocipher.encrypt_templates(rows))
+    ncipher.max_templates_per_payload = 4 * ncipher.per_pack  # 112 people a payload
+    payloads: list[int] = []
+
+    def enroll(labels: list[str], payload: bytes) -> None:
+        payloads.append(len(labels))
+        new.enroll(labels, payload)
+
+    moved = rekey.rekey(
+        source=lambda f, c: rekey.export_packs(old, f, c),
+        old=(ocipher, oguard),
+        new=(ncipher, nguard),
+        enroll=enroll,
+        progress=tmp_path / "progress",
+        page_packs=8,
+    )
+    assert moved == len(names) and payloads == [128, 128, 28]  # 112, 112, 24 people + canaries
+    opened = nguard.open_slots(new.ids())
+    assert sorted(x for x in opened if isinstance(x, str)) == sorted(names)
+    old.close()
+    new.close()
