@@ -325,6 +325,13 @@ class CkksGallery:
                 self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
             )
 
+    def quota_scope(self, identity: str) -> str:
+        """What a verify of ``identity`` reveals, for the cloud's quotas: its pack (the
+        result carries every live template of it); ``"?"`` when not enrolled."""
+        with self._lock:
+            slot = self._index.get(identity)
+        return "?" if slot is None else f"pack {slot // self.per_pack}"
+
     def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
         """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.
 

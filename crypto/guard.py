@@ -44,7 +44,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from cipherface.crypto.trust import Canary, Opened, TrustKey, load_trust_key
+from cipherface.crypto.engine import normalise_embeddings
+from cipherface.crypto.trust import GROUP_ID_BYTES, Canary, Opened, TrustKey, load_trust_key
 from cipherface.errors import (
     DecisionBudgetError,
     GatewayHaltedError,
@@ -73,6 +74,13 @@ CANARY_MAX_SIGMAS: Final = 12.0
 #: nor aim a score at the threshold more finely than that, i.e. not below the
 #: canaries' resolution.
 JITTER: Final = 4e-3
+#: Half-width of the secret uniform noise added to every decrypted score after the
+#: canary check and before any threshold (noise flooding of what a decision reveals).
+#: A cloud that aims a score at the threshold and moves it by a key-dependent ``t``
+#: (a few 1e-5 at most: the canaries catch more) changes the decision's probability by
+#: only ``t / (2 u)`` (about 1 %), so each key coefficient costs it thousands of
+#: decisions (tests/test_trust_review.py); honest decisions move by at most 2e-3.
+DECISION_NOISE: Final = 2e-3
 #: Canaries are spread one per this many slots when the scheme has no packs.
 DEFAULT_SPACING: Final = 32
 
@@ -119,6 +127,10 @@ class Guard:
             it); :data:`DEFAULT_SPACING` when the scheme has no packs.
         budget: decisions allowed under this key.
         max_forged: forged results before the gateway halts.
+        packed: the scheme keeps each payload's templates in place, pack by pack, and a
+            result's slots follow them (CKKS); with a ``CFTRUST3`` key every pack a payload
+            opens is then filled with canaries and bound to them (see :meth:`check`).
+        decision_noise: :data:`DECISION_NOISE` (0 turns it off: measurements only).
 
     Raises:
         InvalidArgumentError: a bad budget, sigma or pack size.
@@ -135,9 +147,14 @@ class Guard:
         per_pack: int = DEFAULT_SPACING,
         budget: int = DEFAULT_BUDGET,
         max_forged: int = DEFAULT_MAX_FORGED,
+        packed: bool = True,
+        decision_noise: float = DECISION_NOISE,
     ) -> None:
         if budget < 1 or max_forged < 1 or not sigma > 0 or per_pack < 2:
             raise InvalidArgumentError("budget, max_forged >= 1, sigma > 0, per_pack >= 2")
+        if not 0 <= decision_noise < 0.1:
+            raise InvalidArgumentError("decision_noise must be in [0, 0.1)")
+        self.decision_noise = float(decision_noise)
         self.trust = trust
         self.key_id = key_id
         self.dim = dim
@@ -146,6 +163,8 @@ class Guard:
         # Canaries per pack: what the trust key was made with, at most half a pack (a
         # 512-d model has 8 slots a pack: 4 canaries; a first-format key: 1).
         self.canaries = max(1, min(trust.canaries, self.per_pack // 2))
+        # Full, bound packs: only where slots follow payloads (CKKS) and the key is CFTRUST3.
+        self.bound = bool(packed and trust.bound)
         self.budget = int(budget)
         self.max_forged = int(max_forged)
         self.state_path = Path(state_path)
@@ -255,11 +274,29 @@ class Guard:
         return ResultForgedError(f"result refused, not decided on: {reason}")
 
     def jitter(self, probe: npt.ArrayLike) -> FloatArray:
-        """``probe`` plus a fresh secret random vector of norm :data:`JITTER`, renormalised."""
-        v = np.asarray(probe, dtype=np.float64)
-        r = self.trust.canary_vector(self.trust.new_canary()[1], v.shape[-1])
-        out = v / np.linalg.norm(v) + JITTER * r
+        """``probe`` plus a fresh secret random vector of norm :data:`JITTER`, renormalised.
+
+        Raises:
+            InvalidArgumentError: not a finite, nonzero real vector of the key's dimension.
+        """
+        v = normalise_embeddings(probe, self.dim)[0]
+        r = self.trust.canary_vector(self.trust.new_canary()[1], self.dim)
+        out = v + JITTER * r
         return np.asarray(out / np.linalg.norm(out), dtype=np.float64)
+
+    def blur(self, scores: npt.ArrayLike) -> FloatArray:
+        """``scores`` plus fresh secret noise, uniform in ``±decision_noise`` (``secrets``).
+
+        Applied after the canary check, before any threshold: a decision (or a similarity
+        a gateway thresholds itself) never rests on the exact decrypted value, whose
+        last digits a cheating cloud could make key-dependent.
+        """
+        x = np.asarray(scores, dtype=np.float64)
+        if not self.decision_noise or x.size == 0:
+            return x.copy()
+        u = np.frombuffer(secrets.token_bytes(8 * x.size), dtype="<u8") >> np.uint64(11)
+        unit = u.astype(np.float64).reshape(x.shape) / float(1 << 53)  # [0, 1)
+        return np.asarray(x + self.decision_noise * (2.0 * unit - 1.0), dtype=np.float64)
 
     # ----------------------------------------------------------------- labels
     def seal(self, name: str) -> str:
@@ -293,29 +330,45 @@ class Guard:
 
         Every ``per_pack - canaries`` names get ``canaries`` canaries at random positions
         among them, so each pack the payload fills (the cloud starts a multi-template
-        payload on a pack boundary) holds exactly that many. A single name makes a
-        ``1 + canaries`` template payload.
+        payload on a pack boundary) holds that many. With a bound key (``CFTRUST3``, packed
+        scheme) the last pack is filled too -- its unused slots are canaries, so no pack
+        holding a person keeps a free slot -- and every canary's label records its group,
+        place, the pack's size and canary count (a single name makes a full pack: 1
+        person, ``per_pack - 1`` canaries; the pack was taken whole anyway).
+
+
+        Raises:
+            InvalidArgumentError: names and vectors disagree, or a vector is not finite.
         """
-        v = np.asarray(vectors, dtype=np.float64)
+        v = normalise_embeddings(vectors, self.dim) if len(names) else np.zeros((0, self.dim))
+        if v.shape[0] != len(names):
+            raise InvalidArgumentError(f"{len(names)} names for {v.shape[0]} vectors")
         labels: list[str] = []
         rows: list[FloatArray] = []
         m = self.canaries
         group = self.per_pack - m
         for lo in range(0, len(names), group):
             hi = min(lo + group, len(names))
-            order: list[int] = list(range(lo, hi)) + [-1] * m  # -1: a canary
+            ncan = self.per_pack - (hi - lo) if self.bound else m
+            order: list[int] = list(range(lo, hi)) + [-1] * ncan  # -1: a canary
             # Fisher-Yates with the CSPRNG: the canaries' places are secret.
             for i in range(len(order) - 1, 0, -1):
                 j = secrets.randbelow(i + 1)
                 order[i], order[j] = order[j], order[i]
-            for i in order:
+            gid = secrets.token_bytes(GROUP_ID_BYTES)
+            for place, i in enumerate(order):
                 if i < 0:
-                    label, canary = self.trust.new_canary()
+                    if self.bound:
+                        label, canary = self.trust.new_canary(
+                            group=gid, offset=place, size=len(order), count=ncan
+                        )
+                    else:
+                        label, canary = self.trust.new_canary()
                     labels.append(label)
                     rows.append(self.canary_vector(canary))
                 else:
                     labels.append(self.seal(names[i]))
-                    rows.append(v[i] / np.linalg.norm(v[i]))
+                    rows.append(v[i])
         return labels, np.stack(rows) if rows else np.zeros((0, self.dim))
 
     def payload_names(self, max_templates: int) -> int:
@@ -352,7 +405,9 @@ class Guard:
         m = self.canaries
         if users and len(canaries) < m:
             raise self.forged(f"a result with {len(canaries)} canaries (at least {m})")
-        if packed and users:
+        if packed and self.bound:
+            self._check_places(slots, canaries, users, first_slot)
+        elif packed and users:
             # Every pack holding a person must show all its canaries: a cloud that lists
             # fewer (marks them free) would leave the shift fewer places to be caught.
             P = self.per_pack
@@ -379,6 +434,47 @@ class Guard:
                 f"(chi-square {chi2:.0f} > {chi2_limit(len(canaries)):.0f})"
             )
 
+    def _check_places(
+        self, slots: Sequence[Opened], canaries: list[int], users: list[int], first_slot: int
+    ) -> None:
+        """Bound packs: every person where its pack's group holds a person, every canary
+        of that group listed, each at its own place.
+
+        A free slot holds a zero template: a person listed there would be decided on a
+        score the cloud writes exactly (and can then move by a key-dependent amount
+        small enough to pass the canaries). Bound packs have no free slot, and a person
+        can sit only at a place of the group that is not a canary.
+        """
+        P = self.per_pack
+        groups: dict[int, list[Canary]] = {}
+        for i in canaries:
+            c = slots[i]
+            assert isinstance(c, Canary)
+            if c.group is None or (first_slot + i) % P != c.offset:
+                raise self.forged(f"a canary listed at slot {i}, out of its place in the pack")
+            groups.setdefault((first_slot + i) // P, []).append(c)
+        for p in sorted({(first_slot + i) // P for i in users}):
+            cans = groups.get(p, [])
+            head = cans[0] if cans else None
+            if (
+                head is None
+                or any(c.group != head.group for c in cans)
+                or len(cans) != head.count
+                or head.count < self.canaries
+            ):
+                raise self.forged(
+                    f"pack {p} holds people but lists {len(cans)} canaries, fewer than "
+                    "its group holds (or of several groups)"
+                )
+            taken = {c.offset for c in cans}
+            for i in users:
+                o = (first_slot + i) % P
+                if (first_slot + i) // P == p and (o >= head.size or o in taken):
+                    raise self.forged(
+                        f"an identity listed at place {o} of pack {p}, where the pack holds "
+                        "no person"
+                    )
+
 
 def state_path(keys: str | os.PathLike[str]) -> Path:
     """The ``trust.state`` file of a key directory."""
@@ -403,6 +499,13 @@ def load_guard(
     trust = load_trust_key(directory)
     if trust is None:
         return None
+    packed = hasattr(cipher, "per_pack")
+    if packed and not trust.bound:
+        log.warning(
+            "%s/trust.key predates format CFTRUST3: its packs keep free slots that a "
+            "cheating cloud can list a person on; rotate the key (docs/security.md)",
+            directory,
+        )
     return Guard(
         trust=trust,
         key_id=cipher.key_id,
@@ -412,10 +515,12 @@ def load_guard(
         per_pack=int(getattr(cipher, "per_pack", DEFAULT_SPACING)),
         budget=budget,
         max_forged=max_forged,
+        packed=packed,
     )
 
 
 __all__ = [
+    "DECISION_NOISE",
     "DEFAULT_BUDGET",
     "DEFAULT_MAX_FORGED",
     "DEFAULT_SIGMA",

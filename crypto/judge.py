@@ -7,7 +7,8 @@ tests call them directly with results a malicious cloud crafted
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -15,9 +16,21 @@ import numpy.typing as npt
 from cipherface.crypto import thresholds
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.crypto.guard import Guard
-from cipherface.errors import ResultRejectedError
+from cipherface.errors import ResultForgedError, ResultRejectedError
 
 FloatArray = npt.NDArray[np.float64]
+_T = TypeVar("_T")
+
+
+def _decrypt(guard: Guard | None, decrypt: Callable[[], _T]) -> _T:
+    """Run a decryption; a refusal made *after* decrypting (the plaintext is out of the
+    honest range) is a bit about the plaintext: with a guard it counts as forged."""
+    try:
+        return decrypt()
+    except ResultForgedError as exc:
+        if guard is None:
+            raise
+        raise guard.forged(str(exc)) from None
 
 
 def identify_best(
@@ -43,12 +56,17 @@ def identify_best(
     Raises:
         ResultRejectedError: malformed or wrong-shaped result; never decrypted.
         ResultForgedError: canaries off or labels forged (recorded by the guard).
+
+    With a guard the similarity returned (and the choice of the best slot) carries the
+    guard's secret decision noise (:meth:`~cipherface.crypto.guard.Guard.blur`).
     """
     if not labels:
         return None, None
     if scores_blob is None:
         raise ResultRejectedError("an identify result without scores")
-    scores = cipher.decrypt_scores(scores_blob, op="identify", count=len(labels))
+    scores = _decrypt(
+        guard, lambda: cipher.decrypt_scores(scores_blob, op="identify", count=len(labels))
+    )
     if scores.shape != (len(labels),):
         raise ResultRejectedError(f"identify result decrypts to shape {scores.shape}")
     names: Sequence[str | None] = labels
@@ -56,12 +74,15 @@ def identify_best(
         opened = guard.open_slots(labels)
         guard.check(opened, scores, probe, packed=hasattr(cipher, "per_pack"))
         names = [x if isinstance(x, str) else None for x in opened]
+        scores = guard.blur(scores)  # checked: now no threshold sees the exact value
     live = np.array([s is not None for s in names], dtype=bool)
     if not live.any():
         return None, None
     masked = np.where(live, scores, -np.inf)
     best = int(np.argmax(masked))
     if not np.isfinite(masked[best]):
+        if guard is not None:  # a live slot out of the honest range: decrypted, so counted
+            raise guard.forged("identify result decrypts to non-finite scores")
         raise ResultRejectedError("identify result decrypts to non-finite scores")
     return names[best], float(masked[best])
 
@@ -111,16 +132,20 @@ def verify_decision(
     """
     decrypt_pack = getattr(cipher, "decrypt_pack_scores", None)
     if guard is not None and pack is not None and target is not None and decrypt_pack:
-        scores, pos = decrypt_pack(scores_blob)
+        scores, pos = _decrypt(guard, lambda: decrypt_pack(scores_blob))
         if pos != target:
             raise guard.forged(f"verify answered for place {pos} of the pack, not {target}")
         opened = guard.open_slots(pack)
         if not isinstance(opened[target], str):
             raise guard.forged("verify answered for a slot that is not the identity asked")
         guard.check(opened, np.asarray(scores)[: len(opened)], probe)
-        score = float(scores[pos])
+        score = float(guard.blur(scores[pos]))
     else:
-        score = float(cipher.decrypt_scores(scores_blob, op="verify", count=1)[0])
+        score = float(
+            _decrypt(guard, lambda: cipher.decrypt_scores(scores_blob, op="verify", count=1))[0]
+        )
+        if guard is not None:
+            score = float(guard.blur(score))
     if not np.isfinite(score):
         raise ResultRejectedError("verify result decrypts to a non-finite score")
     return thresholds.is_match(score, cipher.model, cipher.metric)

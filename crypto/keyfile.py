@@ -47,14 +47,15 @@ class KeyFile:
         scheme: ``"ckks"``, ``"paillier"``, ``"damgard-jurik"`` or ``"okamoto-uchiyama"``.
         key_id: fingerprint of the public key (see :func:`fingerprint`).
         params: scheme parameters, plain msgpack types.
-        material: the key material, plain msgpack types (bytes, ints as strings...).
+        material: the key material, plain msgpack types (bytes, ints as strings...);
+            never in ``repr`` (a private key file's material is the secret key).
     """
 
     kind: KeyKind
     scheme: str
     key_id: str
     params: dict[str, Any] = field(default_factory=dict)
-    material: dict[str, Any] = field(default_factory=dict)
+    material: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def fingerprint(*parts: bytes) -> str:

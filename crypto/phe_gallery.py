@@ -69,6 +69,7 @@ from cipherface.errors import (
     InvalidArgumentError,
     KeyMismatchError,
     PayloadTooLargeError,
+    ResultForgedError,
     ResultRejectedError,
     StorageCorruptError,
     UnknownIdentityError,
@@ -426,7 +427,9 @@ class PheEdgeCipher:
 
         Raises:
             ResultRejectedError: malformed, another scheme/key/packing, wrong op or count,
-                ciphertexts out of range, or a verify score outside the honest range.
+                ciphertexts out of range; never decrypted.
+            ResultForgedError: decrypted, but outside the slot layout, or a verify score
+                outside the honest range (a tampered result).
         """
         rej = ResultRejectedError
         obj = _decode(result, self.public, self.packing, "scores", rej, mismatch=rej)
@@ -447,12 +450,14 @@ class PheEdgeCipher:
             raise rej("result holds a value that is not a ciphertext of this key")
         limit = 1 << (k * self.packing.slot_bits)
         plains = self.key.decrypt_many(cts)
+        # After decryption a refusal is a bit about the plaintext: ResultForgedError, which
+        # a guard counts (judge.py), so a cloud cannot ask for such bits without limit.
         if any(m >= limit for m in plains):
-            raise rej("result decrypts outside the slot layout (tampered or foreign result)")
+            raise ResultForgedError("result decrypts outside the slot layout (tampered result)")
         if op == "verify":
             v = self.packing.decode(self.packing.unpack(int(plains[0]))[obj["slot"]])
             if math.isnan(v):
-                raise rej("verify score is outside the honest range (tampered result)")
+                raise ResultForgedError("verify score is outside the honest range (tampered)")
             return np.array([v], dtype=np.float64)
         out = np.empty(nct * k, dtype=np.float64)
         pos = 0
@@ -793,6 +798,12 @@ class PheGallery:
         body = _header(self.pub, self.packing, "scores", count)
         body.update(op=op, cts=cts, **extra)
         return _pack(body)
+
+    def quota_scope(self, identity: str) -> str:
+        """What a verify of ``identity`` reveals, for the cloud's quotas: that identity
+        (every other slot of the result is masked); ``"?"`` when not enrolled."""
+        with self._rw.read():
+            return identity if identity in self._index else "?"
 
     def verify(self, identity: str, probe: bytes) -> bytes:
         """Encrypted similarity of ``probe`` against one identity: one ciphertext in which

@@ -9,15 +9,22 @@ are derived from it with HKDF-SHA256:
   no longer learns names or their lengths, the same name gets unrelated labels at two
   sites (or under two keys of one site), and the edge detects a label the cloud made up
   (SIV authenticates). Deterministic on purpose: verify and delete name a label.
-* a **canary key**: a canary is a label whose plaintext is ``\\x00`` + 8 random bytes (a
-  user name is printable, so it can never be a canary) and whose template is a unit
-  vector expanded from SHAKE-256(canary key, those 8 bytes). The edge enrolls
-  :data:`CANARIES_PER_PACK` canaries in every pack of every enrollment, at random
-  positions, inside ordinary enroll batches; it knows each canary's template, so it
-  knows the score every canary must get against any probe, and refuses a result whose
-  canaries are off
-  (:mod:`cipherface.crypto.guard`). To the cloud a canary is one more 128-character
-  label and one more ciphertext.
+* a **canary key**: a canary is a label whose plaintext starts with a control byte (a
+  user name is printable, so it can never be a canary) and 8 random bytes, and whose
+  template is a unit vector expanded from SHAKE-256(canary key, those 8 bytes). The edge
+  enrolls at least :data:`CANARIES_PER_PACK` canaries in every pack of every
+  enrollment, at random positions, inside ordinary enroll batches; it knows each
+  canary's template, so it knows the score every canary must get against any probe,
+  and refuses a result whose canaries are off (:mod:`cipherface.crypto.guard`). To the
+  cloud a canary is one more 128-character label and one more ciphertext.
+
+Since format ``CFTRUST3`` a canary's label also **binds its pack**: the group id shared
+by the canaries of one pack, the canary's place in the pack, the number of templates
+the pack was filled with and how many of them are canaries. Every pack a payload opens
+is filled to the last slot (the slots no person takes are canaries too), so the edge
+can refuse a listing that puts a person where its pack holds none -- a free slot, whose
+template is zero and whose score the cloud would then choose exactly
+(tests/test_trust_review.py).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import hashlib
 import os
 import secrets
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -42,8 +50,10 @@ from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import InvalidArgumentError, KeyFileError
 
 TRUST_NAME: Final = "trust.key"
-MAGIC: Final = b"CFTRUST2\n"
-#: The first format (one canary per pack; still read, never written).
+MAGIC: Final = b"CFTRUST3\n"
+#: The second format (four canaries a pack, not bound to it: packs may keep free
+#: slots; still read, never written) and the first (one canary per pack).
+MAGIC_V2: Final = b"CFTRUST2\n"
 MAGIC_V1: Final = b"CFTRUST1\n"
 #: Canaries in every pack of a key made now. A key-dependent shift leaves one given
 #: canary exactly unmoved with probability 1/3 (ternary secret), so a result checked by
@@ -58,15 +68,31 @@ MAX_NAME_BYTES: Final = LABEL_PLAIN_BYTES - 1
 #: protocol's identity limit).
 LABEL_CHARS: Final = 128
 _AD: Final = b"cipherface label/1"
-_CANARY_TAG: Final = 0x00
+_CANARY_TAG: Final = 0x00  # tag + cid (formats 1 and 2)
+_BOUND_TAG: Final = 0x01  # tag + cid + group + offset, size, count (format 3)
 CANARY_ID_BYTES: Final = 8
+GROUP_ID_BYTES: Final = 8
+_BOUND = struct.Struct(">HHH")
 
 
 @dataclass(frozen=True)
 class Canary:
-    """A canary slot's identity (its template is :meth:`TrustKey.canary_vector`)."""
+    """A canary slot's identity (its template is :meth:`TrustKey.canary_vector`).
+
+    Args:
+        cid: the random id its template is derived from.
+        group: id shared by the canaries of one pack (None: a canary of format 1 or 2,
+            bound to nothing).
+        offset: its place in the pack.
+        size: templates the pack was filled with (persons and canaries).
+        count: canaries among them.
+    """
 
     cid: bytes
+    group: bytes | None = None
+    offset: int = -1
+    size: int = 0
+    count: int = 0
 
 
 Opened = str | Canary | None  # a user's name, a canary, or a free/deleted slot
@@ -77,19 +103,24 @@ class TrustKey:
 
     Args:
         seed: the 32-byte trust secret (:func:`load_trust_key` / :func:`create_trust_key`).
-        canaries: canaries enrolled in every pack under this key (1 for a first-format
-            ``trust.key``).
+        canaries: canaries enrolled in every pack under this key, at least (1 for a
+            first-format ``trust.key``).
+        bound: canaries bind their pack and packs are filled (format 3; False for the
+            earlier formats, whose galleries keep free slots the edge cannot tell apart).
 
     Raises:
         InvalidArgumentError: a seed of the wrong length or a canary count out of 1..16.
     """
 
-    def __init__(self, *, seed: bytes, canaries: int = CANARIES_PER_PACK) -> None:
+    def __init__(
+        self, *, seed: bytes, canaries: int = CANARIES_PER_PACK, bound: bool = True
+    ) -> None:
         if len(seed) != SEED_BYTES:
             raise InvalidArgumentError(f"a trust seed has {SEED_BYTES} bytes")
         if not 1 <= canaries <= 16:
             raise InvalidArgumentError("canaries per pack must be in 1..16")
         self.canaries = int(canaries)
+        self.bound = bool(bound)
         self._siv = AESSIV(_hkdf(seed, b"cipherface labels v1", 64))
         self._canary_key = _hkdf(seed, b"cipherface canaries v1", 32)
         self._fingerprint = hashlib.sha256(b"fp" + seed).hexdigest()[:8]
@@ -110,6 +141,8 @@ class TrustKey:
                 f"identity {name[:40]!r}... is {len(raw)} bytes in UTF-8: at most "
                 f"{MAX_NAME_BYTES} (labels are encrypted to a fixed length)"
             )
+        if raw[:1] in (bytes([_CANARY_TAG]), bytes([_BOUND_TAG])):
+            raise InvalidArgumentError("an identity cannot start with a control character")
         return self._seal_bytes(raw)
 
     def _seal_bytes(self, raw: bytes) -> str:
@@ -138,13 +171,33 @@ class TrustKey:
         raw = plain[1 : 1 + n]
         if len(raw) == 1 + CANARY_ID_BYTES and raw[0] == _CANARY_TAG:
             return Canary(raw[1:])
+        if len(raw) == 1 + CANARY_ID_BYTES + GROUP_ID_BYTES + _BOUND.size and raw[0] == _BOUND_TAG:
+            g = 1 + CANARY_ID_BYTES
+            offset, size, count = _BOUND.unpack(raw[g + GROUP_ID_BYTES :])
+            return Canary(raw[1:g], raw[g : g + GROUP_ID_BYTES], offset, size, count)
         return raw.decode("utf-8")
 
     # ---------------------------------------------------------------- canaries
-    def new_canary(self) -> tuple[str, Canary]:
-        """A fresh canary: its sealed label and its identity (random, from ``secrets``)."""
-        c = Canary(secrets.token_bytes(CANARY_ID_BYTES))
-        return self._seal_bytes(bytes([_CANARY_TAG]) + c.cid), c
+    def new_canary(
+        self, *, group: bytes | None = None, offset: int = 0, size: int = 0, count: int = 0
+    ) -> tuple[str, Canary]:
+        """A fresh canary: its sealed label and its identity (random, from ``secrets``).
+
+        Args:
+            group: the pack's group id (:data:`GROUP_ID_BYTES` bytes) to bind the canary
+                to its pack (with ``offset``, ``size``, ``count``); None for an unbound one.
+
+        Raises:
+            InvalidArgumentError: a group id of the wrong length or fields out of range.
+        """
+        cid = secrets.token_bytes(CANARY_ID_BYTES)
+        if group is None:
+            return self._seal_bytes(bytes([_CANARY_TAG]) + cid), Canary(cid)
+        if len(group) != GROUP_ID_BYTES or not 0 <= offset < size <= 0xFFFF or count > size:
+            raise InvalidArgumentError("a bound canary needs an 8-byte group and its place")
+        c = Canary(cid, group, offset, size, count)
+        raw = bytes([_BOUND_TAG]) + cid + group + _BOUND.pack(offset, size, count)
+        return self._seal_bytes(raw), c
 
     def canary_vector(self, canary: Canary, dim: int) -> npt.NDArray[np.float64]:
         """The canary's unit template: SHAKE-256 stream -> Gaussian (Box-Muller) -> L2 norm."""
@@ -177,7 +230,7 @@ def create_trust_key(keys: str | os.PathLike[str]) -> TrustKey:
         raise KeyFileError(f"{path} exists already: refusing to overwrite a trust secret")
     seed = secrets.token_bytes(SEED_BYTES)
     write_atomic(path, MAGIC + seed + bytes([CANARIES_PER_PACK]), mode=0o600)
-    return TrustKey(seed=seed, canaries=CANARIES_PER_PACK)
+    return TrustKey(seed=seed, canaries=CANARIES_PER_PACK, bound=True)
 
 
 def load_trust_key(keys: str | os.PathLike[str]) -> TrustKey | None:
@@ -195,17 +248,19 @@ def load_trust_key(keys: str | os.PathLike[str]) -> TrustKey | None:
         raise KeyFileError(f"{path} is readable by group or others: chmod 600 it")
     data = path.read_bytes()
     if len(data) == len(MAGIC_V1) + SEED_BYTES and data.startswith(MAGIC_V1):
-        return TrustKey(seed=data[len(MAGIC_V1) :], canaries=1)
-    if len(data) != len(MAGIC) + SEED_BYTES + 1 or not data.startswith(MAGIC):
+        return TrustKey(seed=data[len(MAGIC_V1) :], canaries=1, bound=False)
+    magic = data[: len(MAGIC)]
+    if len(data) != len(MAGIC) + SEED_BYTES + 1 or magic not in (MAGIC, MAGIC_V2):
         raise KeyFileError(f"{path} is not a cipherface trust secret")
     try:
-        return TrustKey(seed=data[len(MAGIC) : -1], canaries=data[-1])
+        return TrustKey(seed=data[len(MAGIC) : -1], canaries=data[-1], bound=magic == MAGIC)
     except InvalidArgumentError:
         raise KeyFileError(f"{path} is not a cipherface trust secret") from None
 
 
 __all__ = [
     "CANARIES_PER_PACK",
+    "GROUP_ID_BYTES",
     "LABEL_CHARS",
     "MAX_NAME_BYTES",
     "TRUST_NAME",

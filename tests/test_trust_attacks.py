@@ -59,7 +59,9 @@ def _make_site(tmp: Path, people: int, *, canaries: int | None = None) -> Any:
     cipher = CkksEdgeCipher(keys=keys)
     trust = create_trust_key(tmp)
     if canaries is not None:  # a first-format key (one canary per pack), for comparison
-        trust = TrustKey(seed=(tmp / "trust.key").read_bytes()[9:41], canaries=canaries)
+        trust = TrustKey(
+            seed=(tmp / "trust.key").read_bytes()[9:41], canaries=canaries, bound=False
+        )
     guard = Guard(
         trust=trust,
         key_id=cipher.key_id,
@@ -223,7 +225,7 @@ def test_trimmed_listing_is_refused_or_keeps_four_canaries(office_site: Any) -> 
     labels[c] = None  # one canary "free": its pack shows three
     probe = guard.jitter(np.ones(DIM))
     res, _ = gallery.identify(cipher.encrypt_probe(probe, op="identify"))
-    with pytest.raises(ResultForgedError, match="fewer than 4 canaries"):
+    with pytest.raises(ResultForgedError, match="fewer than"):
         identify_decision(cipher, guard, labels=labels, scores_blob=res, probe=probe)
 
 
