@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_env("CIPHERFACE_QUOTA_VERIFY") or str(VERIFY_PER_IDENTITY_PER_HOUR),
         metavar="N",
-        help="verifies of one identity each gateway may make an hour (0: no limit; "
+        help="verifies reading one pack (CKKS; one identity for the Paillier family) each "
+        "gateway may make an hour (0: no limit; "
         f"default {VERIFY_PER_IDENTITY_PER_HOUR}, env CIPHERFACE_QUOTA_VERIFY)",
     )
     p.add_argument(

@@ -69,7 +69,7 @@ from cipherface.agents.mqtt import (
     publish_properties,
     wait_published,
 )
-from cipherface.agents.quota import QuotaPolicy, Quotas
+from cipherface.agents.quota import UNKNOWN_SCOPE, QuotaPolicy, Quotas
 from cipherface.crypto import sites
 from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
@@ -868,12 +868,23 @@ class CloudAgent:
                 Outgoing(topic=result_topic(req.site, req.gw), payload=stored, correlation=echo)
             ]
         try:
-            self.quotas.charge(req)  # after dedup: a retried copy costs nothing
+            # After dedup: a retried copy costs nothing.
+            self.quotas.charge(req, scope=self._quota_scope(req))
         except RateLimitedError as exc:
             log.warning("%s", exc)
             self._cache.release(key)
             return [self._error_retry(exc, req.site, req.gw, req.id, req.kid, echo)[0]]
         return _Job(req=req, key=key, echo=echo)
+
+    def _quota_scope(self, req: Request) -> str | None:
+        """What a verify reveals, for its quota bucket: the gallery's ``quota_scope``."""
+        if not isinstance(req, Verify) or not self.quotas.policy.verify_per_identity_per_hour:
+            return None
+        try:
+            scope = getattr(self.keys.gallery(req.site, req.kid or ""), "quota_scope", None)
+            return None if scope is None else str(scope(req.identity))
+        except Exception:  # no such gallery: the request fails anyway; one shared bucket
+            return UNKNOWN_SCOPE
 
     def _run(self, job: _Job, computed: bytes | Exception | None) -> list[Outgoing]:
         """Run a job (or finish one whose verify scores ``computed`` came from a batch)."""

@@ -42,7 +42,7 @@ from cipherface.agents.mqtt import (
     wait_published,
 )
 from cipherface.crypto import thresholds
-from cipherface.crypto.engine import EdgeCipher
+from cipherface.crypto.engine import EdgeCipher, normalise_embeddings
 from cipherface.crypto.guard import Guard
 from cipherface.crypto.judge import identify_best, verify_decision
 from cipherface.errors import (
@@ -129,17 +129,15 @@ def decision_json(decision: Decision) -> dict[str, Any]:
 
 
 def _as_matrix(vectors: npt.ArrayLike, dim: int, what: str) -> FloatArray:
-    v = np.asarray(vectors, dtype=np.float64)
-    if v.ndim == 1:
-        v = v[None, :]
-    if v.ndim != 2 or v.shape[1] != dim:
-        raise InvalidArgumentError(f"{what}: expected shape (n, {dim}), got {v.shape}")
-    if not np.isfinite(v).all():
-        raise InvalidArgumentError(f"{what}: not finite")
-    norms = np.linalg.norm(v, axis=1)
-    if (norms == 0).any():
-        raise InvalidArgumentError(f"{what}: a zero vector")
-    return v / norms[:, None]
+    """Unit rows of finite real numbers (huge entries scaled first: ``normalise_embeddings``).
+
+    Raises:
+        InvalidArgumentError: wrong shape, not real, NaN/inf, or a zero row.
+    """
+    try:
+        return normalise_embeddings(vectors, dim)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{what}: {exc}") from None
 
 
 class EdgeClient:

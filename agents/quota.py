@@ -7,10 +7,15 @@ bound how many it answers, per gateway (the broker's ACL ties a gateway's reques
 its own account, so the gateway in the topic is authenticated):
 
 * **identify** per ``(site, gateway)``: every identify result carries one linear
-  function of every template of the gallery;
-* **verify** per ``(site, gateway, identity)``: a verify result carries one pack, and
-  dumping a pack with selector probes takes thousands of verifies of one identity,
-  where a real door verifies a person a few times a day.
+  function of every template of the gallery (``d`` = 128 of them determine it: no
+  quota an honest camera can live with stops that; it bounds how often);
+* **verify** per ``(site, gateway, scope)``, the scope being what one result reveals:
+  the asked identity's *pack* in a CKKS gallery (a verify result carries the score of
+  every live template of the pack, so ``d`` verifies of the pack's identities, any of
+  them, read the whole pack), the identity in a Paillier-family one. A bucket per
+  identity let a key holder spread those ``d`` verifies over the pack's 28 people and
+  read it within the bursts (tests/test_trust_review.py). Verifies of identities that
+  are not enrolled share one bucket per gateway, so made-up names cannot fill the book.
 
 Each quota is a token bucket (``per_hour`` tokens an hour, at most ``burst`` saved),
 counted by the process that answers (a fleet of ``W`` workers sharing a ``$share``
@@ -31,9 +36,13 @@ from cipherface.errors import InvalidArgumentError, RateLimitedError
 from cipherface.protocol.messages import Identify, Request, Verify
 
 #: Defaults: a camera that identifies once a second around the clock, a door that
-#: verifies one person every 30 s for an hour (bursts: 5 min of identify, 10 verifies).
+#: verifies one person of a pack every 30 s for an hour (bursts: 5 min of identify, a
+#: morning rush of 30 verifies into one pack of 28 people).
 IDENTIFY_PER_HOUR: Final = 3600
 VERIFY_PER_IDENTITY_PER_HOUR: Final = 120
+VERIFY_BURST: Final = 30
+#: The verify scope of identities a gallery does not hold (one bucket per gateway).
+UNKNOWN_SCOPE: Final = "?"
 #: Buckets kept; beyond that, full buckets (no state worth keeping) are dropped first.
 MAX_BUCKETS: Final = 200_000
 
@@ -45,8 +54,9 @@ class QuotaPolicy:
     Args:
         identify_per_hour: identify requests per (site, gateway) an hour.
         identify_burst: identify requests a gateway may make at once.
-        verify_per_identity_per_hour: verifies of one identity per (site, gateway) an hour.
-        verify_burst: verifies of one identity a gateway may make at once.
+        verify_per_identity_per_hour: verifies of one scope (a CKKS pack, a Paillier
+            identity: see the module docstring) per (site, gateway) an hour.
+        verify_burst: verifies of one scope a gateway may make at once.
 
     Raises:
         InvalidArgumentError: a negative limit, or a burst below 1 for a limit in force.
@@ -55,7 +65,7 @@ class QuotaPolicy:
     identify_per_hour: int = IDENTIFY_PER_HOUR
     identify_burst: int = 300
     verify_per_identity_per_hour: int = VERIFY_PER_IDENTITY_PER_HOUR
-    verify_burst: int = 10
+    verify_burst: int = VERIFY_BURST
 
     def __post_init__(self) -> None:
         for rate, burst in (
@@ -100,11 +110,14 @@ class Quotas:
     def __repr__(self) -> str:
         return f"Quotas({self.policy!r}, buckets={len(self._buckets)})"
 
-    def charge(self, req: Request) -> None:
+    def charge(self, req: Request, *, scope: str | None = None) -> None:
         """Count one request against its gateway's quota.
 
         Args:
             req: a decoded request (only identify and verify are counted).
+            scope: for a verify, what its result reveals (the gallery's
+                ``quota_scope(identity)``: a pack, an identity, or one shared scope for
+                identities not enrolled); None: the identity.
 
         Raises:
             RateLimitedError: the quota is spent; says when the next request fits.
@@ -114,9 +127,9 @@ class Quotas:
             key: tuple[str, ...] = ("identify", req.site, req.gw)
             rate, burst, what = p.identify_per_hour, p.identify_burst, "identify requests"
         elif isinstance(req, Verify) and p.verify_per_identity_per_hour:
-            key = ("verify", req.site, req.gw, req.identity)
+            key = ("verify", req.site, req.gw, req.identity if scope is None else scope)
             rate, burst = p.verify_per_identity_per_hour, p.verify_burst
-            what = "verifies of one identity"
+            what = "verifies reading one pack (or identity)"
         else:
             return
         per_s = rate / 3600.0
@@ -159,6 +172,8 @@ class Quotas:
 
 __all__ = [
     "IDENTIFY_PER_HOUR",
+    "UNKNOWN_SCOPE",
+    "VERIFY_BURST",
     "VERIFY_PER_IDENTITY_PER_HOUR",
     "QuotaPolicy",
     "Quotas",

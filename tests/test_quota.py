@@ -141,6 +141,9 @@ def test_cloud_refuses_over_quota_and_serves_the_others(tmp_path: Path, cipher: 
     enroll = Enroll(site=site, gw="gw0", kid=kid, ids=tuple(names),
                     payload=cipher.encrypt_templates(people))  # fmt: skip
     assert isinstance(_reply(agent, enroll), Result)
+    later = Enroll(site=site, gw="gw0", kid=kid, ids=("eve", "fay"),
+                   payload=cipher.encrypt_templates(people[:2]))  # fmt: skip
+    assert isinstance(_reply(agent, later), Result)  # a payload starts a pack: pack 1
     probe = cipher.encrypt_probe(people[0], op="verify")
     first = Verify(site=site, gw="gw1", kid=kid, identity="ann", probe=probe)
     assert isinstance(_reply(agent, first), Result)
@@ -151,8 +154,12 @@ def test_cloud_refuses_over_quota_and_serves_the_others(tmp_path: Path, cipher: 
     refused = _reply(agent, Verify(site=site, gw="gw1", kid=kid, identity="ann", probe=probe))
     assert isinstance(refused, Error) and refused.code == "rate_limited", refused
     assert not refused.retry and "/" not in refused.message.replace("an hour", "")
-    # Another identity, another gateway: served.
-    other = _reply(agent, Verify(site=site, gw="gw1", kid=kid, identity="bob",
+    # Another identity of the same pack: refused too (its result shows the same pack).
+    sibling = _reply(agent, Verify(site=site, gw="gw1", kid=kid, identity="bob",
+                                   probe=cipher.encrypt_probe(people[1], op="verify")))  # fmt: skip
+    assert isinstance(sibling, Error) and sibling.code == "rate_limited", sibling
+    # An identity of another pack, another gateway: served.
+    other = _reply(agent, Verify(site=site, gw="gw1", kid=kid, identity="eve",
                                  probe=cipher.encrypt_probe(people[1], op="verify")))  # fmt: skip
     assert isinstance(other, Result)
     assert isinstance(
@@ -165,4 +172,4 @@ def test_cloud_refuses_over_quota_and_serves_the_others(tmp_path: Path, cipher: 
         )
     late = _reply(agent, Identify(site=site, gw="gw3", kid=kid, probe=iprobe))
     assert isinstance(late, Error) and late.code == "rate_limited"
-    assert agent.quotas.refused == 2
+    assert agent.quotas.refused == 3
