@@ -37,10 +37,10 @@ from cipherface.protocol.messages import Identify, Request, Verify
 
 #: Defaults: a camera that identifies once a second around the clock, a door that
 #: verifies one person of a pack every 30 s for an hour (bursts: 5 min of identify, a
-#: morning rush of 30 verifies into one pack of 28 people).
+#: morning rush of two verifies for each of a pack's 28 people).
 IDENTIFY_PER_HOUR: Final = 3600
 VERIFY_PER_IDENTITY_PER_HOUR: Final = 120
-VERIFY_BURST: Final = 30
+VERIFY_BURST: Final = 60
 #: The verify scope of identities a gallery does not hold (one bucket per gateway).
 UNKNOWN_SCOPE: Final = "?"
 #: Buckets kept; beyond that, full buckets (no state worth keeping) are dropped first.

@@ -330,7 +330,7 @@ class CkksGallery:
         result carries every live template of it); ``"?"`` when not enrolled."""
         with self._lock:
             slot = self._index.get(identity)
-        return "?" if slot is None else f"pack {slot // self.per_pack}"
+        return "?" if slot is None else f"{self.key_id} pack {slot // self.per_pack}"
 
     def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
         """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.

@@ -803,7 +803,7 @@ class PheGallery:
         """What a verify of ``identity`` reveals, for the cloud's quotas: that identity
         (every other slot of the result is masked); ``"?"`` when not enrolled."""
         with self._rw.read():
-            return identity if identity in self._index else "?"
+            return f"{self.key_id} {identity}" if identity in self._index else "?"
 
     def verify(self, identity: str, probe: bytes) -> bytes:
         """Encrypted similarity of ``probe`` against one identity: one ciphertext in which
