@@ -294,7 +294,8 @@ def test_a_first_format_key_rotates_into_packs_with_more_canaries(tmp_path: Path
     def key(canaries: int, name: str) -> tuple[CkksKeys, CkksEdgeCipher, Guard]:
         keys = CkksKeys.generate(dim=DIM)
         cipher = CkksEdgeCipher(keys=keys)
-        trust = TrustKey(seed=secrets.token_bytes(32), canaries=canaries)
+        # canaries=1: a first-format key (unbound packs); 4: a key made now.
+        trust = TrustKey(seed=secrets.token_bytes(32), canaries=canaries, bound=canaries > 1)
         state = tmp_path / f"{name}.state"
         return keys, cipher, Guard(trust=trust, key_id=cipher.key_id, dim=DIM, state_path=state)
 
