@@ -144,6 +144,10 @@ class CkksGallery:
                 "dim": self.dim,
                 "params": self.params.to_dict(),
             },
+            # Every identify reads the column blocks: checked once at open and kept; a
+            # pack block (one per verify) is checked when it is first loaded.
+            preload=("col-",),
+            lazy=True,
         )
         if self.store.meta.get("format") != FORMAT:
             self.store.close()

@@ -4,7 +4,7 @@
 old layouts migrated on first open), ``sqlite:DIR#label`` or
 ``postgresql://...#name``. The galleries use only ``.meta``, ``.slots``, ``.blocks``
 (name -> ref with ``.version``), ``.ids_version``, ``load_block``, ``stage_block``,
-``commit(blocks=, slots=, drop_blocks=)`` and ``close``.
+``commit(blocks=, slots=, drop_blocks=)`` and ``close``; ``preload`` at open.
 """
 
 from __future__ import annotations
@@ -17,10 +17,20 @@ from cipherface.store.base import GalleryStore as Store
 
 
 def GalleryStore(
-    location: str | os.PathLike[str], *, meta: dict[str, Any] | None = None, verify: bool = True
+    location: str | os.PathLike[str],
+    *,
+    meta: dict[str, Any] | None = None,
+    verify: bool = True,
+    preload: tuple[str, ...] = (),
+    lazy: bool = False,
 ) -> Store:
-    """Open (or create, with ``meta``) a gallery's store; see :func:`open_store`."""
-    return open_store(location, meta=meta, verify=verify)
+    """Open (or create, with ``meta``) a gallery's store; see :func:`open_store`.
+
+    ``preload``: prefixes of the blocks to keep in memory from the check at open (the
+    ones every identify reads), so a reload reads and hashes them once; ``lazy``: the
+    other blocks' digests are checked at their first load instead of at open.
+    """
+    return open_store(location, meta=meta, verify=verify, preload=preload, lazy=lazy)
 
 
 __all__ = ["GalleryStore", "Store"]

@@ -7,7 +7,10 @@
 * ``postgresql://USER@HOST:PORT/DB#NAME`` -- gallery ``NAME`` in that database.
 
 A ``#label`` fragment names the gallery in errors (the cloud uses ``site/kid``), so
-errors that reach a gateway never carry a server path or database URL.
+errors that reach a gateway never carry a server path or database URL. A
+``;anchor=DIR`` after the label keeps the gallery's commit anchor in ``DIR`` (the cloud
+uses the key directory): a database rolled back behind it is refused at open
+(:mod:`cipherface.store.anchor`).
 See docs/storage.md for the design and guarantees.
 """
 
@@ -27,12 +30,23 @@ from cipherface.store.sqlite import DB_NAME, SqliteEngine, gallery_exists
 
 log = logging.getLogger(__name__)
 MIGRATING_NAME = "gallery.migrating.sqlite3"
+ANCHOR_PARAM = ";anchor="
 PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def location_anchor(location: str | os.PathLike[str]) -> tuple[str, Path | None]:
+    """``(location without its anchor, anchor directory or None)``."""
+    text = os.fspath(location)
+    head, sep, frag = text.partition("#")
+    label, found, anchor = frag.partition(ANCHOR_PARAM)
+    if not sep or not found or not anchor:
+        return text, None
+    return f"{head}#{label}", Path(anchor)
 
 
 def split_location(location: str | os.PathLike[str]) -> tuple[str, str, str]:
     """``(engine, where, label)``: engine is ``sqlite`` or ``postgresql``."""
-    text = os.fspath(location)
+    text, _ = location_anchor(location)
     if text.startswith(PG_SCHEMES):
         dsn, _, name = text.partition("#")
         if not name:
@@ -50,13 +64,17 @@ def gallery_location(store: str, site: str, kid: str, data_dir: str | os.PathLik
     Args:
         store: ``sqlite:`` / ``sqlite:ROOT`` (ROOT defaults to ``data_dir``) or a
             ``postgresql://`` URL.
+
+    Returns:
+        The location, with the key directory under ``data_dir`` as its anchor directory.
     """
     label = f"{site}/{kid}"
+    anchor = f"{ANCHOR_PARAM}{Path(data_dir) / site / 'keys' / kid}"
     if store.startswith(PG_SCHEMES):
-        return f"{store.partition('#')[0]}#{label}"
+        return f"{store.partition('#')[0]}#{label}{anchor}"
     root = store[len("sqlite:") :] if store.startswith("sqlite:") else store
     base = Path(root or data_dir)
-    return f"sqlite:{base / site / 'keys' / kid / 'gallery'}#{label}"
+    return f"sqlite:{base / site / 'keys' / kid / 'gallery'}#{label}{anchor}"
 
 
 def store_exists(location: str | os.PathLike[str]) -> bool:
@@ -71,11 +89,12 @@ def store_exists(location: str | os.PathLike[str]) -> bool:
 
 def open_engine(location: str | os.PathLike[str]) -> Engine:
     engine, where, label = split_location(location)
+    _, anchor = location_anchor(location)
     if engine == "postgresql":
         from cipherface.store.postgres import PostgresEngine
 
-        return PostgresEngine(where, name=label)
-    return SqliteEngine(where, label=label)
+        return PostgresEngine(where, name=label, anchor_dir=anchor)
+    return SqliteEngine(where, label=label, anchor_dir=anchor)
 
 
 def open_store(
@@ -83,9 +102,13 @@ def open_store(
     *,
     meta: dict[str, Any] | None = None,
     verify: bool = True,
+    preload: tuple[str, ...] = (),
+    lazy: bool = False,
     accept_torn_tail: bool = False,
 ) -> GalleryStore:
     """Open (or create, when ``meta`` is given) the gallery at ``location``.
+
+    ``verify``, ``preload`` and ``lazy`` as :class:`GalleryStore`.
 
     Raises:
         StorageCorruptError: the gallery (or the old layout being migrated) is damaged.
@@ -103,7 +126,7 @@ def open_store(
                 log.warning(
                     "gallery %s: old layout files beside the database are ignored", eng.label
                 )
-        return GalleryStore(eng, meta=meta, verify=verify)
+        return GalleryStore(eng, meta=meta, verify=verify, preload=preload, lazy=lazy)
     except BaseException as exc:
         if isinstance(exc, StorageCorruptError):
             eng.preserve_evidence()
@@ -173,6 +196,7 @@ __all__ = [
     "StagedBlock",
     "StorageError",
     "gallery_location",
+    "location_anchor",
     "migrate_legacy",
     "open_store",
     "split_location",

@@ -10,9 +10,11 @@ to reload. One connection per process and database URL serves every gallery.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cipherface.errors import (
@@ -21,6 +23,7 @@ from cipherface.errors import (
     StorageError,
     StorageFullError,
 )
+from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
 
 _T = TypeVar("_T")
@@ -112,16 +115,24 @@ class PostgresEngine(Engine):
     Args:
         dsn: ``postgresql://...`` URL.
         name: the gallery's unique name (the cloud uses ``site/kid``); also its label.
+        anchor_dir: this worker's directory for the gallery's commit anchor (the cloud
+            uses the key directory): a database restored from an older backup, or the
+            gallery's rows lost, is refused at open (:mod:`cipherface.store.anchor`).
 
     Raises:
         StorageError: the database is unreachable.
     """
 
-    def __init__(self, dsn: str, *, name: str) -> None:
+    def __init__(
+        self, dsn: str, *, name: str, anchor_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         self.dsn = dsn
         self.name = name
         self.label = name
         self.gid: int | None = None
+        self.anchor = (
+            None if anchor_dir is None else Anchor(Path(anchor_dir) / ANCHOR_NAME, label=name)
+        )
         self._run(lambda c: None, "connecting")
 
     def _run(self, fn: Callable[[Any], _T], doing: str) -> _T:
@@ -159,20 +170,26 @@ class PostgresEngine(Engine):
                 cur.execute(
                     "SELECT slot, ident, dead, chk FROM cf_slots WHERE gid = %s", (self.gid,)
                 )
-                slots = [
-                    (SlotRow(slot=s, ident=i, dead=bool(d)), c) for s, i, d, c in cur.fetchall()
-                ]
-                cur.execute(
-                    "SELECT name, version, nbytes, digest, chk FROM cf_blocks WHERE gid = %s",
+                slots = cur.fetchall()
+                cur.execute(  # octet_length of a TOASTed value reads only its pointer
+                    "SELECT name, version, nbytes, digest, chk, octet_length(data) "
+                    "FROM cf_blocks WHERE gid = %s",
                     (self.gid,),
                 )
                 blocks = [
-                    (BlockRef(name=n, version=v, nbytes=b, digest=d), c)
-                    for n, v, b, d, c in cur.fetchall()
+                    (BlockRef(name=n, version=v, nbytes=b, digest=d), c, size)
+                    for n, v, b, d, c, size in cur.fetchall()
                 ]
             return Snapshot(gallery=row, gallery_check=g[9], slots=slots, blocks=blocks)
 
-        return self._run(go, "reading")
+        snap = self._run(go, "reading")
+        if self.anchor is not None:
+            if snap is None:
+                if self.anchor.exists():  # it committed here before: never start it empty
+                    raise StorageCorruptError(f"gallery {self.label}: gallery rows missing")
+            else:  # the gid survives pg_dump/restore and PITR; `gallery import` makes a new one
+                self.anchor.check(snap.gallery.seq, snap.gallery_check, self.gid)
+        return snap
 
     def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
         def go(conn: Any) -> tuple[BlockRef, int, bytes] | None:
@@ -254,6 +271,12 @@ class PostgresEngine(Engine):
                 )
 
         self._run(go, "committing")
+        if self.anchor is not None:  # after COMMIT, before the acknowledgement
+            self.anchor.advance(gallery.seq, gallery.check, self.gid)
+
+    def opened(self, gallery: GalleryRow) -> None:
+        if self.anchor is not None:  # also learns the commits of the other workers
+            self.anchor.advance(gallery.seq, gallery.check, self.gid)
 
     def vacuum(self) -> None:
         """VACUUM the block table: dead block versions' pages become reusable."""

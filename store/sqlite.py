@@ -25,6 +25,7 @@ from cipherface.errors import (
     StorageError,
     StorageFullError,
 )
+from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
 
 log = logging.getLogger(__name__)
@@ -72,21 +73,33 @@ class SqliteEngine(Engine):
         directory: the gallery directory (created if missing).
         db_name: the database file's name in it.
         label: how errors name the gallery (e.g. ``site/kid``).
+        anchor_dir: a directory outside the gallery directory for a second commit anchor
+            (the cloud uses the key directory), so that the gallery directory put back
+            whole from a backup, its own anchor included, is still refused.
 
     Raises:
         StorageError: locked by another process, or the database cannot be opened.
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, label: str, db_name: str = DB_NAME
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        label: str,
+        db_name: str = DB_NAME,
+        anchor_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.path = self.dir / db_name
         self.label = label
         self._mu = threading.Lock()
         self._preserved = False
-        # Only the live database keeps an anchor (not migration/import scratch files).
-        self.anchor = Path(str(self.path) + ANCHOR_SUFFIX) if db_name == DB_NAME else None
+        # Only the live database keeps anchors (not migration/import scratch files).
+        self.anchors: list[Anchor] = []
+        if db_name == DB_NAME:
+            self.anchors.append(Anchor(str(self.path) + ANCHOR_SUFFIX, label=label))
+            if anchor_dir is not None:
+                self.anchors.append(Anchor(Path(anchor_dir) / ANCHOR_NAME, label=label))
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock = ".lock" if db_name == DB_NAME else db_name + ".lock"  # .lock: as before
@@ -141,8 +154,9 @@ class SqliteEngine(Engine):
         dest = self.dir / f"damaged-{stamp}-{os.getpid()}-{id(self):x}"
         try:
             dest.mkdir()
-            for suffix in ("", "-wal", ANCHOR_SUFFIX):
-                src = Path(str(self.path) + suffix)
+            for src in [Path(str(self.path) + s) for s in ("", "-wal")] + [
+                a.path for a in self.anchors
+            ]:
                 if src.exists():
                     shutil.copy2(src, dest / src.name)
             log.error("gallery %s is damaged; its files were copied to %s", self.label, dest)
@@ -165,7 +179,7 @@ class SqliteEngine(Engine):
         if self._db is None:
             if Path(str(self.path) + "-wal").exists():  # its log survived: not a new gallery
                 raise StorageCorruptError(f"gallery {self.label}: database file missing")
-            if self._anchored() is not None:  # it committed before: never start it empty
+            if any(a.exists() for a in self.anchors):  # it existed: never start it empty
                 raise StorageCorruptError(f"gallery {self.label}: database file missing")
             return None
         with self._mu:
@@ -179,49 +193,49 @@ class SqliteEngine(Engine):
                     raise StorageCorruptError(f"gallery {self.label}: gallery row missing")
                 f = g[0]
                 row = GalleryRow.from_db(f[:8])
-                slots = [
-                    (SlotRow(slot=s, ident=i, dead=bool(d)), c)
-                    for s, i, d, c in db.execute("SELECT slot, ident, dead, chk FROM slots")
-                ]
-                blocks = [
-                    (BlockRef(name=n, version=v, nbytes=b, digest=d), c)
-                    for n, v, b, d, c in db.execute(
-                        "SELECT name, version, nbytes, digest, chk FROM blocks"
+                slots = db.execute("SELECT slot, ident, dead, chk FROM slots").fetchall()
+                blocks = [  # length() of a BLOB does not read its overflow pages
+                    (BlockRef(name=n, version=v, nbytes=b, digest=d), c, size)
+                    for n, v, b, d, c, size in db.execute(
+                        "SELECT name, version, nbytes, digest, chk, length(data) FROM blocks"
                     )
                 ]
             except sqlite3.Error as exc:
                 raise self._err(exc, "reading") from exc
             except (TypeError, ValueError) as exc:
                 raise StorageCorruptError(f"gallery {self.label}: bad row ({exc})") from exc
-        anchored = self._anchored()
-        if anchored is not None and (
-            anchored[0] > row.seq or (anchored[0] == row.seq and anchored[1] != f[8])
-        ):
-            # An older copy of the database (or of its WAL) was put back, or the WAL
-            # was lost: serving it would bring deleted identities back.
-            raise StorageCorruptError(
-                f"gallery {self.label}: rolled back (commit {row.seq} found, "
-                f"{anchored[0]} was acknowledged)"
-            )
+        for a in self.anchors:  # an older database or WAL put back, or the WAL lost
+            a.check(row.seq, f[8])
         return Snapshot(gallery=row, gallery_check=f[8], slots=slots, blocks=blocks)
 
     def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
+        # Incremental BLOB I/O reads an 8 MB block ~5x faster than SELECT data here
+        # (measured: 5.2 vs 0.93 GB/s): at a million templates, seconds of every reload.
         with self._mu:
+            db = self._conn()
             try:
-                got = (
-                    self._conn()
-                    .execute(
-                        "SELECT version, nbytes, digest, chk, data FROM blocks WHERE name = ?",
+                db.execute("BEGIN")  # the row and its bytes from one snapshot
+                try:
+                    got = db.execute(
+                        "SELECT rowid, version, nbytes, digest, chk, typeof(data) FROM blocks "
+                        "WHERE name = ?",
                         (name,),
-                    )
-                    .fetchone()
-                )
+                    ).fetchone()
+                    if got is None:
+                        return None
+                    rowid, v, nb, d, c, kind = got
+                    if kind != "blob":
+                        self.preserve_evidence()
+                        raise StorageCorruptError(
+                            f"gallery {self.label}: block {name} holds {kind}, not bytes"
+                        )
+                    with db.blobopen("blocks", "data", rowid, readonly=True) as blob:
+                        data = blob.read()
+                finally:
+                    db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._err(exc, f"reading block {name}") from exc
-        if got is None:
-            return None
-        v, nb, d, c, data = got
-        return BlockRef(name=name, version=v, nbytes=nb, digest=d), c, bytes(data)
+        return BlockRef(name=name, version=v, nbytes=nb, digest=d), c, data
 
     def current_seq(self) -> int | None:
         with self._mu:
@@ -306,38 +320,12 @@ class SqliteEngine(Engine):
                     raise
             except sqlite3.Error as exc:
                 raise self._err(exc, "committing") from exc
-            self._anchor(gallery)
+            for a in self.anchors:  # after COMMIT, before the acknowledgement
+                a.advance(gallery.seq, gallery.check)
 
-    def _anchored(self) -> tuple[int, int] | None:
-        """The (seq, check) of the last commit this gallery acknowledged, if recorded."""
-        if self.anchor is None:
-            return None
-        try:
-            text = self.anchor.read_text(encoding="ascii")
-        except FileNotFoundError:
-            return None  # galleries older than the anchor, or one never committed
-        except (OSError, UnicodeError) as exc:
-            raise StorageCorruptError(f"gallery {self.label}: commit anchor unreadable") from exc
-        parts = text.split()
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise StorageCorruptError(f"gallery {self.label}: commit anchor damaged")
-        return int(parts[0]), int(parts[1])
-
-    def _anchor(self, g: GalleryRow) -> None:
-        """Record the commit beside the database (after COMMIT, before the ack), so an
-        older copy of the database or WAL is refused at open. Failing here leaves an
-        older anchor, which only weakens that check: the commit stands."""
-        if self.anchor is None:
-            return
-        tmp = Path(str(self.anchor) + ".tmp")
-        try:
-            with open(tmp, "w", encoding="ascii") as fh:
-                fh.write(f"{g.seq} {g.check}\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.anchor)
-        except OSError as exc:
-            log.warning("gallery %s: commit anchor not updated: %s", self.label, exc)
+    def opened(self, gallery: GalleryRow) -> None:
+        for a in self.anchors:  # galleries older than the second anchor get one now
+            a.advance(gallery.seq, gallery.check)
 
     def after_commit(self) -> None:
         # An empty WAL after every commit: freed (zeroed) pages reach the file at once,

@@ -26,7 +26,15 @@ from typing import IO, Any
 import msgpack
 
 from cipherface.errors import GalleryError, InvalidArgumentError, StorageCorruptError
-from cipherface.store import MIGRATING_NAME, open_engine, open_store, split_location, store_exists
+from cipherface.store import (
+    MIGRATING_NAME,
+    location_anchor,
+    open_engine,
+    open_store,
+    split_location,
+    store_exists,
+)
+from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import (
     Engine,
     GalleryStore,
@@ -271,8 +279,11 @@ def import_gallery(src: str | os.PathLike[str], location: str) -> dict[str, Any]
             drop_gallery(where, tmp_loc.partition("#")[2])
         raise
     eng.close()
+    # A restore is the operator's deliberate way back: the lost gallery's anchors go.
+    _, anchor_dir = location_anchor(location)
+    if anchor_dir is not None:
+        Anchor(anchor_dir / ANCHOR_NAME, label=label).drop()
     if engine == "sqlite":
-        # A restore is the operator's deliberate way back: the lost database's anchor goes.
         Path(str(Path(where) / DB_NAME) + ANCHOR_SUFFIX).unlink(missing_ok=True)
         os.replace(Path(where) / MIGRATING_NAME, Path(where) / DB_NAME)
         Path(str(Path(where) / MIGRATING_NAME) + ".lock").unlink(missing_ok=True)
