@@ -184,8 +184,9 @@ def test_rolled_back_gallery_never_answers_a_deleted_face(
     tmp_path: Path, cipher: EdgeCipher, engine: str, request: pytest.FixtureRequest
 ) -> None:
     """Through the cloud: a person deleted, the gallery rolled back to last night's
-    backup, the cloud restarted: verifying the deleted person is ``storage_corrupt``
-    (before: MATCH, a resurrected face); the cloud anchors in the key directory."""
+    backup (PostgreSQL: under the running cloud; SQLite: while it is stopped): verifying
+    the deleted person is ``storage_corrupt`` (before: MATCH, a resurrected face); the
+    cloud anchors in the key directory."""
     pg: PgDb | None = request.getfixturevalue("pg") if engine == "postgresql" else None
     store = "sqlite:" if pg is None else pg.url
     data = tmp_path / "cloud"
@@ -199,10 +200,10 @@ def test_rolled_back_gallery_never_answers_a_deleted_face(
     nightly = pg.backup() if pg else shutil.copytree(gdir, tmp_path / "nightly")
     reply = _ask(agent, Delete(site=site, gw="g", kid=cipher.key_id, ids=(f"{site}-p1",)))
     assert isinstance(reply, Result) and reply.deleted == 1
-    agent.keys.close()
-    if pg is not None:
+    if pg is not None:  # under the running cloud: it sees seq change and reloads
         pg.restore(str(nightly))
-    else:
+    else:  # SQLite: one process per gallery, restored while the cloud is stopped
+        agent.keys.close()
         shutil.rmtree(gdir)
         shutil.copytree(nightly, gdir)
     got = _verify(agent, cipher, site, f"{site}-p1", people[1])
