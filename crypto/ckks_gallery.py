@@ -144,10 +144,8 @@ class CkksGallery:
                 "dim": self.dim,
                 "params": self.params.to_dict(),
             },
-            # Every identify reads the column blocks: checked once at open and kept; a
-            # pack block (one per verify) is checked when it is first loaded.
+            # Every identify reads the column blocks: read and checked once, at open.
             preload=("col-",),
-            lazy=True,
         )
         if self.store.meta.get("format") != FORMAT:
             self.store.close()

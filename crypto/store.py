@@ -22,15 +22,13 @@ def GalleryStore(
     meta: dict[str, Any] | None = None,
     verify: bool = True,
     preload: tuple[str, ...] = (),
-    lazy: bool = False,
 ) -> Store:
     """Open (or create, with ``meta``) a gallery's store; see :func:`open_store`.
 
     ``preload``: prefixes of the blocks to keep in memory from the check at open (the
-    ones every identify reads), so a reload reads and hashes them once; ``lazy``: the
-    other blocks' digests are checked at their first load instead of at open.
+    ones every identify reads), so a reload reads and hashes them once.
     """
-    return open_store(location, meta=meta, verify=verify, preload=preload, lazy=lazy)
+    return open_store(location, meta=meta, verify=verify, preload=preload)
 
 
 __all__ = ["GalleryStore", "Store"]

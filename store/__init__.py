@@ -103,12 +103,11 @@ def open_store(
     meta: dict[str, Any] | None = None,
     verify: bool = True,
     preload: tuple[str, ...] = (),
-    lazy: bool = False,
     accept_torn_tail: bool = False,
 ) -> GalleryStore:
     """Open (or create, when ``meta`` is given) the gallery at ``location``.
 
-    ``verify``, ``preload`` and ``lazy`` as :class:`GalleryStore`.
+    ``verify`` and ``preload`` as :class:`GalleryStore`.
 
     Raises:
         StorageCorruptError: the gallery (or the old layout being migrated) is damaged.
@@ -126,7 +125,7 @@ def open_store(
                 log.warning(
                     "gallery %s: old layout files beside the database are ignored", eng.label
                 )
-        return GalleryStore(eng, meta=meta, verify=verify, preload=preload, lazy=lazy)
+        return GalleryStore(eng, meta=meta, verify=verify, preload=preload)
     except BaseException as exc:
         if isinstance(exc, StorageCorruptError):
             eng.preserve_evidence()

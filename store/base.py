@@ -288,9 +288,6 @@ class GalleryStore:
             ``("col-",)``: the blocks every identify reads): the first
             :meth:`load_block` of each gets the verified array instead of reading and
             hashing it again. Other blocks are checked and dropped.
-        lazy: with ``verify``, read and hash only the ``preload`` blocks at open; the
-            others' digests are checked when they are first loaded, before any use
-            (a reload of a million templates then reads half the bytes).
 
     Raises:
         StorageCorruptError: a row or block fails its check, or rows are missing.
@@ -305,7 +302,6 @@ class GalleryStore:
         meta: dict[str, Any] | None = None,
         verify: bool = True,
         preload: tuple[str, ...] = (),
-        lazy: bool = False,
     ) -> None:
         self.engine = engine
         self.label = engine.label
@@ -340,7 +336,7 @@ class GalleryStore:
                     )
         # The blocks are read and hashed (threads, GIL released) while this thread checks
         # the slot rows (Python): at a million templates both take seconds.
-        pending = self._verify_start(preload, lazy) if verify else None
+        pending = self._verify_start(preload) if verify else None
         try:
             self._load_slots(snap)
         except BaseException:
@@ -352,10 +348,10 @@ class GalleryStore:
         engine.opened(self._row)
 
     def _verify_start(
-        self, preload: tuple[str, ...], only_preload: bool
+        self, preload: tuple[str, ...]
     ) -> tuple[ThreadPoolExecutor, list[tuple[str, Future[npt.NDArray[Any] | None]]]]:
-        """Submit every block (or, ``only_preload``, the ``preload`` ones) to be read and
-        checked; the ``preload`` ones come back decoded."""
+        """Submit every block to be read and checked; the ``preload`` ones come back
+        decoded."""
 
         def one(name: str) -> npt.NDArray[Any] | None:
             data = self._block_bytes(name)
@@ -363,7 +359,7 @@ class GalleryStore:
                 return None
             return decode_array(data, f"gallery {self.label}: block {name}")
 
-        names = sorted(n for n in self.blocks if n.startswith(preload) or not only_preload)
+        names = sorted(self.blocks)
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cf-verify")
         return pool, [(n, pool.submit(one, n)) for n in names]
 
@@ -497,15 +493,15 @@ class GalleryStore:
             raise self._corrupt(f"block {name} fails its checksum")
         return data
 
-    def verify_blocks(self, *, preload: tuple[str, ...] = (), only_preload: bool = False) -> None:
-        """Read every block (or, ``only_preload``, those named by ``preload``) and check
-        its size and digest (two threads: hashing and SQLite/psycopg reads release the
-        GIL); keep those named by ``preload`` for their first :meth:`load_block`.
+    def verify_blocks(self, *, preload: tuple[str, ...] = ()) -> None:
+        """Read every block and check its size and digest (two threads: hashing and
+        SQLite/psycopg reads release the GIL); keep those named by ``preload`` for their
+        first :meth:`load_block`.
 
         Raises:
             StorageCorruptError: a block is missing, truncated or altered.
         """
-        self._verify_finish(*self._verify_start(preload, only_preload))
+        self._verify_finish(*self._verify_start(preload))
 
     # ------------------------------------------------------------------ writing
     def stage_block(self, name: str, array: npt.NDArray[Any]) -> StagedBlock:

@@ -111,7 +111,6 @@ class GalleryStore:
         meta: dict[str, Any] | None = None,
         verify: bool = True,
         preload: tuple[str, ...] = (),  # accepted as the new store's; blocks are mapped
-        lazy: bool = False,
     ) -> None:
         self.path = Path(path)
         self._blocks_dir = self.path / "blocks"
