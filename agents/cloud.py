@@ -51,7 +51,7 @@ from typing import Final, Literal
 import paho.mqtt.client as paho
 
 from cipherface import __version__
-from cipherface.agents.cloud_rotate import export_page, refuse_retired, retire_key
+from cipherface.agents.cloud_rotate import export_page, is_retired, refuse_retired, retire_key
 from cipherface.agents.dispatch import (
     DEFAULT_MAX_BATCH,
     AckQueue,
@@ -224,6 +224,9 @@ class _SiteKeys:
         if found is not None:
             self._open[(site, kid)] = found  # now the most recently used
             return found
+        # A retire cut short by a crash (tombstone written, public key or gallery not
+        # yet gone), or retired through another PostgreSQL worker: never served again.
+        refuse_retired(self.root, site, kid, store=self.store)
         path = self.key_dir(site, kid) / sites.PUBLIC_NAME
         if not path.is_file():
             raise KeyMismatchError(
@@ -265,7 +268,12 @@ class _SiteKeys:
         base = self.root / site / "keys"
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / sites.PUBLIC_NAME).is_file())
+        return sorted(
+            p.name
+            for p in base.iterdir()
+            if (p / sites.PUBLIC_NAME).is_file()
+            and not is_retired(self.root, site, p.name, store=self.store)
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -1030,7 +1038,7 @@ class CloudAgent:
             raise KeyMismatchError(
                 f"key.publish says {req.scheme}/{req.kid} but the key is {pub.scheme}/{pub.key_id}"
             )
-        refuse_retired(self.data_dir, req.site, req.kid)
+        refuse_retired(self.data_dir, req.site, req.kid, store=self.keys.store)
         gallery = self.keys.register(req.site, req.kid, req.public_key)
         log.info("site %s: key %s (%s) registered", req.site, req.kid, req.scheme)
         return result_for(req, ids_version=gallery.ids_version)

@@ -51,7 +51,7 @@ from cipherface.protocol import (
     encode,
     result_for,
 )
-from cipherface.store import gallery_location
+from cipherface.store import PG_SCHEMES, gallery_location
 from cipherface.store.erase import destroy_gallery, shred_tree
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,32 @@ def retired_path(root: str | os.PathLike[str], site: str, kid: str) -> Path:
     return Path(root) / site / RETIRED_DIR / kid
 
 
-def refuse_retired(root: str | os.PathLike[str], site: str, kid: str) -> None:
-    """Refuse to register a key that the site retired.
+def is_retired(root: str | os.PathLike[str], site: str, kid: str, *, store: str = "") -> bool:
+    """Whether ``kid`` was retired: a tombstone in ``root`` or, with a PostgreSQL
+    ``store``, one recorded in the database by any worker."""
+    if retired_path(root, site, kid).exists():
+        return True
+    if store.startswith(PG_SCHEMES):
+        from cipherface.store.postgres import is_retired as retired_in_db
+
+        return retired_in_db(store.partition("#")[0], f"{site}/{kid}")
+    return False
+
+
+def refuse_retired(root: str | os.PathLike[str], site: str, kid: str, *, store: str = "") -> None:
+    """Refuse to register or serve a key that the site retired.
+
+    Args:
+        root: the data directory (its tombstones).
+        site: the site.
+        kid: the key.
+        store: the cloud's ``--store``: with PostgreSQL the tombstones every worker
+            recorded in the database count too (each worker has its own data directory).
 
     Raises:
         KeyRetiredError: ``kid`` was retired (its gallery is destroyed).
     """
-    if retired_path(root, site, kid).exists():
+    if is_retired(root, site, kid, store=store):
         raise KeyRetiredError(
             f"key {kid} of site {site!r} was retired by rotate-key: load the site's new "
             "key directory on this gateway (and restart it)"
@@ -195,7 +214,7 @@ def retire_key(keys: KeyRegistry, req: KeyRetire) -> Result:
     successor = keys.gallery(site, new)  # never retire into a gallery that does not open
     write_atomic(retired_path(keys.root, site, old), f"{new}\n".encode("ascii"), mode=0o644)
     existed = keys.unregister(site, old)
-    gone = destroy_gallery(gallery_location(keys.store, site, old, keys.root))
+    gone = destroy_gallery(gallery_location(keys.store, site, old, keys.root), retired_by=new)
     try:
         shred_tree(keys.key_dir(site, old))
     except OSError as exc:
@@ -216,6 +235,7 @@ __all__ = [
     "RETIRED_DIR",
     "KeyRegistry",
     "export_page",
+    "is_retired",
     "refuse_retired",
     "retire_key",
     "retired_path",

@@ -68,18 +68,32 @@ class Anchor:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def check(self, seq: int, check: int, incarnation: int | None = None) -> None:
+    def check(
+        self, seq: int, check: int, incarnation: int | None = None, *, restored: bool = False
+    ) -> None:
         """Refuse a database older than (or forked from) the anchored commit.
 
+        Args:
+            restored: the gallery says it was made by ``gallery import``: another
+                incarnation of it is a deliberate restore, not a loss.
+
         Raises:
-            StorageCorruptError: rolled back, or the anchor is damaged.
+            StorageCorruptError: rolled back, created again without an import (its rows
+                were lost and a process without this anchor started it empty), or the
+                anchor is damaged.
         """
         m = self.read()
         if m is None:
             return
         if m.incarnation is not None and incarnation is not None and m.incarnation != incarnation:
+            if not restored:
+                raise StorageCorruptError(
+                    f"gallery {self.label}: created again after commit {m.seq} without an "
+                    "import (its rows were lost): restore it with gallery import"
+                )
             log.warning(
-                "gallery %s was created again (import?): its commit anchor restarts", self.label
+                "gallery %s was created again by an import: its commit anchor restarts",
+                self.label,
             )
             return
         if m.seq > seq or (m.seq == seq and m.check != check):

@@ -101,13 +101,15 @@ def shred_tree(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def destroy_gallery(location: str | os.PathLike[str]) -> bool:
+def destroy_gallery(location: str | os.PathLike[str], *, retired_by: str | None = None) -> bool:
     """Destroy a gallery (close it first): SQLite files shredded and their directory
     removed; PostgreSQL rows deleted (the freed tuples stay on disk until vacuum).
     Idempotent.
 
     Args:
         location: as :func:`cipherface.store.open_store` takes it.
+        retired_by: the successor when the gallery's key is retired: PostgreSQL records
+            a tombstone shared by every worker in the same transaction.
 
     Returns:
         True when there was a gallery to destroy.
@@ -122,7 +124,7 @@ def destroy_gallery(location: str | os.PathLike[str]) -> bool:
     if engine == "postgresql":
         from cipherface.store.postgres import drop_gallery
 
-        return drop_gallery(where, label)
+        return drop_gallery(where, label, retired_by=retired_by)
     try:
         return shred_tree(where)
     except OSError as exc:

@@ -17,7 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
+
 from cipherface.errors import (
+    KeyRetiredError,
     StorageConflictError,
     StorageCorruptError,
     StorageError,
@@ -41,6 +44,9 @@ CREATE TABLE IF NOT EXISTS cf_blocks (
     version INTEGER NOT NULL, nbytes BIGINT NOT NULL, digest TEXT NOT NULL,
     chk BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (gid, name));
 ALTER TABLE cf_blocks ALTER COLUMN data SET STORAGE EXTERNAL;
+CREATE TABLE IF NOT EXISTS cf_retired (
+    name TEXT PRIMARY KEY, successor TEXT NOT NULL,
+    retired_at TIMESTAMPTZ NOT NULL DEFAULT now());
 """
 _GCOLS = "format, meta, ids_version, seq, nslots, slot_sum, block_sum, nblocks, chk"
 _SELECT_GALLERY = f"SELECT gid, {_GCOLS} FROM cf_galleries WHERE name = %s"  # noqa: S608
@@ -188,7 +194,12 @@ class PostgresEngine(Engine):
                 if self.anchor.exists():  # it committed here before: never start it empty
                     raise StorageCorruptError(f"gallery {self.label}: gallery rows missing")
             else:  # the gid survives pg_dump/restore and PITR; `gallery import` makes a new one
-                self.anchor.check(snap.gallery.seq, snap.gallery_check, self.gid)
+                self.anchor.check(
+                    snap.gallery.seq,
+                    snap.gallery_check,
+                    self.gid,
+                    restored=_restored(snap.gallery.meta),
+                )
         return snap
 
     def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
@@ -220,6 +231,11 @@ class PostgresEngine(Engine):
     def create(self, gallery: GalleryRow) -> None:
         def go(conn: Any) -> None:
             with self._tx(conn) as cur:
+                # A retired key's gallery never comes back, through whichever worker
+                # (the tombstone is shared: each worker's data directory is its own).
+                cur.execute("SELECT 1 FROM cf_retired WHERE name = %s", (self.name,))
+                if cur.fetchone() is not None:
+                    raise KeyRetiredError(f"gallery {self.label}: its key was retired")
                 cur.execute(_INSERT_GALLERY, (self.name, *_gvals(gallery)))
 
         self._run(go, "creating the gallery")
@@ -310,12 +326,32 @@ def _gvals(g: GalleryRow) -> tuple[Any, ...]:
     )
 
 
-def drop_gallery(dsn: str, name: str) -> bool:
-    """Delete a gallery and all its rows (used by import's rollback and by tests)."""
+def _restored(meta: bytes) -> bool:
+    """Whether a gallery row was made by ``gallery import`` (its meta says so)."""
+    try:
+        m = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+    except Exception:  # a damaged row is reported by the row checks
+        return False
+    return isinstance(m, dict) and bool(m.get("restored"))
+
+
+def drop_gallery(dsn: str, name: str, *, retired_by: str | None = None) -> bool:
+    """Delete a gallery and all its rows (import's rollback, key.retire, tests).
+
+    Args:
+        retired_by: the successor key when the gallery's key is retired: a tombstone
+            is recorded in the same transaction, so no worker ever creates it again.
+    """
     eng = PostgresEngine(dsn, name=name)
 
     def go(conn: Any) -> bool:
         with conn.transaction():
+            if retired_by is not None:
+                conn.execute(
+                    "INSERT INTO cf_retired (name, successor) VALUES (%s, %s) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    (name, retired_by),
+                )
             got = conn.execute("SELECT gid FROM cf_galleries WHERE name = %s", (name,)).fetchone()
             if got is None:
                 return False
@@ -327,6 +363,17 @@ def drop_gallery(dsn: str, name: str) -> bool:
     return eng._run(go, "dropping")
 
 
+def is_retired(dsn: str, name: str) -> bool:
+    """Whether the gallery ``name`` belongs to a retired key (any worker retired it)."""
+    eng = PostgresEngine(dsn, name=name)
+    return eng._run(
+        lambda c: (
+            c.execute("SELECT 1 FROM cf_retired WHERE name = %s", (name,)).fetchone() is not None
+        ),
+        "reading",
+    )
+
+
 def rename_gallery(dsn: str, old: str, new: str) -> None:
     """Give a gallery another name in one statement (import builds under a temp name)."""
     eng = PostgresEngine(dsn, name=old)
@@ -336,4 +383,4 @@ def rename_gallery(dsn: str, old: str, new: str) -> None:
     )
 
 
-__all__ = ["PostgresEngine", "drop_gallery", "pg_error", "rename_gallery"]
+__all__ = ["PostgresEngine", "drop_gallery", "is_retired", "pg_error", "rename_gallery"]

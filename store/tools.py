@@ -258,7 +258,10 @@ def import_gallery(src: str | os.PathLike[str], location: str) -> dict[str, Any]
         with open(src, "rb") as fh:
             it = _read_export(fh)
             header = next(it)
-            st = GalleryStore(eng, meta=header["meta"], verify=False)
+            # "restored" marks a deliberate restore: the workers' anchors of the lost
+            # gallery accept this new incarnation (never one a worker started empty).
+            meta = {**header["meta"], "restored": secrets.token_hex(8)}
+            st = GalleryStore(eng, meta=meta, verify=False)
             for obj in it:
                 arr = decode_array(obj["data"], f"export block {obj['name']}")
                 st.commit(blocks=[st.stage_block(obj["name"], arr)])

@@ -1,0 +1,119 @@
+"""Third attack on the gallery store (anchors, retire, fleets): each test is one way the
+review broke it, kept so it stays fixed.
+
+* A PostgreSQL gallery whose rows were lost and then created again, empty, by a worker
+  without an anchor (a new worker, a bare URL) was taken by the anchored workers for a
+  deliberate ``gallery import`` (another ``gid``): every enrolled person silently gone.
+* A key retired through one PostgreSQL worker came back as a fresh empty gallery through
+  another worker (the tombstone lived only in the first worker's data directory).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pytest
+import storekit
+from test_rotate_cloud import Key, _ask, _code, _key, _publish
+
+from cipherface.agents.cloud import CloudAgent
+from cipherface.agents.mqtt import BrokerConfig
+from cipherface.errors import StorageCorruptError
+from cipherface.protocol import KeyRetire, Result
+from cipherface.store import open_store
+from cipherface.store.postgres import drop_gallery
+
+pg_url = storekit.pg_url  # fixture: a PostgreSQL database of this session's own
+META = {"scheme": "t", "key_id": "k", "dim": 1, "packing": {"slots": 4}}
+
+
+def _filled(loc: str) -> None:
+    st = open_store(loc, meta=META)
+    block = np.random.default_rng(1).integers(0, 255, (3, 64), dtype=np.uint8)
+    st.commit(blocks=[st.stage_block("phe-000000", block)], slots=list(enumerate("abcd")))
+    st.close()
+
+
+def test_postgres_gallery_recreated_empty_by_an_unanchored_worker_is_refused(
+    pg_url: str, tmp_path: Path
+) -> None:
+    name = f"s{secrets.token_hex(3)}/k"
+    w1 = f"{pg_url}#{name};anchor={tmp_path / 'w1'}"
+    _filled(w1)
+    assert drop_gallery(pg_url, name)  # the rows lost (a wrong dump restored)
+    # A new worker (no anchor yet) is sent the key: it creates the gallery again, empty,
+    # and even commits on it.
+    st = open_store(f"{pg_url}#{name};anchor={tmp_path / 'w2'}", meta=META)
+    st.commit(slots=[(0, "x")])
+    st.close()
+    with pytest.raises(StorageCorruptError, match="created again"):
+        open_store(w1, meta=META)  # before: served, a, b, c, d silently gone
+    with pytest.raises(StorageCorruptError):
+        open_store(w1, meta=META)  # and the anchor was not moved to the new gallery
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Key, Key]:
+    base = tmp_path_factory.mktemp("revkeys")
+    return _key(base / "old"), _key(base / "new")
+
+
+def test_key_retired_on_one_postgres_worker_stays_retired_on_the_others(
+    pg_url: str, tmp_path: Path, keys: tuple[Key, Key]
+) -> None:
+    (ocipher, _, _), (ncipher, _, _) = keys
+    site = f"s{secrets.token_hex(3)}"
+    w1, w2 = (
+        CloudAgent(broker=BrokerConfig(url="mqtt://127.0.0.1:1"), data_dir=tmp_path / w,
+                   store=pg_url)
+        for w in ("w1", "w2")
+    )  # fmt: skip
+    try:
+        _publish(w1, site, ocipher)
+        _publish(w1, site, ncipher)
+        done = _ask(w1, KeyRetire(site=site, gw="gw", kid=ocipher.key_id, successor=ncipher.key_id))
+        assert isinstance(done, Result) and done.deleted == 1
+        # A gateway still holding the old key reaches the other worker.
+        assert _code(_ask(w2, _pub(site, ocipher))) == "key_retired"
+    finally:
+        w1.keys.close()
+        w2.keys.close()
+
+
+def _pub(site: str, cipher: object) -> object:
+    from cipherface.protocol import KeyPublish
+
+    return KeyPublish(site=site, gw="gw", kid=cipher.key_id, scheme="ckks",  # type: ignore[attr-defined]
+                      public_key=cipher.public_key_bytes())  # type: ignore[attr-defined]  # fmt: skip
+
+
+def test_retire_cut_short_after_its_tombstone_serves_nothing(
+    tmp_path: Path, keys: tuple[Key, Key]
+) -> None:
+    """kill -9 right after key.retire wrote its tombstone: the public key and the gallery
+    are still there until the edge retries. The retired key must not be served meanwhile
+    (before: its gallery was exported and verified as ever)."""
+    from cipherface.agents.cloud_rotate import retired_path
+    from cipherface.crypto.keyfile import write_atomic
+    from cipherface.protocol import GalleryExport
+
+    (ocipher, _, _), (ncipher, _, _) = keys
+    site, old, new = "s1", ocipher.key_id, ncipher.key_id
+    agent = CloudAgent(
+        broker=BrokerConfig(url="mqtt://127.0.0.1:1"), data_dir=tmp_path / "c", store="sqlite:"
+    )
+    try:
+        _publish(agent, site, ocipher)
+        _publish(agent, site, ncipher)
+        agent.keys.close()  # the crash: the tombstone is all the retire did
+        write_atomic(retired_path(agent.data_dir, site, old), f"{new}\n".encode(), mode=0o644)
+        export = GalleryExport(site=site, gw="gw", kid=old, first=0, count=1)
+        assert _code(_ask(agent, export)) == "key_retired"
+        assert agent.keys.kids(site) == [new]  # a delete on every key skips it
+        done = _ask(agent, KeyRetire(site=site, gw="gw", kid=old, successor=new))  # the retry
+        assert isinstance(done, Result) and done.deleted == 1
+        assert not agent.keys.key_dir(site, old).exists()
+    finally:
+        agent.keys.close()
