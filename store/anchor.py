@@ -69,13 +69,22 @@ class Anchor:
         return self.path.exists()
 
     def check(
-        self, seq: int, check: int, incarnation: int | None = None, *, restored: bool = False
+        self,
+        seq: int,
+        check: int,
+        incarnation: int | None = None,
+        *,
+        restored: bool = False,
+        recorded: int | None = None,
     ) -> None:
         """Refuse a database older than (or forked from) the anchored commit.
 
         Args:
             restored: the gallery says it was made by ``gallery import``: another
                 incarnation of it is a deliberate restore, not a loss.
+            recorded: the gallery check the database's commit history holds for the
+                anchored ``seq`` when ``seq`` is past it (None: not recorded): another
+                value is a rollback that was committed on past this anchor.
 
         Raises:
             StorageCorruptError: rolled back, created again without an import (its rows
@@ -96,6 +105,13 @@ class Anchor:
                 self.label,
             )
             return
+        if m.seq < seq and recorded is not None and recorded != m.check:
+            # Rolled back behind this anchor, then committed on past it (a worker whose
+            # anchor lagged, or none): the history at our commit is another one.
+            raise StorageCorruptError(
+                f"gallery {self.label}: rolled back (commit {m.seq} was acknowledged with "
+                "another history) and committed on since"
+            )
         if m.seq > seq or (m.seq == seq and m.check != check):
             # An older copy of the database (or of its log) was put back, or the log was
             # lost: serving it would bring deleted identities back.

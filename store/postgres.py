@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS cf_blocks (
     version INTEGER NOT NULL, nbytes BIGINT NOT NULL, digest TEXT NOT NULL,
     chk BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (gid, name));
 ALTER TABLE cf_blocks ALTER COLUMN data SET STORAGE EXTERNAL;
+CREATE TABLE IF NOT EXISTS cf_commits (
+    gid BIGINT NOT NULL, seq BIGINT NOT NULL, chk BIGINT NOT NULL, PRIMARY KEY (gid, seq));
 CREATE TABLE IF NOT EXISTS cf_retired (
     name TEXT PRIMARY KEY, successor TEXT NOT NULL,
     retired_at TIMESTAMPTZ NOT NULL DEFAULT now());
@@ -186,8 +188,19 @@ class PostgresEngine(Engine):
                     (BlockRef(name=n, version=v, nbytes=b, digest=d), c, size)
                     for n, v, b, d, c, size in cur.fetchall()
                 ]
+                if mark is not None and mark.seq < row.seq:
+                    # The check this database recorded at our anchored commit: another
+                    # value means it was rolled back behind us and committed on again.
+                    cur.execute(
+                        "SELECT chk FROM cf_commits WHERE gid = %s AND seq = %s",
+                        (self.gid, mark.seq),
+                    )
+                    got = cur.fetchone()
+                    then[0] = None if got is None else int(got[0])
             return Snapshot(gallery=row, gallery_check=g[9], slots=slots, blocks=blocks)
 
+        mark = None if self.anchor is None else self.anchor.read()
+        then: list[int | None] = [None]
         snap = self._run(go, "reading")
         if self.anchor is not None:
             if snap is None:
@@ -199,6 +212,7 @@ class PostgresEngine(Engine):
                     snap.gallery_check,
                     self.gid,
                     restored=_restored(snap.gallery.meta),
+                    recorded=then[0],
                 )
         return snap
 
@@ -280,6 +294,11 @@ class PostgresEngine(Engine):
                         "digest = EXCLUDED.digest, chk = EXCLUDED.chk, data = EXCLUDED.data",
                         (self.gid, r.name, r.version, r.nbytes, r.digest, r.check, st.data),
                     )
+                cur.execute(  # the history an anchor lagging behind is checked against
+                    "INSERT INTO cf_commits (gid, seq, chk) VALUES (%s,%s,%s) "
+                    "ON CONFLICT (gid, seq) DO UPDATE SET chk = EXCLUDED.chk",
+                    (self.gid, gallery.seq, gallery.check),
+                )
                 cur.execute(
                     "UPDATE cf_galleries SET format=%s, meta=%s, ids_version=%s, seq=%s, "
                     "nslots=%s, slot_sum=%s, block_sum=%s, nblocks=%s, chk=%s WHERE gid = %s",
@@ -355,7 +374,7 @@ def drop_gallery(dsn: str, name: str, *, retired_by: str | None = None) -> bool:
             got = conn.execute("SELECT gid FROM cf_galleries WHERE name = %s", (name,)).fetchone()
             if got is None:
                 return False
-            for t in ("cf_blocks", "cf_slots"):
+            for t in ("cf_blocks", "cf_slots", "cf_commits"):
                 conn.execute(f"DELETE FROM {t} WHERE gid = %s", (got[0],))  # noqa: S608
             conn.execute("DELETE FROM cf_galleries WHERE gid = %s", (got[0],))
             return True

@@ -117,3 +117,33 @@ def test_retire_cut_short_after_its_tombstone_serves_nothing(
         assert not agent.keys.key_dir(site, old).exists()
     finally:
         agent.keys.close()
+
+
+def test_postgres_rollback_hidden_by_a_lagging_worker_is_refused(tmp_path: Path) -> None:
+    """The database restored to the state a second worker last saw: that worker cannot
+    tell (documented), but once it commits past the first worker's anchor the first one
+    must still refuse (before: accepted, the deleted ``b`` back)."""
+    from test_store_rollback import PgDb
+
+    admin = storekit._admin()
+    pg = PgDb(admin, storekit.PG_ADMIN.rsplit("/", 1)[0])
+    try:
+        w1, w2 = (f"{pg.url}#site/k;anchor={tmp_path / w}" for w in ("w1", "w2"))
+        _filled(w1)
+        open_store(w2, meta=META).close()  # worker 2 saw this state
+        nightly = pg.backup()
+        st = open_store(w1, meta=META)
+        st.commit(slots=[(1, "")])  # b erased, acknowledged by worker 1
+        st.close()
+        pg.restore(nightly)
+        st = open_store(w2, meta=META)  # the documented limit: worker 2 cannot tell
+        assert st.slots[1] == "b"
+        st.commit(slots=[(0, "a")])
+        st.commit(slots=[(2, "c")])  # past worker 1's anchor
+        st.close()
+        with pytest.raises(StorageCorruptError, match="rolled back") as err:
+            open_store(w1, meta=META)
+        assert str(tmp_path) not in str(err.value) and "cf_rb" not in str(err.value)
+    finally:
+        pg.drop_all()
+        admin.close()
