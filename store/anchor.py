@@ -15,12 +15,14 @@ import``): its lower ``seq`` is not a rollback.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipherface.errors import StorageCorruptError
+from cipherface.errors import StorageCorruptError, StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
 ANCHOR_NAME = "gallery.anchor"  # in the directory a location's ``;anchor=DIR`` names
@@ -46,6 +48,8 @@ class Anchor:
     def __init__(self, path: str | os.PathLike[str], *, label: str) -> None:
         self.path = Path(path)
         self.label = label
+        self._behind: tuple[int, int, int | None] | None = None  # a mark not yet written
+        self._failure: OSError | None = None
 
     def read(self) -> Mark | None:
         """The anchored commit, or None when none was recorded.
@@ -119,15 +123,22 @@ class Anchor:
                 f"gallery {self.label}: rolled back (commit {seq} found, {m.seq} was acknowledged)"
             )
 
-    def advance(self, seq: int, check: int, incarnation: int | None = None) -> None:
+    def advance(self, seq: int, check: int, incarnation: int | None = None) -> bool:
         """Record a commit (fsync + rename) unless the anchor already holds it or a later
-        one of the same incarnation. Failing only weakens the check: logged, not raised."""
+        one of the same incarnation.
+
+        Returns:
+            False when the file could not be written (logged; the commit stands): the
+            engine then refuses its next commit until :meth:`catch_up` succeeds, so at
+            most one acknowledged commit is ever missing from the anchor.
+        """
         try:
             m = self.read()
         except StorageCorruptError:
             m = None  # a damaged anchor was reported at open; the commit stands
         if m is not None and m.incarnation == incarnation and m.seq >= seq:
-            return
+            self._behind = None
+            return True
         tail = "" if incarnation is None else f" {incarnation}"
         # Per process: a cloud and a `gallery` command may advance one anchor together.
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
@@ -140,6 +151,29 @@ class Anchor:
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("gallery %s: commit anchor not updated: %s", self.label, exc)
+            self._behind = (seq, check, incarnation)
+            self._failure = exc
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return False
+        self._behind = None
+        return True
+
+    def catch_up(self) -> None:
+        """Before a commit: write the commit a failed :meth:`advance` left out.
+
+        Raises:
+            StorageFullError: still no space for it (retryable; nothing was committed).
+            StorageError: it still cannot be written.
+        """
+        behind = self._behind
+        if behind is None or self.advance(*behind):
+            return
+        # Committing on would leave acknowledged commits (deletes) that a restored
+        # backup could undo unseen.
+        if self._failure is not None and self._failure.errno == errno.ENOSPC:
+            raise StorageFullError(f"gallery {self.label}: no space left for its commit anchor")
+        raise StorageError(f"gallery {self.label}: its commit anchor cannot be written")
 
     def drop(self) -> None:
         """Forget the anchored commit (a deliberate restore: ``gallery import``)."""

@@ -288,6 +288,8 @@ class SqliteEngine(Engine):
                 ino = None
             except OSError as exc:
                 raise self._err(exc, "committing") from exc
+            for a in self.anchors:  # a commit whose anchor failed is written first
+                a.catch_up()
             if ino != self._ino:
                 # Another file was renamed over ours (or ours deleted): a commit would go
                 # to an unlinked file, acknowledged and then lost.

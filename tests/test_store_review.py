@@ -147,3 +147,45 @@ def test_postgres_rollback_hidden_by_a_lagging_worker_is_refused(tmp_path: Path)
     finally:
         pg.drop_all()
         admin.close()
+
+
+def test_full_anchor_filesystem_stops_commits_after_one(tmp_path: Path) -> None:
+    """The key directory (anchors) full, the gallery's filesystem not (``--store
+    sqlite:ROOT`` elsewhere): before, every commit was acknowledged with its anchor left
+    behind (a warning each), so a backup put back later undid any number of acknowledged
+    deletes unseen. Now the commit after a failed anchor write is ``storage_full``
+    (nothing changed) until the anchor catches up."""
+    import shutil
+
+    from test_store_faults import _tmpfs, _umount
+
+    from cipherface.errors import StorageFullError
+
+    keys = tmp_path / "keys"
+    _tmpfs(keys, "64k")
+    try:
+        loc = f"sqlite:{tmp_path / 'g'}#site/k;anchor={keys}"
+        _filled(loc)
+        shutil.copytree(tmp_path / "g", tmp_path / "backup")  # with its own .seq
+        filler = keys / "filler"
+        with open(filler, "wb", buffering=0) as fh:  # fill the key directory's filesystem
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        st = open_store(loc, meta=META)
+        st.commit(slots=[(1, "")])  # acknowledged; its anchor could not be written
+        with pytest.raises(StorageFullError) as err:
+            st.commit(slots=[(2, "")])  # before: acknowledged too, still unanchored
+        assert err.value.code == "storage_full" and str(keys) not in str(err.value)
+        assert st.slots[2] == "c"  # nothing changed
+        filler.unlink()  # space back: the anchor catches up, the same write succeeds
+        st.commit(slots=[(2, "")])
+        st.close()
+        shutil.rmtree(tmp_path / "g")
+        shutil.copytree(tmp_path / "backup", tmp_path / "g")
+        with pytest.raises(StorageCorruptError, match="rolled back"):
+            open_store(loc, meta=META)
+    finally:
+        _umount(keys)
