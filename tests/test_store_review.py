@@ -189,3 +189,21 @@ def test_full_anchor_filesystem_stops_commits_after_one(tmp_path: Path) -> None:
             open_store(loc, meta=META)
     finally:
         _umount(keys)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_kill_9_with_anchors_in_the_key_directory(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """kill -9 anywhere in a commit, anchors outside the database included: never a
+    healthy gallery refused, never an acknowledged write lost (25 kills per engine with
+    ``-m faults``)."""
+    from test_store_faults import _kill_run
+
+    keys = tmp_path / "keys"
+    if engine == "sqlite":
+        loc = f"sqlite:{tmp_path / 'g'}#site/k;anchor={keys}"
+    else:
+        loc = f"{request.getfixturevalue('pg_url')}#t-{secrets.token_hex(6)};anchor={keys}"
+    kills = 25 if request.config.getoption("-m") == "faults" else 3
+    _kill_run(loc, kills, tmp_path)
