@@ -138,6 +138,9 @@ class PostgresEngine(Engine):
         self.name = name
         self.label = name
         self.gid: int | None = None
+        # (seq, gallery check) this process last read or wrote: the same seq with another
+        # check is another history (the database rolled back and committed on since).
+        self._seen: tuple[int, int] | None = None
         self.anchor = (
             None if anchor_dir is None else Anchor(Path(anchor_dir) / ANCHOR_NAME, label=name)
         )
@@ -202,6 +205,8 @@ class PostgresEngine(Engine):
         mark = None if self.anchor is None else self.anchor.read()
         then: list[int | None] = [None]
         snap = self._run(go, "reading")
+        if snap is not None:
+            self._seen = (snap.gallery.seq, snap.gallery_check)
         if self.anchor is not None:
             if snap is None:
                 if self.anchor.exists():  # it committed here before: never start it empty
@@ -235,9 +240,14 @@ class PostgresEngine(Engine):
     def current_seq(self) -> int | None:
         def go(conn: Any) -> int | None:
             got = conn.execute(
-                "SELECT seq FROM cf_galleries WHERE name = %s", (self.name,)
+                "SELECT seq, chk FROM cf_galleries WHERE name = %s", (self.name,)
             ).fetchone()
-            return None if got is None else int(got[0])
+            if got is None:
+                return None
+            seq = int(got[0])
+            if self._seen is not None and seq == self._seen[0] and int(got[1]) != self._seen[1]:
+                return -1  # our seq, another history: never equal to ours, so we reload
+            return seq
 
         return self._run(go, "reading")
 
@@ -265,10 +275,19 @@ class PostgresEngine(Engine):
     ) -> None:
         def go(conn: Any) -> None:
             with self._tx(conn) as cur:
-                cur.execute("SELECT seq FROM cf_galleries WHERE gid = %s FOR UPDATE", (self.gid,))
+                cur.execute(
+                    "SELECT seq, chk FROM cf_galleries WHERE gid = %s FOR UPDATE", (self.gid,)
+                )
                 got = cur.fetchone()
                 if got is None:
                     raise StorageCorruptError(f"gallery {self.label}: gallery row missing")
+                seen = self._seen
+                if seen is not None and got[0] == seen[0] == expect_seq and got[1] != seen[1]:
+                    # Committing on would mix our rows into another history's.
+                    raise StorageCorruptError(
+                        f"gallery {self.label}: rolled back (commit {expect_seq} has another "
+                        "history)"
+                    )
                 if got[0] != expect_seq:
                     raise StorageConflictError(
                         f"gallery {self.label} was changed by another worker; retry"
@@ -308,6 +327,7 @@ class PostgresEngine(Engine):
         if self.anchor is not None:  # a commit whose anchor failed is written first
             self.anchor.catch_up()
         self._run(go, "committing")
+        self._seen = (gallery.seq, gallery.check)
         if self.anchor is not None:  # after COMMIT, before the acknowledgement
             self.anchor.advance(gallery.seq, gallery.check, self.gid)
 

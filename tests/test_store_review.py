@@ -207,3 +207,40 @@ def test_kill_9_with_anchors_in_the_key_directory(
         loc = f"{request.getfixturevalue('pg_url')}#t-{secrets.token_hex(6)};anchor={keys}"
     kills = 25 if request.config.getoption("-m") == "faults" else 3
     _kill_run(loc, kills, tmp_path)
+
+
+def test_running_postgres_worker_never_commits_onto_another_history(tmp_path: Path) -> None:
+    """A worker holds commit 3 in memory; the database is restored to commit 2 and
+    another process commits its own 3. Same ``seq``: before, the worker neither reloaded
+    nor noticed and committed 4 on top (its sums over the other history's rows: a gallery
+    that no longer opens, its acknowledged delete of ``b`` undone in the rows). Now it
+    reloads (and its anchor refuses) and a commit is refused, nothing written."""
+    from test_store_rollback import PgDb
+
+    admin = storekit._admin()
+    pg = PgDb(admin, storekit.PG_ADMIN.rsplit("/", 1)[0])
+    try:
+        w1 = f"{pg.url}#site/k;anchor={tmp_path / 'w1'}"
+        _filled(w1)
+        nightly = pg.backup()
+        st = open_store(w1, meta=META)
+        st.commit(slots=[(1, "")])  # b erased: commit 3, acknowledged
+        from cipherface.store.postgres import _Shared
+
+        pg.restore(nightly)  # (closes every connection; the worker reconnects)
+        other = open_store(f"{pg.url}#site/k", meta=META)
+        other.commit(slots=[(3, "x")])  # commit 3 of another history
+        other.close()
+        assert st.stale()  # the cloud reloads, and its anchor refuses
+        with pytest.raises(StorageCorruptError, match="rolled back"):
+            st.commit(slots=[(2, "")])
+        st.close()
+        _Shared.close_all()
+        with pytest.raises(StorageCorruptError, match="rolled back"):
+            open_store(w1, meta=META)
+        check = open_store(f"{pg.url}#site/k", meta=META)  # nothing was mixed in
+        assert check.slots == ["a", "b", "c", "x"]
+        check.close()
+    finally:
+        pg.drop_all()
+        admin.close()
