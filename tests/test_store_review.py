@@ -70,13 +70,25 @@ def test_key_retired_on_one_postgres_worker_stays_retired_on_the_others(
                    store=pg_url)
         for w in ("w1", "w2")
     )  # fmt: skip
+    from cipherface.protocol import GalleryExport
+
+    def export() -> GalleryExport:  # a new request each time (replies are replayed by id)
+        return GalleryExport(site=site, gw="gw", kid=ocipher.key_id, first=0, count=1)
+
     try:
         _publish(w1, site, ocipher)
+        w3 = CloudAgent(broker=BrokerConfig(url="mqtt://127.0.0.1:1"), data_dir=tmp_path / "w3",
+                        store=pg_url)  # fmt: skip
+        _publish(w3, site, ocipher)
+        assert isinstance(_ask(w3, export()), Result)  # w3 holds the old gallery open
         _publish(w1, site, ncipher)
         done = _ask(w1, KeyRetire(site=site, gw="gw", kid=ocipher.key_id, successor=ncipher.key_id))
         assert isinstance(done, Result) and done.deleted == 1
-        # A gateway still holding the old key reaches the other worker.
-        assert _code(_ask(w2, _pub(site, ocipher))) == "key_retired"
+        # A gateway still holding the old key reaches the other workers.
+        assert _code(_ask(w2, _pub(site, ocipher))) == "key_retired"  # before: a new gallery
+        assert _code(_ask(w3, export())) == "key_retired"  # before: storage_corrupt
+        assert w3.keys.kids(site) == []
+        w3.keys.close()
     finally:
         w1.keys.close()
         w2.keys.close()
@@ -244,3 +256,37 @@ def test_running_postgres_worker_never_commits_onto_another_history(tmp_path: Pa
     finally:
         pg.drop_all()
         admin.close()
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "digit-up", "copied-from-another"])
+def test_damaged_or_foreign_anchor_is_loud_and_changes_nothing(tmp_path: Path, damage: str) -> None:
+    """A torn, bit-flipped or foreign anchor refuses the gallery (``storage_corrupt``,
+    no path), changes nothing, and deleting it (the documented operator step) opens it."""
+    keys = tmp_path / "site" / "keys" / "k"
+    loc = f"sqlite:{keys / 'gallery'}#site/k;anchor={keys}"
+    _filled(loc)
+    anchor = keys / "gallery.anchor"
+    seq, chk = anchor.read_text().split()
+    if damage == "empty":
+        anchor.write_text("")
+    elif damage == "garbage":
+        anchor.write_bytes(b"\xff\x00 7")
+    elif damage == "digit-up":
+        anchor.write_text(f"9{seq} {chk}\n")
+    else:  # another gallery's anchor, further along
+        other = tmp_path / "o" / "keys" / "k"
+        ost = open_store(f"sqlite:{other / 'gallery'}#o/k;anchor={other}", meta=META)
+        for s in range(6):
+            ost.commit(slots=[(s, f"o{s}")])
+        ost.close()
+        anchor.write_bytes((other / "gallery.anchor").read_bytes())
+    db = (keys / "gallery" / "gallery.sqlite3").read_bytes()
+    with pytest.raises(StorageCorruptError) as err:
+        open_store(loc, meta=META)
+    assert str(err.value).startswith("gallery site/k:") and str(tmp_path) not in str(err.value)
+    assert (keys / "gallery" / "gallery.sqlite3").read_bytes() == db
+    anchor.unlink()
+    st = open_store(loc, meta=META)
+    assert st.slots == list("abcd")
+    st.close()
+    assert anchor.read_text().split() == [seq, chk]  # a new anchor from the database
