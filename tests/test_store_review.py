@@ -86,7 +86,7 @@ def test_key_retired_on_one_postgres_worker_stays_retired_on_the_others(
         assert isinstance(done, Result) and done.deleted == 1
         # A gateway still holding the old key reaches the other workers.
         assert _code(_ask(w2, _pub(site, ocipher))) == "key_retired"  # before: a new gallery
-        assert _code(_ask(w3, export())) == "key_retired"  # before: storage_corrupt
+        assert _code(_ask(w3, export())) == "key_retired"  # before: served, the new gallery
         assert w3.keys.kids(site) == []
         w3.keys.close()
     finally:
