@@ -29,7 +29,12 @@ from typing import Any
 import msgpack
 import numpy.typing as npt
 
-from cipherface.errors import GalleryError, StorageCorruptError
+from cipherface.errors import (
+    GalleryError,
+    StorageConflictError,
+    StorageCorruptError,
+    StorageError,
+)
 from cipherface.store.rows import (
     FORMAT,
     ROW_MASK,
@@ -279,6 +284,13 @@ class GalleryStore:
         cur = self.engine.current_seq()
         return cur != self._row.seq
 
+    def _moved(self) -> bool:
+        """Whether the committed gallery is no longer the one we read (shared engines)."""
+        try:
+            return self.stale()
+        except StorageError:  # cannot tell: the caller reports what it found
+            return False
+
     def dead_slots(self) -> int:
         """Slots whose identity was deleted or replaced while its block still exists."""
         k = slots_per_block(self.meta)
@@ -309,11 +321,18 @@ class GalleryStore:
     def _block_bytes(self, name: str) -> bytes:
         ref = self.blocks[name]
         got = self.engine.read_block(name)
-        if got is None:
-            raise self._corrupt(f"block {name} is missing")
-        row, stored, data = got
-        if row != ref or stored != ref.check:
-            raise self._corrupt(f"block {name} row changed under us (version {row.version})")
+        if got is None or got[0] != ref or got[1] != ref.check:
+            if self._moved():
+                # Another worker committed since we read the rows (a new version of this
+                # block, or it dropped it): not damage. Retryable; the caller reloads.
+                raise StorageConflictError(
+                    f"gallery {self.label} was changed by another worker while block "
+                    f"{name} was read; retry"
+                )
+            if got is None:
+                raise self._corrupt(f"block {name} is missing")
+            raise self._corrupt(f"block {name} row changed under us (version {got[0].version})")
+        data = got[2]
         if len(data) != ref.nbytes:
             raise self._corrupt(f"block {name} is {len(data)} bytes, expected {ref.nbytes}")
         if block_digest(data) != ref.digest:

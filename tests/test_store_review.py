@@ -290,3 +290,27 @@ def test_damaged_or_foreign_anchor_is_loud_and_changes_nothing(tmp_path: Path, d
     assert st.slots == list("abcd")
     st.close()
     assert anchor.read_text().split() == [seq, chk]  # a new anchor from the database
+
+
+def test_block_replaced_by_another_worker_while_reading_is_busy_not_corrupt(pg_url: str) -> None:
+    """Worker A reads a block that worker B has just replaced (or dropped) in a commit:
+    normal fleet concurrency, not damage. Before: ``storage_corrupt`` (not retryable,
+    evidence hook fired) for a healthy gallery; now ``storage_busy`` (retryable), and
+    the reload reads the new version."""
+    from cipherface.errors import StorageConflictError
+
+    loc = f"{pg_url}#t-{secrets.token_hex(6)}"
+    _filled(loc)
+    a = open_store(loc, meta=META)
+    b = open_store(loc, meta=META)
+    new = np.full((3, 64), 7, dtype=np.uint8)
+    b.commit(blocks=[b.stage_block("phe-000000", new)])
+    with pytest.raises(StorageConflictError) as err:
+        a.load_block("phe-000000")
+    assert err.value.code == "storage_busy" and a.stale()
+    b.commit(drop_blocks=["phe-000000"], slots=[(s, None) for s in range(4)])
+    with pytest.raises(StorageConflictError):
+        a.load_block("phe-000000")
+    a.close()
+    b.close()
+    # Damage with no commit between stays storage_corrupt (test_store.py, both engines).
