@@ -213,6 +213,10 @@ def retire_key(keys: KeyRegistry, req: KeyRetire) -> Result:
         )
     successor = keys.gallery(site, new)  # never retire into a gallery that does not open
     write_atomic(retired_path(keys.root, site, old), f"{new}\n".encode("ascii"), mode=0o644)
+    if keys.store.startswith(PG_SCHEMES):  # every worker's tombstone, before any step
+        from cipherface.store.postgres import mark_retired
+
+        mark_retired(keys.store.partition("#")[0], f"{site}/{old}", new)
     existed = keys.unregister(site, old)
     gone = destroy_gallery(gallery_location(keys.store, site, old, keys.root), retired_by=new)
     try:

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS cf_retired (
     name TEXT PRIMARY KEY, successor TEXT NOT NULL,
     retired_at TIMESTAMPTZ NOT NULL DEFAULT now());
 """
+#: Commits kept in ``cf_commits``: an anchor lagging further behind is checked by seq only.
+COMMIT_HISTORY = 100_000
 _GCOLS = "format, meta, ids_version, seq, nslots, slot_sum, block_sum, nblocks, chk"
 _SELECT_GALLERY = f"SELECT gid, {_GCOLS} FROM cf_galleries WHERE name = %s"  # noqa: S608
 _INSERT_GALLERY = (
@@ -240,10 +242,14 @@ class PostgresEngine(Engine):
     def current_seq(self) -> int | None:
         def go(conn: Any) -> int | None:
             got = conn.execute(
-                "SELECT seq, chk FROM cf_galleries WHERE name = %s", (self.name,)
+                "SELECT g.seq, g.chk, EXISTS (SELECT 1 FROM cf_retired r WHERE r.name = g.name) "
+                "FROM cf_galleries g WHERE g.name = %s",
+                (self.name,),
             ).fetchone()
             if got is None:
                 return None
+            if got[2]:
+                return -1  # its key was retired (by any worker): we reload, and refuse
             seq = int(got[0])
             if self._seen is not None and seq == self._seen[0] and int(got[1]) != self._seen[1]:
                 return -1  # our seq, another history: never equal to ours, so we reload
@@ -317,6 +323,10 @@ class PostgresEngine(Engine):
                     "INSERT INTO cf_commits (gid, seq, chk) VALUES (%s,%s,%s) "
                     "ON CONFLICT (gid, seq) DO UPDATE SET chk = EXCLUDED.chk",
                     (self.gid, gallery.seq, gallery.check),
+                )
+                cur.execute(  # bounded: one row out for each row in
+                    "DELETE FROM cf_commits WHERE gid = %s AND seq = %s",
+                    (self.gid, gallery.seq - COMMIT_HISTORY),
                 )
                 cur.execute(
                     "UPDATE cf_galleries SET format=%s, meta=%s, ids_version=%s, seq=%s, "
@@ -404,6 +414,20 @@ def drop_gallery(dsn: str, name: str, *, retired_by: str | None = None) -> bool:
     return eng._run(go, "dropping")
 
 
+def mark_retired(dsn: str, name: str, successor: str) -> None:
+    """Record that gallery ``name``'s key is retired (before anything is destroyed, so a
+    retire cut short still stops every worker from serving it). Idempotent."""
+    eng = PostgresEngine(dsn, name=name)
+    eng._run(
+        lambda c: c.execute(
+            "INSERT INTO cf_retired (name, successor) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO NOTHING",
+            (name, successor),
+        ),
+        "retiring",
+    )
+
+
 def is_retired(dsn: str, name: str) -> bool:
     """Whether the gallery ``name`` belongs to a retired key (any worker retired it)."""
     eng = PostgresEngine(dsn, name=name)
@@ -424,4 +448,11 @@ def rename_gallery(dsn: str, old: str, new: str) -> None:
     )
 
 
-__all__ = ["PostgresEngine", "drop_gallery", "is_retired", "pg_error", "rename_gallery"]
+__all__ = [
+    "PostgresEngine",
+    "drop_gallery",
+    "is_retired",
+    "mark_retired",
+    "pg_error",
+    "rename_gallery",
+]

@@ -314,3 +314,57 @@ def test_block_replaced_by_another_worker_while_reading_is_busy_not_corrupt(pg_u
     a.close()
     b.close()
     # Damage with no commit between stays storage_corrupt (test_store.py, both engines).
+
+
+def test_retire_cut_short_on_postgres_stops_every_worker(
+    pg_url: str, tmp_path: Path, keys: tuple[Key, Key], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 in key.retire before the gallery's rows are deleted: the other workers
+    must not serve the retired key meanwhile (the shared tombstone comes first)."""
+    from cipherface.agents import cloud_rotate
+    from cipherface.protocol import GalleryExport
+
+    (ocipher, _, _), (ncipher, _, _) = keys
+    site = f"s{secrets.token_hex(3)}"
+    w1, w2 = (
+        CloudAgent(broker=BrokerConfig(url="mqtt://127.0.0.1:1"), data_dir=tmp_path / w,
+                   store=pg_url)
+        for w in ("w1", "w2")
+    )  # fmt: skip
+
+    def death(*_: object, **__: object) -> bool:
+        raise SystemExit("killed")  # the process dies here: nothing after runs
+
+    try:
+        for w in (w1, w2):
+            _publish(w, site, ocipher)
+        _publish(w1, site, ncipher)
+        monkeypatch.setattr(cloud_rotate, "destroy_gallery", death)
+        with pytest.raises(SystemExit):
+            cloud_rotate.retire_key(
+                w1.keys, KeyRetire(site=site, gw="gw", kid=ocipher.key_id, successor=ncipher.key_id)
+            )
+        export = GalleryExport(site=site, gw="gw", kid=ocipher.key_id, first=0, count=1)
+        assert _code(_ask(w2, export)) == "key_retired"  # before: served until the retry
+    finally:
+        w1.keys.close()
+        w2.keys.close()
+
+
+def test_postgres_commit_history_is_bounded(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cipherface.store import postgres
+
+    monkeypatch.setattr(postgres, "COMMIT_HISTORY", 3)
+    name = f"t-{secrets.token_hex(6)}"
+    st = open_store(f"{pg_url}#{name}", meta=META)
+    for s in range(10):
+        st.commit(slots=[(s, f"p{s}")])
+    rows = st.engine._run(  # type: ignore[attr-defined]
+        lambda c: c.execute("SELECT seq FROM cf_commits WHERE gid = %s ORDER BY seq",
+                            (st.engine.gid,)).fetchall(),  # type: ignore[attr-defined]
+        "reading",
+    )  # fmt: skip
+    st.close()
+    assert [r[0] for r in rows] == [8, 9, 10]
