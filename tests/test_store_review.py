@@ -203,13 +203,9 @@ def test_full_anchor_filesystem_stops_commits_after_one(tmp_path: Path) -> None:
         _umount(keys)
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_kill_9_with_anchors_in_the_key_directory(
-    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+def _kill_with_anchors(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest, kills: int
 ) -> None:
-    """kill -9 anywhere in a commit, anchors outside the database included: never a
-    healthy gallery refused, never an acknowledged write lost (25 kills per engine with
-    ``-m faults``)."""
     from test_store_faults import _kill_run
 
     keys = tmp_path / "keys"
@@ -217,8 +213,26 @@ def test_kill_9_with_anchors_in_the_key_directory(
         loc = f"sqlite:{tmp_path / 'g'}#site/k;anchor={keys}"
     else:
         loc = f"{request.getfixturevalue('pg_url')}#t-{secrets.token_hex(6)};anchor={keys}"
-    kills = 25 if request.config.getoption("-m") == "faults" else 3
     _kill_run(loc, kills, tmp_path)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_kill_9_with_anchors_in_the_key_directory(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """kill -9 anywhere in a commit, anchors outside the database included: never a
+    healthy gallery refused, never an acknowledged write lost."""
+    _kill_with_anchors(engine, tmp_path, request, 3)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_kill_9_with_anchors_in_the_key_directory_long(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if "faults" not in str(request.config.getoption("markexpr", "")):
+        pytest.skip("long fault run: pytest -m faults tests/test_store_review.py")
+    _kill_with_anchors(engine, tmp_path, request, 25)
 
 
 def test_running_postgres_worker_never_commits_onto_another_history(tmp_path: Path) -> None:
