@@ -43,6 +43,11 @@ CREATE TABLE blocks (
     name TEXT PRIMARY KEY, version INTEGER NOT NULL, nbytes INTEGER NOT NULL,
     digest TEXT NOT NULL, chk INTEGER NOT NULL, data BLOB NOT NULL);
 """
+# The gallery check of each recent commit: an anchor lagging behind the database is
+# checked against it (a restored copy that a process without the anchor committed past).
+# Created on open in galleries made before it existed.
+_HISTORY = "CREATE TABLE IF NOT EXISTS commits (seq INTEGER PRIMARY KEY, chk INTEGER NOT NULL)"
+COMMIT_HISTORY = 100_000
 _FULL = {"SQLITE_FULL"}
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"}
 
@@ -130,6 +135,7 @@ class SqliteEngine(Engine):
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA secure_delete=ON")
             db.execute("PRAGMA cell_size_check=ON")
+            db.execute(_HISTORY)
             self._ino = os.stat(self.path).st_ino  # the file this connection writes
             return db
         except sqlite3.Error as exc:
@@ -182,6 +188,8 @@ class SqliteEngine(Engine):
             if any(a.exists() for a in self.anchors):  # it existed: never start it empty
                 raise StorageCorruptError(f"gallery {self.label}: database file missing")
             return None
+        marks = [a.read() for a in self.anchors]  # damaged: storage_corrupt
+        recorded: list[int | None] = [None] * len(marks)
         with self._mu:
             try:
                 db = self._db
@@ -200,12 +208,19 @@ class SqliteEngine(Engine):
                         "SELECT name, version, nbytes, digest, chk, length(data) FROM blocks"
                     )
                 ]
+                for i, m in enumerate(marks):
+                    if m is not None and m.seq < row.seq:
+                        got = db.execute("SELECT chk FROM commits WHERE seq = ?", (m.seq,))
+                        one = got.fetchone()
+                        recorded[i] = None if one is None else int(one[0])
             except sqlite3.Error as exc:
                 raise self._err(exc, "reading") from exc
             except (TypeError, ValueError) as exc:
                 raise StorageCorruptError(f"gallery {self.label}: bad row ({exc})") from exc
-        for a in self.anchors:  # an older database or WAL put back, or the WAL lost
-            a.check(row.seq, f[8])
+        for a, rec in zip(self.anchors, recorded, strict=True):
+            # An older database or WAL put back, or the WAL lost; or such a copy that a
+            # process without this anchor committed past it (another history).
+            a.check(row.seq, f[8], recorded=rec)
         return Snapshot(gallery=row, gallery_check=f[8], slots=slots, blocks=blocks)
 
     def read_block(self, name: str) -> tuple[BlockRef, int, bytes] | None:
@@ -315,6 +330,11 @@ class SqliteEngine(Engine):
                             (r.name, r.version, r.nbytes, r.digest, r.check, st.data),
                         )
                     _put_gallery(db, gallery, insert=False)
+                    db.execute(
+                        "INSERT OR REPLACE INTO commits (seq, chk) VALUES (?,?)",
+                        (gallery.seq, gallery.check),
+                    )
+                    db.execute("DELETE FROM commits WHERE seq = ?", (gallery.seq - COMMIT_HISTORY,))
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:

@@ -382,3 +382,30 @@ def test_postgres_commit_history_is_bounded(
     )  # fmt: skip
     st.close()
     assert [r[0] for r in rows] == [8, 9, 10]
+
+
+def test_sqlite_directory_restored_then_committed_past_by_a_bare_tool_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The gallery directory put back from a backup, then a tool given the bare directory
+    (no ``;anchor=``) commits past the key directory's anchor: before, the cloud then
+    opened it, the deleted ``b`` back; now its anchor is checked against the commit
+    history in the database."""
+    import shutil
+
+    keys = tmp_path / "site" / "keys" / "k"
+    gdir = keys / "gallery"
+    loc = f"sqlite:{gdir}#site/k;anchor={keys}"
+    _filled(loc)
+    shutil.copytree(gdir, tmp_path / "backup")
+    st = open_store(loc, meta=META)
+    st.commit(slots=[(1, "")])  # b erased, acknowledged
+    st.close()
+    shutil.rmtree(gdir)
+    shutil.copytree(tmp_path / "backup", gdir)
+    bare = open_store(f"sqlite:{gdir}#site/k", meta=META)  # e.g. gallery compact --location
+    bare.commit(slots=[(0, "a")])
+    bare.commit(slots=[(0, "a")])
+    bare.close()
+    with pytest.raises(StorageCorruptError, match="rolled back"):
+        open_store(loc, meta=META)
