@@ -28,7 +28,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -566,18 +566,20 @@ def flood(params: seal.Params, small: npt.NDArray[np.bool_]) -> tuple[U64, U64]:
     score); every other coefficient gets ``F`` uniform mod ``q0*q1``, which erases it
     (free and deleted slots, and the non-score coefficients of a verify product).
     """
-    n = params.n
     q0, q1 = (np.uint64(q) for q in params.data_primes)
-    f = np.frombuffer(secrets.token_bytes(8 * n), dtype="<i8") >> np.int64(63 - FLOOD_BITS)
-    f0 = np.mod(f, int(q0)).astype(np.uint64)
-    f1 = np.mod(f, int(q1)).astype(np.uint64)
-    wipe = ~small
-    m = int(wipe.sum())
-    if m:
-        # 64-bit words mod a 30-bit prime: bias below 2^-34.
-        u = np.frombuffer(secrets.token_bytes(16 * m), dtype="<u8").reshape(2, m)
-        f0[wipe] = u[0] % q0
-        f1[wipe] = u[1] % q1
+    keep = np.flatnonzero(small)
+    wipe = np.flatnonzero(~small)
+    # One draw for both kinds: 8 bytes per flooded coefficient, 16 per erased one.
+    raw = np.frombuffer(secrets.token_bytes(8 * (keep.size + 2 * wipe.size)), dtype="<u8")
+    f = raw[: keep.size].view("<i8") >> np.int64(63 - FLOOD_BITS)
+    f0 = np.empty(params.n, dtype=np.uint64)
+    f1 = np.empty(params.n, dtype=np.uint64)
+    f0[keep] = np.mod(f, int(q0)).astype(np.uint64)
+    f1[keep] = np.mod(f, int(q1)).astype(np.uint64)
+    # 64-bit words mod a 30-bit prime: bias below 2^-34.
+    u = raw[keep.size :].reshape(2, wipe.size)
+    f0[wipe] = u[0] % q0
+    f1[wipe] = u[1] % q1
     return f0, f1
 
 
@@ -605,14 +607,15 @@ def product(ring: ntt.Ring, x: U64, y: U64) -> U64:
 
 
 def pack_result(
-    pub: CkksPublic, template: U64, probe: object, *, pos: int, live: list[bool], what: str
+    pub: CkksPublic, template: U64, probe: object, *, pos: int, live: Sequence[bool], what: str
 ) -> bytes:
     """``result-verify``: the flooded, rescaled product of a pack and a received probe.
 
     The probe is loaded by SEAL (seed expanded) and re-randomised with a fresh
     encryption of zero (:meth:`CkksPublic.rerandomise`); the product (``multiply``
     without relinearisation), flood (``add_plain``) and ``rescale_to_next`` then run on
-    its residues in numpy, bit-exact with SEAL's ``Evaluator``
+    its residues in one numba pass (:meth:`~cipherface.crypto.ntt.Ring.mul_rescale_ntt`),
+    bit-exact with SEAL's ``Evaluator``
     (tests/test_seal.py::test_kernel_is_bit_exact_with_seal_evaluator) and without
     three more SEAL serialization round trips. Coefficient ``i*d`` carries the score of
     the pack's template ``i`` for every live ``i``; every other coefficient (free and
@@ -627,10 +630,59 @@ def pack_result(
     x = pub.rerandomise(probe, what)
     small = np.zeros(p.n, dtype=bool)
     small[np.flatnonzero(live) * pub.dim] = True
-    res = ring.rescale_ntt(product(ring, template, x), flood(p, small))
+    res = ring.mul_rescale_ntt(template, x, flood(p, small))
     ct = seal.ciphertext_bytes(res, parms_id=pub.result_level, scale=p.result_scale)
     body = {**header(pub, "result-verify"), "count": 1, "pos": pos, "ct": ct}
     return cast(bytes, msgpack.packb(body, use_bin_type=True))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PackJob:
+    """One verify's inputs, detached from the gallery (it can cross a process boundary).
+
+    Args:
+        template: the identity's pack, ``(2, k, N)`` NTT residues (uint32 or uint64).
+        probe: the received probe ciphertext (untrusted: checked by SEAL when loaded).
+        pos: the identity's place in the pack.
+        live: per template slot of the pack, whether it holds a live template.
+    """
+
+    template: npt.NDArray[np.unsignedinteger[Any]]
+    probe: object
+    pos: int
+    live: tuple[bool, ...]
+
+
+#: Runs :func:`finish_verify` over jobs of one key: here, or in worker processes.
+Compute = Callable[[CkksPublic, Sequence[PackJob]], list[bytes | Exception]]
+
+
+def finish_verify(pub: CkksPublic, job: PackJob) -> bytes:
+    """The ``result-verify`` of a prepared job (:func:`pack_result`).
+
+    Raises:
+        DecodeError: the probe is not a ciphertext of this key's parameters.
+    """
+    with pub.zeros.busy():
+        return pack_result(
+            pub,
+            job.template.astype(np.uint64),
+            job.probe,
+            pos=job.pos,
+            live=job.live,
+            what="probe-verify",
+        )
+
+
+def finish_many_verify(pub: CkksPublic, jobs: Sequence[PackJob]) -> list[bytes | Exception]:
+    """:func:`finish_verify` of each job, in this process; one bad job fails alone."""
+    out: list[bytes | Exception] = []
+    for job in jobs:
+        try:
+            out.append(finish_verify(pub, job))
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 # ---------------------------------------------------------------- edge side
@@ -816,4 +868,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["CkksEdgeCipher", "CkksKeys", "CkksPublic"]
+__all__ = ["CkksEdgeCipher", "CkksKeys", "CkksPublic", "PackJob", "finish_verify"]

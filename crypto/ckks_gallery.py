@@ -25,10 +25,13 @@ from cipherface.crypto.ckks import (
     MIGRATE_HINT,
     SCHEME,
     CkksPublic,
+    Compute,
+    PackJob,
     decode,
     finish_many,
+    finish_many_verify,
+    finish_verify,
     header,
-    pack_result,
     ring_of,
 )
 from cipherface.crypto.store import GalleryStore
@@ -308,6 +311,17 @@ class CkksGallery:
             UnknownIdentityError: not enrolled.
             DecodeError / KeyMismatchError: bad probe.
         """
+        return finish_verify(self.pub, self.prepare_verify(identity, probe))
+
+    def prepare_verify(self, identity: str, probe: bytes) -> PackJob:
+        """What :func:`finish_verify` needs for one verify: the identity's pack, a copy
+        taken under the gallery's lock, and the probe's ciphertext (not yet loaded).
+
+        Raises:
+            UnknownIdentityError: not enrolled.
+            DecodeError / KeyMismatchError: the probe's envelope is malformed or for
+                another key (the ciphertext itself is checked by :func:`finish_verify`).
+        """
         obj = decode(probe, self.pub, "probe-verify", DecodeError)
         N = self.params.n
         with self._lock:
@@ -316,16 +330,13 @@ class CkksGallery:
                 raise UnknownIdentityError(f"identity {identity!r} is not enrolled at this site")
             b, o = divmod(slot, N)
             group = o // self.per_pack
-            ct = self._block("pack", b)[group].astype(np.uint64)
+            template = self._block("pack", b)[group].copy()
             first = b * N + group * self.per_pack
-            live = [
+            live = tuple(
                 s < len(self.store.slots) and self.store.slots[s] is not None
                 for s in range(first, first + self.per_pack)
-            ]
-        with self.pub.zeros.busy():
-            return pack_result(
-                self.pub, ct, obj.get("ct"), pos=o % self.per_pack, live=live, what="probe-verify"
             )
+        return PackJob(template=template, probe=obj.get("ct"), pos=o % self.per_pack, live=live)
 
     def quota_scope(self, identity: str) -> str:
         """What a verify of ``identity`` reveals, for the cloud's quotas: its pack (the
@@ -334,19 +345,29 @@ class CkksGallery:
             slot = self._index.get(identity)
         return "?" if slot is None else f"{self.key_id} pack {slot // self.per_pack}"
 
-    def verify_many(self, items: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
+    def verify_many(
+        self, items: Sequence[tuple[str, bytes]], *, compute: Compute | None = None
+    ) -> list[bytes | Exception]:
         """:meth:`verify` for a batch of ``(identity, probe)``; one bad item fails alone.
+
+        Args:
+            items: the verifies.
+            compute: runs :func:`finish_verify` over a list of jobs, e.g. in worker
+                processes (``cipherface.agents.compute``); None runs it here.
 
         Returns:
             Per item, the result bytes or the exception :meth:`verify` would raise.
         """
         out: list[bytes | Exception] = []
+        jobs: list[PackJob] = []
         for identity, probe in items:
             try:
-                out.append(self.verify(identity, probe))
+                jobs.append(self.prepare_verify(identity, probe))
+                out.append(b"")  # filled in below
             except Exception as exc:  # per item, as verify() would raise it
                 out.append(exc)
-        return out
+        done = iter((compute or finish_many_verify)(self.pub, jobs))
+        return [next(done) if isinstance(o, bytes) else o for o in out]
 
     def identify(self, probe: bytes) -> tuple[bytes, int]:
         """Encrypted similarities against every slot (free/deleted slots: erased).

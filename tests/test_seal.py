@@ -96,6 +96,19 @@ def test_kernel_is_bit_exact_with_seal_evaluator(level: int) -> None:
         ckks.product(ring, g[0].astype(np.uint64), pr[0].astype(np.uint64)),
         _parse(pub, prod, 3, pub.data_level),
     )
+    # A verify's fused multiply + flood + rescale, against SEAL on that pair.
+    ev.add_plain_inplace(prod, flood_pt)
+    ev.rescale_to_next_inplace(prod)
+    x, y = g[0].astype(np.uint64), pr[0].astype(np.uint64)
+    np.testing.assert_array_equal(
+        ring.mul_rescale_ntt(x, y, (f0, f1)), _parse(pub, prod, 3, pub.result_level)
+    )
+    # Worst-case residues (all q - 1) in the fused kernel, against the numpy steps.
+    top = np.broadcast_to(ring.qcol - 1, (2, 2, p.n)).astype(np.uint64)
+    np.testing.assert_array_equal(
+        ring.mul_rescale_ntt(top, top, (f0, f1)),
+        ring.rescale_ntt(ckks.product(ring, top, top), (f0, f1)),
+    )
     # SEAL loads what we write and decrypts it to the same message.
     mine = seal.ciphertext_bytes(got, parms_id=pub.result_level, scale=p.result_scale)
     edge = CkksEdgeCipher(keys=keys)
