@@ -239,11 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="most verifies scored in one engine call (default 32; 1 = no batching)",
     )
     p.add_argument(
+        "--workers",
+        type=_workers,
+        default=0,
+        metavar="N|auto",
+        help="compute processes for verifies (SEAL holds the GIL: one process uses one "
+        "core); auto = one per core; 0 = in the agent's own process (default)",
+    )
+    p.add_argument(
         "--fast-threads",
         type=int,
-        default=2,
+        default=None,
         metavar="N",
-        help="threads serving verify and ids.get (default 2)",
+        help="threads serving verify and ids.get (default 2, or workers + 1)",
     )
     p.add_argument(
         "--serial",
@@ -553,6 +561,20 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _workers(value: str) -> int:
+    """``--workers``: a count, or ``auto`` (one per core, none on a single core)."""
+    if value == "auto":
+        cores = os.cpu_count() or 1
+        return cores if cores > 1 else 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count or 'auto': {value!r}") from None
+    if not 0 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"between 0 and 256: {n}")
+    return n
+
+
 def _cmd_cloud(args: argparse.Namespace) -> int:
     """Run the cloud agent until SIGINT/SIGTERM: it stores each site's encrypted
     gallery under --data and answers the edges' requests."""
@@ -577,6 +599,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         ),
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,
+        workers=args.workers,
         serial=args.serial,
     )
     from cipherface.agents.observed import cloud_health, observe_cloud

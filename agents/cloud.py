@@ -52,6 +52,7 @@ import paho.mqtt.client as paho
 
 from cipherface import __version__
 from cipherface.agents.cloud_rotate import export_page, is_retired, refuse_retired, retire_key
+from cipherface.agents.compute import ComputePool
 from cipherface.agents.dispatch import (
     DEFAULT_MAX_BATCH,
     AckQueue,
@@ -71,6 +72,7 @@ from cipherface.agents.mqtt import (
 )
 from cipherface.agents.quota import UNKNOWN_SCOPE, QuotaPolicy, Quotas
 from cipherface.crypto import sites
+from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
 from cipherface.errors import (
@@ -356,8 +358,12 @@ class CloudAgent:
             giving up on acknowledging the request (it will then be redelivered).
         reply_cache: the dedup cache (default: 10k entries, 256 MB, 15 min).
         max_batch: the most verifies scored in one engine call (1: no batching).
-        fast_threads: fast-lane threads: while one is inside the engine's kernels
-            (which release the GIL), another decodes and publishes.
+        fast_threads: fast-lane threads: while one waits for the engine (its kernels
+            release the GIL, worker processes run without it), another decodes and
+            publishes. Default: 2, or ``workers + 1`` with workers.
+        workers: compute processes for verifies (:mod:`cipherface.agents.compute`):
+            SEAL holds the GIL, so one process uses one core for them. 0 computes in
+            the agent's own process.
         serial: the agent as it was before lanes and batches (benchmarks): one
             worker thread for every request, each reply's PUBACK awaited inline.
         receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
@@ -386,16 +392,24 @@ class CloudAgent:
         publish_timeout: float = 30.0,
         reply_cache: ReplyCache | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
-        fast_threads: int = 2,
+        fast_threads: int | None = None,
+        workers: int = 0,
         serial: bool = False,
         receive_maximum: int = CLOUD_RECEIVE_MAXIMUM,
         share_check_s: float = 3.0,
         store: str = "sqlite:",
         quotas: QuotaPolicy | None = None,
     ) -> None:
-        if max_batch < 1 or not 1 <= receive_maximum <= 65535:
-            raise InvalidArgumentError("max_batch must be >= 1, receive_maximum in 1..65535")
+        if max_batch < 1 or not 1 <= receive_maximum <= 65535 or workers < 0:
+            raise InvalidArgumentError(
+                "max_batch must be >= 1, receive_maximum in 1..65535, workers >= 0"
+            )
         self.max_batch = max_batch
+        self.workers = workers
+        #: The compute processes while started with ``workers`` > 0.
+        self.pool: ComputePool | None = None
+        if fast_threads is None:
+            fast_threads = workers + 1 if workers else 2
         self.fast_threads = max(1, fast_threads)
         self.serial = serial
         self.receive_maximum = receive_maximum
@@ -577,6 +591,12 @@ class CloudAgent:
             return
         self._take_lock()
         self._prune_replies()
+        if self.workers and self.pool is None:
+            try:
+                self.pool = ComputePool(self.workers)
+            except BaseException:
+                self._release_lock()
+                raise
         self._start_workers()
         if self.share_group is not None and self.share_check_s > 0:
             self._share_probe = f"$share/{self.share_group}-selftest/{self.status_topic}"
@@ -596,6 +616,7 @@ class CloudAgent:
         except BaseException:
             self._conn = None
             self._stop_worker()
+            self._close_pool()
             self._release_lock()
             raise
         self._check_share(conn)
@@ -641,6 +662,7 @@ class CloudAgent:
             self.keys.close()
         else:
             log.warning("worker still busy at shutdown: galleries left for the OS to close")
+        self._close_pool()
         self._release_lock()
         log.info("cloud agent %s stopped", self.agent_id)
 
@@ -684,6 +706,11 @@ class CloudAgent:
             self._busy = 0
             self._idle.notify_all()
         return not alive
+
+    def _close_pool(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -828,6 +855,9 @@ class CloudAgent:
             assert isinstance(job.req, Verify)
             items.append((job.req.identity, job.req.probe))
         many = getattr(gallery, "verify_many", None)
+        pool = self.pool
+        if pool is not None and isinstance(gallery, CkksGallery):
+            return list(gallery.verify_many(items, compute=pool.verify))
         if len(items) > 1 and many is not None:
             return list(many(items))
         found: list[bytes | Exception] = []
