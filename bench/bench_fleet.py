@@ -7,14 +7,19 @@ encrypted up front, every 25th result decrypted and checked) for ``--seconds`` e
 
 The baseline is this tree's ``cloud --serial``: one worker thread for every
 request, each reply's PUBACK awaited before the next request (the agent before
-issue 11), so both rows use the same engine and run on the same machine in the
-same minute. ``--baseline COMMIT`` adds the agent of an older commit, exported to a
+issue 11), so every row uses the same engine and runs on the same machine in the
+same minutes. ``--workers 2`` adds the agent with two compute processes (one per
+core here). Every row also says where the CPU went during the measured seconds,
+in ms per answered verify: the cloud agent, its compute workers, the broker, and this
+process (the load generator: 50 gateways' MQTT and every 25th decryption), all on
+the same cores. ``--baseline COMMIT`` adds the agent of an older commit, exported to a
 temp dir; it must read this tree's gallery and probe formats (the CKKS engine
 changed after 9b3ca41, so that commit no longer can).
 
     python bench/bench_fleet.py                         # 1, 10, 50 gateways, 20 s each
     python bench/bench_fleet.py --gateways 50 --seconds 60 --json out.json
     python bench/bench_fleet.py --baseline 9b3ca41      # + an old commit's agent
+    python bench/bench_fleet.py --workers 1,2 --no-lanes  # compute workers only
 """
 
 from __future__ import annotations
@@ -90,6 +95,53 @@ def start_cloud(tree: Path, url: str, data: Path, extra: list[str], log: Path) -
     return proc
 
 
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds of processes, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+class CpuMeter:
+    """CPU spent between the load's ``start`` and ``end`` marks, per process group."""
+
+    def __init__(self, cloud: int, broker: int | None) -> None:
+        self.cloud, self.broker = cloud, broker
+        self.spent: dict[str, float] = {}
+        self._at: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        t = os.times()
+        now = {
+            "cloud": cpu_seconds(self.cloud),
+            "workers": cpu_seconds(*children(self.cloud)),
+            "loadgen": t.user + t.system,
+        }
+        if self.broker is not None:
+            now["broker"] = cpu_seconds(self.broker)
+        return now
+
+    def __call__(self, mark: str) -> None:
+        if mark == "start":
+            self._at = self._now()
+        else:
+            self.spent = {k: v - self._at[k] for k, v in self._now().items()}
+
+
 def stop_cloud(proc: Any) -> None:
     proc.terminate()
     try:
@@ -105,6 +157,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--templates", type=int, default=1000)
     ap.add_argument("--baseline", metavar="COMMIT", help="also run this commit's agent")
+    ap.add_argument(
+        "--workers",
+        default="2",
+        metavar="N[,N]",
+        help="also run the agent with N compute processes (default 2; 0 or '' for none)",
+    )
+    ap.add_argument(
+        "--no-lanes",
+        action="store_true",
+        help="skip the in-process rows (--serial, one and two fast threads)",
+    )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cf-bench-fleet-"))
@@ -115,13 +178,19 @@ def main() -> None:
         if args.baseline:
             old = export_tree(args.baseline, work / "old")
             agents.append((f"baseline {args.baseline} (1 thread)", old, []))
-        agents.append(("--serial (one thread, inline PUBACK: as before)", ROOT, ["--serial"]))
-        agents.append(("lanes, --fast-threads 1", ROOT, ["--fast-threads", "1"]))
-        agents.append(("lanes, 2 fast threads, batches of 32 (default)", ROOT, []))
+        if not args.no_lanes:
+            agents.append(("--serial (one thread, inline PUBACK: as before)", ROOT, ["--serial"]))
+            agents.append(("lanes, --fast-threads 1", ROOT, ["--fast-threads", "1"]))
+            agents.append(("lanes, 2 fast threads, batches of 32 (default)", ROOT, []))
+        for n in [int(x) for x in args.workers.split(",") if x.strip() and int(x)]:
+            agents.append(
+                (f"lanes + --workers {n} (compute processes)", ROOT, ["--workers", str(n)])
+            )
         with LocalBroker(profile="dev") as broker:
             for label, tree, extra in agents:
                 for g in [int(x) for x in args.gateways.split(",")]:
                     proc = start_cloud(tree, broker.url, work / "data", extra, work / "cloud.log")
+                    meter = CpuMeter(proc.pid, getattr(broker, "_proc", None) and broker._proc.pid)
                     try:
                         load = VerifyLoad(
                             host=broker.host,
@@ -132,21 +201,31 @@ def main() -> None:
                             vectors=vectors,
                             gateways=g,
                         )
-                        rep = load.run(args.seconds)
+                        rep = load.run(args.seconds, mark=meter)
                     finally:
                         stop_cloud(proc)
                     row = {"agent": label, **rep.row()}
+                    for part, secs in meter.spent.items():
+                        row[f"{part}_ms_per_verify"] = round(1e3 * secs / max(1, rep.answered), 2)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{platform.node()}: {os.cpu_count()} cores, shared machine; {args.seconds:g} s each")
-    print("| agent | gateways | verifies/s | p50 ms | p99 ms | lost | wrong (checked) |")
-    print("|---|---|---|---|---|---|---|")
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n{platform.node()}: {os.cpu_count()} cores, shared machine; {args.seconds:g} s each;")
+    print(f"load average at the end {load} (1/5/15 min); CPU in ms per answered verify")
+    print(
+        "| agent | gateways | verifies/s | p50 ms | p99 ms | lost | wrong (checked) "
+        "| CPU agent / workers / broker / loadgen |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        cpu = " / ".join(
+            str(r.get(f"{k}_ms_per_verify", "-")) for k in ("cloud", "workers", "broker", "loadgen")
+        )
         print(
             f"| {r['agent']} | {r['gateways']} | {r['verifies_per_s']} | {r['p50_ms']} | "
-            f"{r['p99_ms']} | {r['resent']} | {r['wrong']} ({r['checked']}) |"
+            f"{r['p99_ms']} | {r['resent']} | {r['wrong']} ({r['checked']}) | {cpu} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

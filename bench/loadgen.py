@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,8 +217,18 @@ class VerifyLoad:
             self._report.checked += 1
             self._report.wrong += 0 if ok else 1
 
-    def run(self, seconds: float, *, warmup: float = 2.0) -> LoadReport:
-        """Run ``warmup`` + ``seconds``; the report covers the measured part only."""
+    def run(
+        self,
+        seconds: float,
+        *,
+        warmup: float = 2.0,
+        mark: Callable[[str], None] | None = None,
+    ) -> LoadReport:
+        """Run ``warmup`` + ``seconds``; the report covers the measured part only.
+
+        ``mark("start")`` and ``mark("end")`` are called as the measured part starts and
+        ends (the bench samples CPU counters there).
+        """
         self.client.connect(self.host, self.port, 60)
         self.client.loop_start()
         if not self._connected.wait(10):
@@ -233,6 +244,8 @@ class VerifyLoad:
             time.sleep(0.1)
         with self._lock:
             self._report = LoadReport(gateways=self.gateways, seconds=0.0)
+        if mark is not None:
+            mark("start")
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             self._resend_late()
@@ -241,6 +254,8 @@ class VerifyLoad:
             self._running = False
             report = self._report
             report.seconds = time.perf_counter() - t0
+        if mark is not None:
+            mark("end")
         time.sleep(0.5)
         self.client.disconnect()
         self.client.loop_stop()
