@@ -38,7 +38,8 @@ PARALLEL_LOCK = threading.Lock()
 # 64-bit division that does not vectorise): with ``w' = floor(w * 2^32 / q)``, ``q < 2^30``
 # and ``x < 2^32``, ``x*w - ((x*w') >> 32) * q`` is ``x*w mod q`` or that plus ``q``. Every
 # reduction is ``min(y, y - q)``: unsigned, ``y - q`` wraps above ``y`` when ``y < q``
-# (branch free). Outputs are fully reduced, identical to SEAL's.
+# (branch free). Outputs are fully reduced, identical to SEAL's. The two halves of a
+# butterfly group are separate slices so that LLVM vectorises the inner loop (~3x).
 @numba.njit(cache=True, nogil=True)
 def _ntt_inplace(a: U64, q: np.uint64, w: U64, ws: U64) -> None:  # pragma: no cover - jit
     n = a.shape[0]
@@ -51,15 +52,17 @@ def _ntt_inplace(a: U64, q: np.uint64, w: U64, ws: U64) -> None:  # pragma: no c
             j1 = 2 * i * t
             s = w[m + i]
             s2 = ws[m + i]
-            for j in range(j1, j1 + t):
-                u = a[j]
-                x = a[j + t]
+            lo = a[j1 : j1 + t]
+            hi = a[j1 + t : j1 + 2 * t]
+            for j in range(t):
+                u = lo[j]
+                x = hi[j]
                 v = x * s - ((x * s2) >> sh) * q
                 v = min(v, v - q)
                 y = u + v
-                a[j] = min(y, y - q)
+                lo[j] = min(y, y - q)
                 z = u + q - v
-                a[j + t] = min(z, z - q)
+                hi[j] = min(z, z - q)
         m *= 2
 
 
@@ -77,14 +80,16 @@ def _intt_inplace(
         for i in range(h):
             s = w[h + i]
             s2 = ws[h + i]
-            for j in range(j1, j1 + t):
-                u = a[j]
-                v = a[j + t]
+            lo = a[j1 : j1 + t]
+            hi = a[j1 + t : j1 + 2 * t]
+            for j in range(t):
+                u = lo[j]
+                v = hi[j]
                 y = u + v
-                a[j] = min(y, y - q)
+                lo[j] = min(y, y - q)
                 x = u + q - v
                 z = x * s - ((x * s2) >> sh) * q
-                a[j + t] = min(z, z - q)
+                hi[j] = min(z, z - q)
             j1 += 2 * t
         t *= 2
         m //= 2
