@@ -234,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batch",
         type=int,
-        default=32,
+        default=None,
         metavar="N",
-        help="most verifies scored in one engine call (default 32; 1 = no batching)",
+        help="most verifies scored in one engine call (default 32, or 8 with --workers; "
+        "1 = no batching)",
     )
     p.add_argument(
         "--workers",
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="threads serving verify and ids.get (default 2, or workers + 1)",
+        help="threads serving verify and ids.get (default 2, or workers + 2)",
     )
     p.add_argument(
         "--serial",
