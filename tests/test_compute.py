@@ -208,3 +208,45 @@ def test_agent_with_workers_loses_nothing_when_one_is_killed(
     assert not failures, failures[:3]
     assert len(results) >= before + 20 and all(results), "a lost or wrong verify"
     assert agent.pool is None  # closed with the agent
+
+
+@pytest.mark.slow
+def test_fifty_gateways_closed_loop_through_workers(
+    broker: Any, tmp_path: Path, cipher: EdgeCipher
+) -> None:
+    """The bench's load (bench/loadgen.py: 50 gateways, one verify outstanding each)
+    for a few seconds against ``workers=2``: nothing lost, nothing wrong."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from loadgen import VerifyLoad
+
+    site = f"l{secrets.token_hex(4)}"
+    people = unit(np.random.default_rng(12), 64)
+    names = [f"p{i}" for i in range(64)]
+    data = tmp_path / "cloud"
+    kd = data / site / "keys" / cipher.key_id
+    kd.mkdir(parents=True)
+    (kd / sites.PUBLIC_NAME).write_bytes(cipher.public_key_bytes())
+    (data / site / "current").write_text(cipher.key_id)
+    g = sites.open_gallery(kd / "gallery", cipher.public_key_bytes())
+    g.enroll(names, cipher.encrypt_templates(people))
+    g.close()
+    agent = CloudAgent(
+        broker=BrokerConfig(url=broker.url),
+        data_dir=data,
+        agent_id=f"cloud-{secrets.token_hex(4)}",
+        sites=[site],
+        share_group=f"g{secrets.token_hex(4)}",
+        workers=2,
+    )
+    agent.start()
+    try:
+        load = VerifyLoad(host=broker.host, port=broker.port, site=site, cipher=cipher,
+                          identities=names, vectors=people, gateways=50, check_every=5)  # fmt: skip
+        rep = load.run(5.0)
+    finally:
+        agent.stop(retire=True)
+    assert rep.answered > 50 and rep.errors == 0, rep.row()
+    assert rep.wrong == 0 and rep.checked > 0, rep.row()
+    assert rep.resent == 0, rep.row()
