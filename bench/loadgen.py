@@ -54,7 +54,8 @@ class LoadReport:
 
     @property
     def per_s(self) -> float:
-        return self.answered / self.seconds if self.seconds else 0.0
+        """Verify results a second (error replies, e.g. ``rate_limited``, not counted)."""
+        return (self.answered - self.errors) / self.seconds if self.seconds else 0.0
 
     def pct(self, q: float) -> float:
         if not self.latencies_ms:
@@ -194,10 +195,11 @@ class VerifyLoad:
             now = time.perf_counter()
             rep = self._report
             if self._running:
-                rep.latencies_ms.append((now - slot.first_sent) * 1e3)
                 rep.answered += 1
                 if "/err/" in m.topic:
-                    rep.errors += 1
+                    rep.errors += 1  # an error is no verify: not in the rate nor latencies
+                else:
+                    rep.latencies_ms.append((now - slot.first_sent) * 1e3)
             self._n += 1
             check = "/res/" in m.topic and self._n % self.check_every == 0
             probe = slot.probe
