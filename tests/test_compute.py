@@ -26,6 +26,7 @@ from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.compute import ComputePool
 from cipherface.agents.edge import EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
+from cipherface.agents.quota import QuotaPolicy
 from cipherface.crypto import sites
 from cipherface.crypto.ckks import PackJob, finish_many_verify
 from cipherface.crypto.ckks_gallery import CkksGallery
@@ -239,6 +240,9 @@ def test_fifty_gateways_closed_loop_through_workers(
         sites=[site],
         share_group=f"g{secrets.token_hex(4)}",
         workers=2,
+        # A load generator, not one gateway's traffic: the per-pack verify quota would
+        # answer most of it with rate_limited.
+        quotas=QuotaPolicy(identify_per_hour=0, verify_per_identity_per_hour=0),
     )
     agent.start()
     try:

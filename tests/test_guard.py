@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from keyleak import secret_coefficients
 
 from cipherface.crypto import seal, thresholds
 from cipherface.crypto.ckks import CkksEdgeCipher, CkksKeys
@@ -155,7 +156,7 @@ def _reaction_attack(
     rng = np.random.default_rng(seed)
     scale = site.scale()
     target = 4000  # a slot; the attacker does not need to know what is there
-    s_true = _secret(site)
+    s_true = secret_coefficients(site.cipher)
     face = _unit(rng, 1)[0]  # a stranger: every honest score is far below THR
     honest = float(site.templates[target] @ face)  # oracle: more than a cloud knows
     T = round(t * scale)
@@ -184,17 +185,6 @@ def _reaction_attack(
         guess = 1 if seen[0] else -1 if seen[1] else 0
         right += guess == int(s_true[i])
     return {"asked": asked, "rejected": rejected, "right": right}
-
-
-def _secret(site: Site) -> np.ndarray[Any, Any]:
-    """The ternary secret in coefficient form (what the attack is after), from SEAL's key."""
-    from tenseal import sealapi
-
-    ctx = seal.context_for(site.cipher.params)
-    sk = seal.load_into(sealapi.SecretKey(), site.cipher.keys._secret, ctx)
-    raw = seal.parse_plaintext(seal.save_bytes(sk.data()), k=3, n=site.cipher.params.n)
-    ring = site.cipher.ring
-    return ring.centred(ring.intt(raw[:1])[0], 0)
 
 
 # ---------------------------------------------------------------------------- labels

@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from keyleak import secret_coefficients, shift_at
 
 from cipherface.crypto import seal, thresholds
 from cipherface.crypto.ckks import CkksEdgeCipher, CkksKeys
@@ -37,21 +38,6 @@ from cipherface.errors import ResultForgedError
 
 DIM = 128
 THR = 1.0 - thresholds.threshold("Dlib", "cosine")
-
-
-def _secret(cipher: CkksEdgeCipher) -> np.ndarray[Any, Any]:
-    from tenseal import sealapi
-
-    ctx = seal.context_for(cipher.params)
-    sk = seal.load_into(sealapi.SecretKey(), cipher.keys._secret, ctx)
-    raw = seal.parse_plaintext(seal.save_bytes(sk.data()), k=3, n=cipher.params.n)
-    return cipher.ring.centred(cipher.ring.intt(raw[:1])[0], 0)
-
-
-def _shift_at(s: np.ndarray[Any, Any], k: int, j: int) -> int:
-    """Coefficient ``k`` of ``X^j · s`` in Z[X]/(X^N + 1)."""
-    n = len(s)
-    return int(s[k - j]) if k >= j else -int(s[k - j + n])
 
 
 def _make_site(tmp: Path, people: int, *, canaries: int | None = None) -> Any:
@@ -126,7 +112,7 @@ def _one_canary_attack(
     the attack stops when the guard halts the gateway (as the agent would).
     """
     cipher, guard, gallery, rows = site
-    s = _secret(cipher)
+    s = secret_coefficients(cipher)
     labels = gallery.ids()
     opened = guard.open_slots(labels)
     canaries = [i for i, x in enumerate(opened) if isinstance(x, Canary)]
@@ -189,9 +175,9 @@ def _one_canary_attack(
             continue
         out["passed_j"] += 1
         guess = 1 if seen[0] else -1 if seen[1] else 0
-        truth = _shift_at(s, target, j)
+        truth = shift_at(s, target, j)
         # It passes only where every canary of the checked packs is unmoved.
-        assert all(_shift_at(s, c, j) == 0 for c in canaries if labels[c] is not None)
+        assert all(shift_at(s, c, j) == 0 for c in canaries if labels[c] is not None)
         out["trits_right" if guess == truth else "trits_wrong"] += 1
     return out
 

@@ -37,6 +37,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from keyleak import secret_coefficients, shift_at
 
 from cipherface.crypto import ckks, seal, thresholds
 from cipherface.crypto.ckks import CkksEdgeCipher, CkksKeys
@@ -48,21 +49,6 @@ from cipherface.errors import GatewayHaltedError, ResultForgedError
 
 DIM = 128
 THR = 1.0 - thresholds.threshold("Dlib", "cosine")
-
-
-def _secret(cipher: CkksEdgeCipher) -> np.ndarray[Any, Any]:
-    from tenseal import sealapi
-
-    ctx = seal.context_for(cipher.params)
-    sk = seal.load_into(sealapi.SecretKey(), cipher.keys._secret, ctx)
-    raw = seal.parse_plaintext(seal.save_bytes(sk.data()), k=3, n=cipher.params.n)
-    return cipher.ring.centred(cipher.ring.intt(raw[:1])[0], 0)
-
-
-def _shift_at(s: np.ndarray[Any, Any], k: int, j: int) -> int:
-    """Coefficient ``k`` of ``X^j · s`` in Z[X]/(X^N + 1)."""
-    n = len(s)
-    return int(s[k - j]) if k >= j else -int(s[k - j + n])
 
 
 class Site:
@@ -98,7 +84,7 @@ class Site:
         labels, rows = self.guard.with_canaries([f"p{i}" for i in range(people)], self.vecs)
         self.gallery = CkksGallery(path=tmp / "gallery", public=self.keys.public)
         self.gallery.enroll(labels, self.cipher.encrypt_templates(rows))
-        self.s = _secret(self.cipher)
+        self.s = secret_coefficients(self.cipher)
 
     def close(self) -> None:
         self.gallery.close()
@@ -220,7 +206,7 @@ def _relocation(site: Site, *, op: str, tries: int, t: float, seed: int = 1) -> 
             continue
         out["decided_j"] += 1
         guess = 1 if seen[0] else -1 if seen[1] else 0
-        out["right"] += guess == _shift_at(site.s, at, j)
+        out["right"] += guess == shift_at(site.s, at, j)
     out["reasons"] = sorted(reasons)
     return out
 
