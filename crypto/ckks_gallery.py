@@ -353,7 +353,7 @@ class CkksGallery:
         Args:
             items: the verifies.
             compute: runs :func:`finish_verify` over a list of jobs, e.g. in worker
-                processes (``cipherface.agents.compute``); None runs it here.
+                processes the cloud agent keeps; None runs it here.
 
         Returns:
             Per item, the result bytes or the exception :meth:`verify` would raise.

@@ -39,6 +39,8 @@ from cipherface.agents.broker import (
     find_broker,
 )
 from cipherface.agents.deploy import Deployment
+from cipherface.crypto import sites
+from cipherface.crypto.engine import EdgeCipher
 from cipherface.testing.brokers import Broker
 
 # The package's pytest11 entry point has loaded the plugin already, unless this
@@ -96,3 +98,11 @@ def secure_broker(secure_deployment: Deployment) -> Iterator[LocalBroker]:
         binary=source.binary,
     ) as b:
         yield b
+
+
+@pytest.fixture(scope="module")
+def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
+    """A fresh CKKS site key (128-d, guarded), one per test module."""
+    keys = tmp_path_factory.mktemp("keys") / "site"
+    sites.generate_key_dir(keys, dim=128)
+    return sites.load_edge_cipher(keys)

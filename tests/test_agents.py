@@ -109,13 +109,6 @@ class Sniffer:
 
 
 @pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=DIM)
-    return sites.load_edge_cipher(keys)
-
-
-@pytest.fixture(scope="module")
 def other_cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
     keys = tmp_path_factory.mktemp("keys") / "other"
     sites.generate_key_dir(keys, dim=DIM)

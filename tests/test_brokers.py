@@ -33,13 +33,6 @@ DIM = 128
 
 
 @pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=DIM)
-    return sites.load_edge_cipher(keys)
-
-
-@pytest.fixture(scope="module")
 def nats() -> Iterator[NatsBroker]:
     try:
         broker = NatsBroker()

@@ -44,13 +44,6 @@ DIM = 128
 pg_url = storekit.pg_url  # fixture: a PostgreSQL database of this session's own
 
 
-@pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=DIM)
-    return sites.load_edge_cipher(keys)
-
-
 @pytest.fixture
 def site() -> str:
     return f"f{secrets.token_hex(4)}"

@@ -17,7 +17,6 @@ from vectors import unit
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.mqtt import BrokerConfig
 from cipherface.agents.quota import QuotaPolicy, Quotas
-from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import InvalidArgumentError, RateLimitedError
 from cipherface.protocol import (
@@ -105,13 +104,6 @@ def test_full_buckets_go_first_when_the_book_is_full() -> None:
     q.charge(_verify(who="target"))
     with pytest.raises(RateLimitedError):
         q.charge(_verify(who="target"))
-
-
-@pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=DIM)
-    return sites.load_edge_cipher(keys)
 
 
 def _reply(agent: CloudAgent, msg: object) -> Result | Error:

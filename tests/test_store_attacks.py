@@ -16,7 +16,6 @@ from test_store_faults import _ask, _people, _setup_site, _verify
 
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.mqtt import BrokerConfig
-from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import StorageCorruptError
 from cipherface.protocol import Error, KeyPublish
@@ -125,13 +124,6 @@ def test_import_restores_over_a_lost_database(tmp_path: Path) -> None:
     _db(tmp_path).unlink()
     import_gallery(tmp_path / "g.cfgallery", _loc(tmp_path))
     assert _reopen_slots(tmp_path) == ["a", "b", "c", "d"]
-
-
-@pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=128)
-    return sites.load_edge_cipher(keys)
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

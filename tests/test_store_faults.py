@@ -27,7 +27,6 @@ import storekit
 
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.mqtt import BrokerConfig
-from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import StorageFullError
 from cipherface.protocol import (
@@ -276,13 +275,6 @@ def test_migration_on_a_full_filesystem_leaves_the_old_gallery(tmp_path: Path) -
 
 
 # ------------------------------------------------------- the cloud, end to end
-@pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=128)
-    return sites.load_edge_cipher(keys)
-
-
 def _ask(agent: CloudAgent, msg: Any) -> Result | Error:
     [out] = agent.handle(request_topic(msg.site, msg.gw, msg.TYPE), encode(msg))
     reply = decode(out.payload)

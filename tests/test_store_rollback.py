@@ -20,7 +20,6 @@ from test_store_faults import _ask, _people, _setup_site, _verify
 
 from cipherface.agents.cloud import CloudAgent
 from cipherface.agents.mqtt import BrokerConfig
-from cipherface.crypto import sites
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import StorageCorruptError
 from cipherface.protocol import Delete, Error, Result
@@ -170,13 +169,6 @@ def test_sqlite_gallery_directory_restored_with_its_anchor_is_refused(tmp_path: 
     shutil.rmtree(gdir)
     shutil.copytree(tmp_path / "backup", gdir)
     assert _slots(loc) == list("abcd")
-
-
-@pytest.fixture(scope="module")
-def cipher(tmp_path_factory: pytest.TempPathFactory) -> EdgeCipher:
-    keys = tmp_path_factory.mktemp("keys") / "site"
-    sites.generate_key_dir(keys, dim=128)
-    return sites.load_edge_cipher(keys)
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
