@@ -150,6 +150,19 @@ class StorageConflictError(StorageError):
     code = "storage_busy"
 
 
+class AlreadyAnsweredError(StorageConflictError):
+    """The write was carried out before (another worker, or this one before a crash):
+    nothing was changed now; ``reply`` is the reply stored with that change.
+
+    The cloud answers with ``reply`` instead; should it ever reach a peer, it reads as
+    ``storage_busy`` (retryable) and the retry is answered from the store.
+    """
+
+    def __init__(self, message: str, *, reply: bytes) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 # -------------------------------------------------------------------------- remote
 class RemoteError(CipherFaceError):
     """The peer sent something we refuse: the fault is on the other side.

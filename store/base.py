@@ -30,11 +30,13 @@ import msgpack
 import numpy.typing as npt
 
 from cipherface.errors import (
+    AlreadyAnsweredError,
     GalleryError,
     StorageConflictError,
     StorageCorruptError,
     StorageError,
 )
+from cipherface.store.replies import Reply, ReplyKey
 from cipherface.store.rows import (
     FORMAT,
     ROW_MASK,
@@ -81,8 +83,37 @@ class Engine(ABC):
         slots: list[SlotRow],
         blocks: list[StagedBlock],
         drop: list[str],
+        reply: tuple[ReplyKey, bytes] | None = None,
     ) -> None:
-        """Apply one change in one transaction; raise on any failure (nothing applied)."""
+        """Apply one change in one transaction; raise on any failure (nothing applied).
+
+        ``reply``: the reply of the request the change carries out, stored in the same
+        transaction (:mod:`cipherface.store.replies`).
+
+        Raises:
+            AlreadyAnsweredError: a reply is stored under ``reply``'s key already.
+        """
+
+    @abstractmethod
+    def find_reply(self, key: ReplyKey) -> bytes | None:
+        """The reply stored under ``key``, or None."""
+
+    @abstractmethod
+    def put_reply(self, key: ReplyKey, data: bytes) -> bytes | None:
+        """Store the reply of a request that changed nothing (no commit, no ``seq``).
+
+        Returns:
+            None when ``data`` was stored; the reply stored under ``key`` before otherwise
+            (which stays).
+        """
+
+    @abstractmethod
+    def prune_replies(self, max_age_s: float) -> int:
+        """Delete the replies stored more than ``max_age_s`` ago, in short transactions.
+
+        Returns:
+            How many were deleted.
+        """
 
     @abstractmethod
     def current_seq(self) -> int | None:
@@ -365,15 +396,22 @@ class GalleryStore:
         drop_blocks: Iterable[str] = (),
         mark_dead: Iterable[int] = (),
         ids_version: int | None = None,
+        reply: Reply | None = None,
     ) -> None:
         """Publish staged blocks, slot changes and block drops in one transaction.
 
         ``mark_dead`` (migration, import) flags free slots whose old ciphertext may still
         be in their block; ``ids_version`` sets the version (never lower than now).
+        ``reply`` is the reply of the request this commit carries out: rendered with the
+        new ``ids_version`` and stored in the same transaction (``reply.data`` on
+        return). With a reply and nothing to change, only the reply is stored: no
+        commit, ``seq`` stays (other workers need not reload).
 
         Durable on return; on any exception nothing changed, in memory or on disk.
 
         Raises:
+            AlreadyAnsweredError: a reply is stored under ``reply.key`` already (this
+                request was carried out before): it carries that reply.
             StorageFullError: no space left (retryable).
             StorageConflictError: another worker wrote this gallery first (retryable).
             StorageError: the database failed.
@@ -381,6 +419,11 @@ class GalleryStore:
         staged = list(blocks)
         changes = list(slots)
         drops = [n for n in dict.fromkeys(drop_blocks) if n in self.blocks]
+        marks = list(mark_dead)
+        if reply is not None and not (staged or changes or drops or marks):
+            if ids_version is None or ids_version <= self.ids_version:
+                self._answer(reply)
+                return
         with self._lock:
             g = self._row
             nslots = g.nslots
@@ -405,7 +448,7 @@ class GalleryStore:
                     old_checks[s] = prev.check
                 dead = not ident and (bool(prev.ident) or prev.dead)
                 rows[s] = SlotRow(slot=s, ident=ident, dead=dead)
-            for s in mark_dead:
+            for s in marks:
                 prev = current(s)
                 if not prev.ident and not prev.dead:
                     if s < g.nslots and s not in old_checks:
@@ -447,14 +490,18 @@ class GalleryStore:
                 block_sum=block_sum & ROW_MASK,
                 nblocks=len(new_blocks),
             )
+            answer = None if reply is None else (reply.key, reply.render(row.ids_version))
             self.engine.write(
                 expect_seq=g.seq,
                 gallery=row,
                 slots=sorted(rows.values(), key=lambda r: r.slot),
                 blocks=staged,
                 drop=drops,
+                reply=answer,
             )
             # Committed: only now does the in-memory state follow.
+            if reply is not None and answer is not None:
+                reply.data = answer[1]
             if nslots > len(self.slots):
                 self.slots.extend([None] * (nslots - len(self.slots)))
                 self._dead.extend(bytes(nslots - len(self._dead)))
@@ -470,6 +517,28 @@ class GalleryStore:
             self.engine.after_commit()
         except Exception as exc:  # the commit stands; erasure is retried by compact
             log.warning("gallery %s: checkpoint after commit failed: %s", self.label, exc)
+
+    def _answer(self, reply: Reply) -> None:
+        """Store the reply of a request that changed nothing (see :meth:`commit`)."""
+        with self._lock:
+            data = reply.render(self.ids_version)
+            earlier = self.engine.put_reply(reply.key, data)
+        if earlier is not None:
+            raise AlreadyAnsweredError(f"gallery {self.label}: answered before", reply=earlier)
+        reply.data = data
+
+    # ------------------------------------------------------------------ replies
+    def find_reply(self, key: ReplyKey) -> bytes | None:
+        """The reply stored with the change that answered request ``key``, or None.
+
+        Raises:
+            StorageError: the database cannot be read.
+        """
+        return self.engine.find_reply(key)
+
+    def prune_replies(self, max_age_s: float) -> int:
+        """Delete the replies older than ``max_age_s`` (short transactions); how many."""
+        return self.engine.prune_replies(max_age_s)
 
     def close(self) -> None:
         """Release the database connection and any lock."""

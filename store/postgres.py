@@ -6,6 +6,8 @@ locks the gallery row (``SELECT ... FOR UPDATE``) and checks ``seq``: a worker w
 copy is older gets :class:`~cipherface.errors.StorageConflictError` (retryable) and
 never overwrites another worker's commit; :meth:`GalleryStore.stale` tells a worker
 to reload. One connection per process and database URL serves every gallery.
+``cf_replies`` keeps the replies of the writes, of every gallery and worker, each
+written in the transaction of its change (:mod:`cipherface.store.replies`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from cipherface.errors import (
+    AlreadyAnsweredError,
     KeyRetiredError,
     StorageConflictError,
     StorageCorruptError,
@@ -28,6 +31,7 @@ from cipherface.errors import (
 )
 from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
+from cipherface.store.replies import PRUNE_BATCH, ReplyKey
 
 _T = TypeVar("_T")
 _SCHEMA = """
@@ -49,11 +53,24 @@ CREATE TABLE IF NOT EXISTS cf_commits (
 CREATE TABLE IF NOT EXISTS cf_retired (
     name TEXT PRIMARY KEY, successor TEXT NOT NULL,
     retired_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS cf_replies (
+    site TEXT NOT NULL, gw TEXT NOT NULL, rid TEXT NOT NULL, reply BYTEA NOT NULL,
+    stored_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (site, gw, rid));
+CREATE INDEX IF NOT EXISTS cf_replies_at ON cf_replies (stored_at);
 """
 #: Commits kept in ``cf_commits``: an anchor lagging further behind is checked by seq only.
 COMMIT_HISTORY = 100_000
 _GCOLS = "format, meta, ids_version, seq, nslots, slot_sum, block_sum, nblocks, chk"
 _SELECT_GALLERY = f"SELECT gid, {_GCOLS} FROM cf_galleries WHERE name = %s"  # noqa: S608
+_FIND_REPLY = "SELECT reply FROM cf_replies WHERE site = %s AND gw = %s AND rid = %s"
+_INSERT_REPLY = (
+    "INSERT INTO cf_replies (site, gw, rid, reply) VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING"
+)
+# One short statement a batch; SKIP LOCKED: workers pruning at once never wait on each other.
+_PRUNE_REPLIES = (
+    "DELETE FROM cf_replies WHERE ctid = ANY(ARRAY(SELECT ctid FROM cf_replies "
+    "WHERE stored_at < now() - make_interval(secs => %s) LIMIT %s FOR UPDATE SKIP LOCKED))"
+)
 _INSERT_GALLERY = (
     f"INSERT INTO cf_galleries (name, {_GCOLS}) "  # noqa: S608 - constant column list
     "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (name) DO NOTHING"
@@ -278,8 +295,9 @@ class PostgresEngine(Engine):
         slots: list[SlotRow],
         blocks: list[StagedBlock],
         drop: list[str],
+        reply: tuple[ReplyKey, bytes] | None = None,
     ) -> None:
-        def go(conn: Any) -> None:
+        def apply(conn: Any) -> None:
             with self._tx(conn) as cur:
                 cur.execute(
                     "SELECT seq, chk FROM cf_galleries WHERE gid = %s FOR UPDATE", (self.gid,)
@@ -294,6 +312,15 @@ class PostgresEngine(Engine):
                         f"gallery {self.label}: rolled back (commit {expect_seq} has another "
                         "history)"
                     )
+                if reply is not None:
+                    # Under the gallery row's lock: a worker that committed this request
+                    # first has committed its reply too, and we see it here.
+                    cur.execute(_FIND_REPLY, reply[0])
+                    earlier = cur.fetchone()
+                    if earlier is not None:
+                        raise AlreadyAnsweredError(
+                            f"gallery {self.label}: answered before", reply=bytes(earlier[0])
+                        )
                 if got[0] != expect_seq:
                     raise StorageConflictError(
                         f"gallery {self.label} was changed by another worker; retry"
@@ -333,6 +360,24 @@ class PostgresEngine(Engine):
                     "nslots=%s, slot_sum=%s, block_sum=%s, nblocks=%s, chk=%s WHERE gid = %s",
                     (*_gvals(gallery), self.gid),
                 )
+                if reply is not None:
+                    cur.execute(_INSERT_REPLY, (*reply[0], reply[1]))
+                    if cur.rowcount != 1:
+                        raise _ReplyTaken
+
+        def go(conn: Any) -> None:
+            try:
+                apply(conn)
+            except _ReplyTaken:  # a commit of another gallery stored it first
+                assert reply is not None
+                got = conn.execute(_FIND_REPLY, reply[0]).fetchone()
+                if got is None:  # pruned meanwhile: nothing was changed, retryable
+                    raise StorageConflictError(
+                        f"gallery {self.label}: the request was answered elsewhere; retry"
+                    ) from None
+                raise AlreadyAnsweredError(
+                    f"gallery {self.label}: answered before", reply=bytes(got[0])
+                ) from None
 
         if self.anchor is not None:  # a commit whose anchor failed is written first
             self.anchor.catch_up()
@@ -340,6 +385,33 @@ class PostgresEngine(Engine):
         self._seen = (gallery.seq, gallery.check)
         if self.anchor is not None:  # after COMMIT, before the acknowledgement
             self.anchor.advance(gallery.seq, gallery.check, self.gid)
+
+    def find_reply(self, key: ReplyKey) -> bytes | None:
+        got = self._run(lambda c: c.execute(_FIND_REPLY, key).fetchone(), "reading a reply")
+        return None if got is None else bytes(got[0])
+
+    def put_reply(self, key: ReplyKey, data: bytes) -> bytes | None:
+        def go(conn: Any) -> bytes | None:
+            for _ in range(2):  # the row we collided with may be pruned in between
+                if conn.execute(_INSERT_REPLY, (*key, data)).rowcount == 1:
+                    return None
+                got = conn.execute(_FIND_REPLY, key).fetchone()
+                if got is not None:
+                    return bytes(got[0])
+            raise StorageConflictError(f"gallery {self.label}: storing a reply raced; retry")
+
+        return self._run(go, "storing a reply")
+
+    def prune_replies(self, max_age_s: float) -> int:
+        total = 0
+        while True:  # the connection is shared: released between batches
+            n = self._run(
+                lambda c: c.execute(_PRUNE_REPLIES, (max_age_s, PRUNE_BATCH)).rowcount,
+                "pruning replies",
+            )
+            total += n
+            if n < PRUNE_BATCH:
+                return total
 
     def opened(self, gallery: GalleryRow) -> None:
         if self.anchor is not None:  # also learns the commits of the other workers
@@ -361,6 +433,16 @@ class PostgresEngine(Engine):
 
     def close(self) -> None:
         pass  # the connection is shared by the process's galleries
+
+
+class _ReplyTaken(Exception):
+    """Inside a commit: another transaction stored a reply under our key (rolled back)."""
+
+
+def replies(dsn: str) -> PostgresEngine:
+    """An engine for the shared reply table only (``find_reply``, ``put_reply``,
+    ``prune_replies``): no gallery needs to be open to answer from it."""
+    return PostgresEngine(dsn, name="replies")
 
 
 def _gvals(g: GalleryRow) -> tuple[Any, ...]:
@@ -455,4 +537,5 @@ __all__ = [
     "mark_retired",
     "pg_error",
     "rename_gallery",
+    "replies",
 ]

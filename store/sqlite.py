@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import IO
 
 from cipherface.errors import (
+    AlreadyAnsweredError,
     StorageCorruptError,
     StorageError,
     StorageFullError,
 )
 from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
+from cipherface.store.replies import PRUNE_BATCH, PRUNE_PER_COMMIT, REPLY_TTL_S, ReplyKey
 
 log = logging.getLogger(__name__)
 DB_NAME = "gallery.sqlite3"
@@ -48,6 +50,18 @@ CREATE TABLE blocks (
 # Created on open in galleries made before it existed.
 _HISTORY = "CREATE TABLE IF NOT EXISTS commits (seq INTEGER PRIMARY KEY, chk INTEGER NOT NULL)"
 COMMIT_HISTORY = 100_000
+# Replies of the requests commits carried out (cipherface.store.replies), kept
+# REPLY_TTL_S; created on open in galleries made before it existed.
+_REPLIES = (
+    "CREATE TABLE IF NOT EXISTS replies (site TEXT NOT NULL, gw TEXT NOT NULL, "
+    "rid TEXT NOT NULL, reply BLOB NOT NULL, stored_at REAL NOT NULL, "
+    "PRIMARY KEY (site, gw, rid))",
+    "CREATE INDEX IF NOT EXISTS replies_at ON replies (stored_at)",
+)
+_FIND_REPLY = "SELECT reply FROM replies WHERE site = ? AND gw = ? AND rid = ?"
+_PRUNE_REPLIES = (
+    "DELETE FROM replies WHERE rowid IN (SELECT rowid FROM replies WHERE stored_at < ? LIMIT ?)"
+)
 _FULL = {"SQLITE_FULL"}
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"}
 
@@ -136,6 +150,8 @@ class SqliteEngine(Engine):
             db.execute("PRAGMA secure_delete=ON")
             db.execute("PRAGMA cell_size_check=ON")
             db.execute(_HISTORY)
+            for ddl in _REPLIES:
+                db.execute(ddl)
             self._ino = os.stat(self.path).st_ino  # the file this connection writes
             return db
         except sqlite3.Error as exc:
@@ -294,6 +310,7 @@ class SqliteEngine(Engine):
         slots: list[SlotRow],
         blocks: list[StagedBlock],
         drop: list[str],
+        reply: tuple[ReplyKey, bytes] | None = None,
     ) -> None:
         with self._mu:
             db = self._conn()
@@ -317,6 +334,12 @@ class SqliteEngine(Engine):
                         raise StorageCorruptError(
                             f"gallery {self.label}: stored seq {cur} is not {expect_seq}"
                         )
+                    if reply is not None:
+                        earlier = db.execute(_FIND_REPLY, reply[0]).fetchone()
+                        if earlier is not None:
+                            raise AlreadyAnsweredError(
+                                f"gallery {self.label}: answered before", reply=bytes(earlier[0])
+                            )
                     db.executemany(
                         "INSERT OR REPLACE INTO slots (slot, ident, dead, chk) VALUES (?,?,?,?)",
                         [(r.slot, r.ident, int(r.dead), r.check) for r in slots],
@@ -335,6 +358,15 @@ class SqliteEngine(Engine):
                         (gallery.seq, gallery.check),
                     )
                     db.execute("DELETE FROM commits WHERE seq = ?", (gallery.seq - COMMIT_HISTORY,))
+                    if reply is not None:
+                        now = time.time()
+                        db.execute(
+                            "INSERT INTO replies (site, gw, rid, reply, stored_at) "
+                            "VALUES (?,?,?,?,?)",
+                            (*reply[0], reply[1], now),
+                        )
+                        # Bounded upkeep: a gallery that is written keeps its table short.
+                        db.execute(_PRUNE_REPLIES, (now - REPLY_TTL_S, PRUNE_PER_COMMIT))
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:
@@ -344,6 +376,42 @@ class SqliteEngine(Engine):
                 raise self._err(exc, "committing") from exc
             for a in self.anchors:  # after COMMIT, before the acknowledgement
                 a.advance(gallery.seq, gallery.check)
+
+    def find_reply(self, key: ReplyKey) -> bytes | None:
+        with self._mu:
+            try:
+                got = self._conn().execute(_FIND_REPLY, key).fetchone()
+            except sqlite3.Error as exc:
+                raise self._err(exc, "reading a reply") from exc
+        return None if got is None else bytes(got[0])
+
+    def put_reply(self, key: ReplyKey, data: bytes) -> bytes | None:
+        with self._mu:
+            db = self._conn()
+            try:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO replies (site, gw, rid, reply, stored_at) "
+                    "VALUES (?,?,?,?,?)",
+                    (*key, data, time.time()),
+                )
+                if cur.rowcount == 1:
+                    return None
+                got = db.execute(_FIND_REPLY, key).fetchone()
+            except sqlite3.Error as exc:
+                raise self._err(exc, "storing a reply") from exc
+        return None if got is None else bytes(got[0])
+
+    def prune_replies(self, max_age_s: float) -> int:
+        total, cutoff = 0, time.time() - max_age_s
+        while True:
+            with self._mu:  # one short transaction a batch: commits go in between
+                try:
+                    n = self._conn().execute(_PRUNE_REPLIES, (cutoff, PRUNE_BATCH)).rowcount
+                except sqlite3.Error as exc:
+                    raise self._err(exc, "pruning replies") from exc
+            total += n
+            if n < PRUNE_BATCH:
+                return total
 
     def opened(self, gallery: GalleryRow) -> None:
         for a in self.anchors:  # galleries older than the second anchor get one now
