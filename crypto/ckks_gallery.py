@@ -34,7 +34,7 @@ from cipherface.crypto.ckks import (
     header,
     ring_of,
 )
-from cipherface.crypto.store import GalleryStore
+from cipherface.crypto.store import GalleryStore, Reply, with_reply
 from cipherface.errors import (
     DecodeError,
     InvalidArgumentError,
@@ -205,10 +205,13 @@ class CkksGallery:
         return np.stack([self.pub.rerandomise(c, what) for c in cts])
 
     # ------------------------------------------------------------ enrollment
-    def enroll(self, ids: Sequence[str], payload: bytes) -> int:
+    def enroll(self, ids: Sequence[str], payload: bytes, *, reply: Reply | None = None) -> int:
         """Add templates (see :meth:`CkksEdgeCipher.encrypt_templates`); replaces re-enrolled ids.
 
+        ``reply``: the request's reply, stored in the same commit (``Gallery.enroll``).
+
         Raises:
+            AlreadyAnsweredError: ``reply``'s request was carried out before.
             DecodeError / KeyMismatchError: the payload is malformed or for another key.
             InvalidArgumentError: ids do not match the payload's count, or repeat.
         """
@@ -253,7 +256,11 @@ class CkksGallery:
             # Slots skipped for alignment stay None (free, erased in results). A block
             # whose every template was replaced goes whole, in the same commit.
             drop = self._dead_blocks({s for s, _ in replaced}, keep=b)
-            self.store.commit(blocks=staged, slots=replaced + slots, drop_blocks=drop)
+            if reply is not None:
+                reply.count = count
+            self.store.commit(
+                blocks=staged, slots=replaced + slots, drop_blocks=drop, **with_reply(reply)
+            )
             for key in [k for k in self._cache if k[0] in drop]:
                 del self._cache[key]
             for slot, ident in slots:
@@ -278,12 +285,16 @@ class CkksGallery:
         return drop
 
     # --------------------------------------------------------------- delete
-    def delete(self, ids: Sequence[str]) -> int:
-        """Erase identities (unlinked at once, erased in results). Durable on return."""
-        with self._lock:
-            return self._delete_locked([i for i in ids if i in self._index])
+    def delete(self, ids: Sequence[str], *, reply: Reply | None = None) -> int:
+        """Erase identities (unlinked at once, erased in results). Durable on return.
 
-    def _delete_locked(self, ids: list[str]) -> int:
+        ``reply``: the request's reply, stored in the same commit (``Gallery.delete``).
+        """
+        with self._lock:
+            found = [i for i in dict.fromkeys(ids) if i in self._index]
+            return self._delete_locked(found, reply)
+
+    def _delete_locked(self, ids: list[str], reply: Reply | None = None) -> int:
         """Unlink identities; drop a block's files once every slot of a full block is dead.
 
         The ciphertext of a deleted template cannot be overwritten in place: any pad
@@ -291,11 +302,15 @@ class CkksGallery:
         block. Its slot is erased with fresh uniform noise in every later result, and
         the ciphertext itself is destroyed with its block (see docs/security.md).
         """
+        if reply is not None:
+            reply.count = len(ids)
         if not ids:
+            if reply is not None:
+                self.store.commit(reply=reply)  # the reply alone: nothing to change
             return 0
         slots: list[tuple[int, str | None]] = [(self._index[i], None) for i in ids]
         drop = self._dead_blocks({s for s, _ in slots})
-        self.store.commit(slots=slots, drop_blocks=drop)
+        self.store.commit(slots=slots, drop_blocks=drop, **with_reply(reply))
         for key in [k for k in self._cache if k[0] in drop]:
             del self._cache[key]
         for i in ids:

@@ -18,12 +18,15 @@ without knowing the scheme.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from cipherface.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from cipherface.store.replies import Reply
 
 ProbeOp = Literal["verify", "identify"]
 FloatArray = npt.NDArray[np.float64]
@@ -122,16 +125,25 @@ class Gallery(Protocol):
         """Identity of every slot in score order; ``None`` for free or deleted slots."""
         ...
 
-    def enroll(self, ids: Sequence[str], payload: bytes) -> int:
+    def enroll(self, ids: Sequence[str], payload: bytes, *, reply: Reply | None = None) -> int:
         """Add templates for ``ids`` from an :meth:`EdgeCipher.encrypt_templates` payload.
 
         An id already enrolled is replaced (its old slot is deleted). Returns the number
-        added. Durable on return.
+        added. Durable on return. ``reply``: the request's reply, stored in the same
+        commit (its ``count`` set to the number added; ``reply.data`` on return).
+
+        Raises:
+            AlreadyAnsweredError: a reply is stored under ``reply.key`` already
+                (nothing changed).
         """
         ...
 
-    def delete(self, ids: Sequence[str]) -> int:
-        """Erase the given identities; returns how many existed. Durable on return."""
+    def delete(self, ids: Sequence[str], *, reply: Reply | None = None) -> int:
+        """Erase the given identities; returns how many existed. Durable on return.
+
+        ``reply`` as in :meth:`enroll` (``count``: how many existed); stored even when
+        nothing existed.
+        """
         ...
 
     def verify(self, identity: str, probe: bytes) -> bytes:

@@ -61,7 +61,7 @@ from cipherface.crypto import phe
 from cipherface.crypto.engine import FloatArray, ProbeOp
 from cipherface.crypto.keyfile import KeyFile
 from cipherface.crypto.phe import Packing, PhePrivateKey, PhePublicKey, Rerandomizer
-from cipherface.crypto.store import GalleryStore
+from cipherface.crypto.store import GalleryStore, Reply, with_reply
 from cipherface.crypto.wire import unpack_bounded
 from cipherface.errors import (
     DecodeError,
@@ -670,12 +670,14 @@ class PheGallery:
                 return b  # a dropped block's place
         return nb
 
-    def enroll(self, ids: Sequence[str], payload: bytes) -> int:
+    def enroll(self, ids: Sequence[str], payload: bytes, *, reply: Reply | None = None) -> int:
         """Add templates for ``ids`` (payload order) from :meth:`PheEdgeCipher.encrypt_templates`.
 
         An id already enrolled is replaced (its old slot dies). Durable on return.
+        ``reply``: the request's reply, stored in the same commit (``Gallery.enroll``).
 
         Raises:
+            AlreadyAnsweredError: ``reply``'s request was carried out before.
             DecodeError / KeyMismatchError: malformed payload or another key's.
             InvalidArgumentError: ids do not match the payload, repeat, or are empty.
         """
@@ -723,10 +725,13 @@ class PheGallery:
                     )
                     for b, cols in sorted(pending.items())
                 ]
+                if reply is not None:
+                    reply.count = len(ids)
                 self.store.commit(
                     blocks=staged,
                     slots=sorted(changes.items()),
                     drop_blocks=[self._name(b) for b in drops],
+                    **with_reply(reply),
                 )
             except BaseException:
                 self._rebuild()
@@ -752,9 +757,10 @@ class PheGallery:
             self._existing.discard(b)
             self._free.pop(b, None)
 
-    def delete(self, ids: Sequence[str]) -> int:
+    def delete(self, ids: Sequence[str], *, reply: Reply | None = None) -> int:
         """Erase identities (slots die, blocks with no live slot are dropped); returns how many
-        existed. Durable on return."""
+        existed. Durable on return. ``reply``: the request's reply, stored in the same
+        commit, or alone when none existed (``Gallery.delete``)."""
         with self._rw.write():
             changes: dict[int, str | None] = {}
             touched: set[int] = set()
@@ -763,12 +769,18 @@ class PheGallery:
                 g = self._index[ident]
                 changes[g] = _DEAD
                 touched.add(g // self._k)
+            if reply is not None:
+                reply.count = len(found)
             if not found:
+                if reply is not None:
+                    self.store.commit(reply=reply)  # the reply alone: nothing to change
                 return 0
             try:
                 drops = self._empty_blocks(touched, changes)
                 self.store.commit(
-                    slots=sorted(changes.items()), drop_blocks=[self._name(b) for b in drops]
+                    slots=sorted(changes.items()),
+                    drop_blocks=[self._name(b) for b in drops],
+                    **with_reply(reply),
                 )
             except BaseException:
                 self._rebuild()
