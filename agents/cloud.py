@@ -18,8 +18,11 @@ Message flow (docs/agents.md):
    from the request *topic* (which the broker's ACL vouches for), never from a
    ResponseTopic the sender chose, and moves on; the ack thread waits for the PUBACK.
 4. Only then does it acknowledge the request (``manual_ack``): a crash before that
-   makes the broker redeliver it, and the reply cache (plus replies of enroll and
-   delete persisted on disk) makes the redelivery harmless.
+   makes the broker redeliver it, and the reply cache makes the redelivery harmless.
+   The reply of a write (enroll, delete, key.retire) is stored in the gallery store in
+   the transaction of its change (:mod:`cipherface.store.replies`): a write redelivered
+   after a crash, or retried on another worker sharing a PostgreSQL store, is answered
+   with those bytes and never runs twice.
 
 Data directory (``--data DIR``)::
 
@@ -28,7 +31,9 @@ Data directory (``--data DIR``)::
     DIR/<site>/keys/<kid>/public.key   the site's public key (from key.publish)
     DIR/<site>/keys/<kid>/gallery/     its encrypted gallery (gallery.sqlite3, docs/storage.md);
                                        with --store postgresql://... it lives in that database
-    DIR/<site>/replies/<gw>.<id>       replies of enroll/delete/key.retire, for redeliveries
+    DIR/<site>/replies/<gw>.<id>       a write's reply when no gallery holds it (a delete on
+                                       a site without a key, SQLite), and replies written
+                                       by earlier versions: read until they expire
     DIR/<site>/retired/<kid>           tombstone of a key retired by rotate-key (never again)
 
 Key rotation's requests (``gallery.export``, ``key.retire``) are served by
@@ -43,7 +48,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -75,7 +80,9 @@ from cipherface.crypto import sites
 from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
+from cipherface.crypto.store import Reply
 from cipherface.errors import (
+    AlreadyAnsweredError,
     CipherFaceError,
     DecodeError,
     GalleryError,
@@ -124,13 +131,14 @@ from cipherface.protocol import (
     validate_id,
 )
 from cipherface.store import PG_SCHEMES, gallery_location, store_exists
-from cipherface.store.base import GalleryStore
+from cipherface.store.base import Engine, GalleryStore
+from cipherface.store.replies import REPLY_TTL_S, ReplyKey
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AGENT_ID: Final = "cloud-local"
-#: Replies of enroll/delete kept on disk this long, for redeliveries after a restart.
-PERSISTED_REPLY_TTL_S: Final = 24 * 3600.0
+#: Replies of writes kept this long, for redeliveries and retries (in the gallery store).
+PERSISTED_REPLY_TTL_S: Final = REPLY_TTL_S
 PRUNE_EVERY_S: Final = 3600.0  # how often a running agent drops expired stored replies
 _MUTATING: Final = (Enroll, Delete, KeyRetire)
 # Reply-cache entries are tagged with the topic they go to (results vs errors).
@@ -190,6 +198,7 @@ class _SiteKeys:
         self.root = root
         self.store = store  # "sqlite:[ROOT]" or a postgresql:// URL (docs/storage.md)
         self.shared = store.startswith(PG_SCHEMES)  # other workers may write the galleries
+        self._replies: Engine | None = None  # PostgreSQL: every worker's replies, one table
         # Most recently used last; the least recently used gallery is closed beyond
         # max_open, so keys published over time (or by a misbehaving gateway) cannot
         # pin an unbounded number of galleries in memory.
@@ -279,6 +288,61 @@ class _SiteKeys:
             and not is_retired(self.root, site, p.name, store=self.store)
         )
 
+    # ------------------------------------------------------------------ replies
+    def _shared_replies(self) -> Engine:
+        if self._replies is None:
+            from cipherface.store.postgres import replies
+
+            self._replies = replies(self.store.partition("#")[0])
+        return self._replies
+
+    def find_reply(self, site: str, kid: str | None, key: ReplyKey) -> bytes | None:
+        """The reply stored with the write ``key`` (answered by gallery ``site/kid``).
+
+        With PostgreSQL every worker's replies are in one table (no gallery opens);
+        with SQLite they are in the gallery's database.
+
+        Raises:
+            StorageError: the store cannot be read.
+            KeyMismatchError / StorageCorruptError: the gallery does not open.
+        """
+        if self.shared:
+            return self._shared_replies().find_reply(key)
+        if kid is None:
+            return None
+        return _store_of(self.gallery(site, kid)).find_reply(key)
+
+    def answer(self, site: str, kid: str | None, reply: Reply) -> None:
+        """Store the reply of a write that changed nothing in gallery ``site/kid``
+        (``kid`` None: no gallery answers it: the shared table, or a file on SQLite).
+
+        Raises:
+            AlreadyAnsweredError: a reply is stored under ``reply.key`` already.
+        """
+        if kid is not None:
+            _store_of(self.gallery(site, kid)).commit(reply=reply)
+            return
+        data = reply.render(0)
+        if self.shared:
+            earlier = self._shared_replies().put_reply(reply.key, data)
+            if earlier is not None:
+                raise AlreadyAnsweredError("answered before", reply=earlier)
+        else:
+            _site, gw, rid = reply.key
+            try:
+                write_atomic(reply_file(self.root, site, gw, rid), data, mode=0o600)
+            except CipherFaceError as exc:  # nothing changed: a retry just runs again
+                log.warning("could not keep the reply to %s: %s", rid, exc)
+        reply.data = data
+
+    def prune_replies(self, max_age_s: float) -> int:
+        """Drop the stored replies older than ``max_age_s``: the shared table, or those
+        of the open SQLite galleries (commits prune theirs too). Returns how many."""
+        if self.shared:
+            return self._shared_replies().prune_replies(max_age_s)
+        with self._lock:  # no gallery is closed under us meanwhile
+            return sum(_store_of(g).prune_replies(max_age_s) for g in self._open.values())
+
     def close(self) -> None:
         with self._lock:
             self._close()
@@ -290,6 +354,11 @@ class _SiteKeys:
             except Exception:  # closing is best effort on shutdown
                 log.exception("closing a gallery failed")
         self._open.clear()
+
+
+def reply_file(root: Path, site: str, gw: str, rid: str) -> Path:
+    """``DIR/<site>/replies/<gw>.<id>``: a write's reply kept beside the galleries."""
+    return root / site / "replies" / f"{gw}.{rid}"
 
 
 def _store_of(gallery: Gallery) -> GalleryStore:
@@ -904,7 +973,7 @@ class CloudAgent:
         if claim.state == "in_progress":
             self.stats["duplicates"] += 1
             return []  # the first copy is being served and will be answered
-        stored = self._persisted_reply(req) if isinstance(req, _MUTATING) else None
+        stored = self._stored_reply(req) if isinstance(req, _MUTATING) else None
         if stored is not None:
             self.stats["duplicates"] += 1
             self._cache.put(key, _RESULT_TAG + stored, now=time.monotonic())
@@ -936,13 +1005,23 @@ class CloudAgent:
         try:
             if isinstance(computed, Exception):
                 raise computed
-            if computed is not None:
+            if isinstance(req, _MUTATING):
+                reply = self._write(req)
+            elif computed is not None:
                 assert isinstance(req, Verify)
                 gallery = self.keys.gallery(req.site, req.kid or "")
                 result = result_for(req, ids_version=gallery.ids_version, scores=computed, count=1)
+                reply = encode(result)
             else:
-                result = self._execute(req)
-            reply = encode(result)
+                reply = encode(self._execute(req))
+        except AlreadyAnsweredError as exc:
+            # Carried out before (a redelivery after a crash, a retry on another worker,
+            # another worker at the same moment): its stored reply; nothing changed now.
+            self.stats["duplicates"] += 1
+            self._cache.put(key, _RESULT_TAG + exc.reply, now=time.monotonic())
+            return [
+                Outgoing(topic=result_topic(req.site, req.gw), payload=exc.reply, correlation=echo)
+            ]
         except Exception as exc:
             if not isinstance(exc, CipherFaceError):
                 log.exception("internal error on %s from %s/%s", req.TYPE, req.site, req.gw)
@@ -956,8 +1035,6 @@ class CloudAgent:
                 self._cache.release(key)  # transient: a later copy runs afresh
             return [out]
         self._cache.put(key, _RESULT_TAG + reply, now=time.monotonic())
-        if isinstance(req, _MUTATING):
-            self._persist_reply(req, reply)
         self.stats["results"] += 1
         return [Outgoing(topic=result_topic(req.site, req.gw), payload=reply, correlation=echo)]
 
@@ -986,10 +1063,9 @@ class CloudAgent:
         return out, err.retry
 
     def _execute(self, req: Request) -> Result:
+        """Answer a request that is not a write (:meth:`_write` carries those out)."""
         if isinstance(req, KeyPublish):
             return self._key_publish(req)
-        if isinstance(req, Delete):
-            return self._delete(req)
         if isinstance(req, IdsGet):
             kid = req.kid or self.keys.current(req.site)
             if kid is None:
@@ -1013,13 +1089,8 @@ class CloudAgent:
                 page = page[: len(page) // 2]
         if isinstance(req, GalleryExport):
             return export_page(self.keys, req, self.max_reply_bytes)
-        if isinstance(req, KeyRetire):
-            return retire_key(self.keys, req)
         assert req.kid is not None  # the codec requires kid on the other requests
         gallery = self.keys.gallery(req.site, req.kid)
-        if isinstance(req, Enroll):
-            added = gallery.enroll(req.ids, req.payload)
-            return result_for(req, ids_version=gallery.ids_version, enrolled=added)
         if isinstance(req, Verify):
             scores = gallery.verify(req.identity, req.probe)
             return result_for(req, ids_version=gallery.ids_version, scores=scores, count=1)
@@ -1079,34 +1150,82 @@ class CloudAgent:
         log.info("site %s: key %s (%s) registered", req.site, req.kid, req.scheme)
         return result_for(req, ids_version=gallery.ids_version)
 
-    def _delete(self, req: Delete) -> Result:
-        kids: Iterable[str] = [req.kid] if req.kid is not None else self.keys.kids(req.site)
-        deleted = 0
-        version = 0
+    # ------------------------------------------------------------------ writes
+    def _write(self, req: Request) -> bytes:
+        """Carry out a write; its reply is stored with its change (exactly once).
+
+        Returns:
+            The reply bytes, as stored.
+
+        Raises:
+            AlreadyAnsweredError: the write was carried out before: its stored reply.
+        """
+        key = dedup_key(req)
+        if isinstance(req, Delete):
+            reply = self._delete(req)
+        elif isinstance(req, Enroll):
+            assert req.kid is not None  # the codec requires it
+            reply = Reply(key, lambda n, v: encode(result_for(req, ids_version=v, enrolled=n)))
+            self.keys.gallery(req.site, req.kid).enroll(req.ids, req.payload, reply=reply)
+        else:
+            assert isinstance(req, KeyRetire)
+            reply = Reply(key, lambda n, v: encode(result_for(req, ids_version=v, deleted=n)))
+            retire_key(self.keys, req, reply=reply)
+        if reply.data is None:  # pragma: no cover - every gallery stores it
+            raise RuntimeError(f"{req.TYPE}: the gallery did not store the reply")
+        return reply.data
+
+    def _answering_kid(self, req: Request) -> str | None:
+        """The key whose gallery stores a write's reply (its ``ids_version`` is in it)."""
+        if isinstance(req, KeyRetire):
+            return req.successor
+        if isinstance(req, Delete) and req.kid is None:
+            return self.keys.current(req.site)
+        return req.kid
+
+    def _delete(self, req: Delete) -> Reply:
+        """Delete in the request's gallery, or every gallery of the site; the current
+        key's gallery commits last, with the reply (deleted in all, its ids_version)."""
+        answering = self._answering_kid(req)
+        kids = [req.kid] if req.kid is not None else self.keys.kids(req.site)
+        if answering not in kids:
+            answering = None
+        earlier = 0
         for kid in kids:
-            gallery = self.keys.gallery(req.site, kid)
-            deleted += gallery.delete(req.ids)
-            if kid == (req.kid or self.keys.current(req.site)):
-                version = gallery.ids_version
-        return result_for(req, ids_version=version, deleted=min(deleted, MAX_IDS))
+            if kid != answering:
+                earlier += self.keys.gallery(req.site, kid).delete(req.ids)
+        reply = Reply(
+            dedup_key(req),
+            lambda n, v: encode(result_for(req, ids_version=v, deleted=min(earlier + n, MAX_IDS))),
+        )
+        if answering is None:
+            self.keys.answer(req.site, None, reply)
+        else:
+            self.keys.gallery(req.site, answering).delete(req.ids, reply=reply)
+        return reply
 
-    # ------------------------------------------------------- persisted replies
-    def _reply_path(self, req: Request) -> Path:
-        return self.data_dir / req.site / "replies" / f"{req.gw}.{req.id}"
-
-    def _persisted_reply(self, req: Request) -> bytes | None:
+    # --------------------------------------------------------- stored replies
+    def _stored_reply(self, req: Request) -> bytes | None:
+        """The reply of a write carried out before (by any worker sharing the store, or
+        this one before a restart), or None."""
         try:
-            return self._reply_path(req).read_bytes()
+            return reply_file(self.data_dir, req.site, req.gw, req.id).read_bytes()
         except OSError:
+            pass
+        try:
+            return self.keys.find_reply(req.site, self._answering_kid(req), dedup_key(req))
+        except Exception as exc:
+            # The gallery does not open or the store does not answer: running the request
+            # reports it (and its commit finds a stored reply in any case).
+            log.debug("no stored reply for %s from %s/%s: %s", req.TYPE, req.site, req.gw, exc)
             return None
 
-    def _persist_reply(self, req: Request, reply: bytes) -> None:
-        try:
-            write_atomic(self._reply_path(req), reply, mode=0o600)
-        except CipherFaceError as exc:  # the enrollment itself is durable already
-            log.warning("could not persist the reply to %s: %s", req.id, exc)
-
     def _prune_replies(self) -> None:
+        """Drop stored replies older than :data:`PERSISTED_REPLY_TTL_S` (store and files)."""
+        try:
+            self.keys.prune_replies(PERSISTED_REPLY_TTL_S)
+        except Exception as exc:  # never stop serving for upkeep; next time
+            log.warning("pruning stored replies failed: %s", exc)
         cutoff = time.time() - PERSISTED_REPLY_TTL_S
         for folder in self.data_dir.glob("*/replies"):
             for path in folder.iterdir():

@@ -34,6 +34,7 @@ from cipherface.crypto import rekey
 from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.engine import Gallery
 from cipherface.crypto.keyfile import write_atomic
+from cipherface.crypto.store import Reply
 from cipherface.errors import (
     GalleryError,
     InvalidArgumentError,
@@ -74,6 +75,8 @@ class KeyRegistry(Protocol):
     def kids(self, site: str) -> list[str]: ...
 
     def unregister(self, site: str, kid: str) -> bool: ...
+
+    def answer(self, site: str, kid: str | None, reply: Reply) -> None: ...
 
 
 def retired_path(root: str | os.PathLike[str], site: str, kid: str) -> Path:
@@ -183,16 +186,20 @@ def export_page(keys: KeyRegistry, req: GalleryExport, max_reply_bytes: int) -> 
         count //= 2
 
 
-def retire_key(keys: KeyRegistry, req: KeyRetire) -> Result:
+def retire_key(keys: KeyRegistry, req: KeyRetire, *, reply: Reply | None = None) -> Result:
     """Answer a ``key.retire``: destroy the gallery, public key and directory of ``req.kid``.
 
     Order (each step idempotent, so a retry after a crash finishes the job): the
     tombstone, the public key (nothing can reopen the gallery after it), the gallery
-    (:func:`cipherface.store.erase.destroy_gallery`), the key directory.
+    (:func:`cipherface.store.erase.destroy_gallery`), the key directory; then ``reply``
+    is stored in the successor's gallery store (the work is done by then, so a retry
+    answered from the store has nothing left to finish; a crash just before it makes
+    the retry finish the job and answer ``deleted = 0``).
 
     Args:
         keys: the cloud's key registry.
         req: the request: ``kid`` the key to retire, ``successor`` the site's new key.
+        reply: the request's reply to store (``count``: ``deleted``), or None.
 
     Returns:
         The result: ``deleted`` 1 when this request destroyed the key, 0 when it was
@@ -203,6 +210,8 @@ def retire_key(keys: KeyRegistry, req: KeyRetire) -> Result:
             (a ``kid`` that is the current key always ends here).
         StorageCorruptError: the successor's gallery does not open (nothing destroyed).
         StorageError: destroying the gallery failed (a retry finishes it).
+        AlreadyAnsweredError: another worker retired it at the same time and stored its
+            reply first.
     """
     site, old, new = req.site, req.kid, req.successor
     assert old is not None  # the codec requires it
@@ -232,7 +241,11 @@ def retire_key(keys: KeyRegistry, req: KeyRetire) -> Result:
         new,
         "; its gallery was destroyed" if existed or gone else " (gone already)",
     )
-    return result_for(req, ids_version=successor.ids_version, deleted=int(existed or gone))
+    deleted = int(existed or gone)
+    if reply is not None:
+        reply.count = deleted
+        keys.answer(site, new, reply)
+    return result_for(req, ids_version=successor.ids_version, deleted=deleted)
 
 
 __all__ = [
