@@ -1,7 +1,9 @@
 """Start a throw-away Mosquitto for tests and the demo.
 
 :class:`LocalBroker` renders a Mosquitto 2 configuration into a temporary
-directory and runs the ``mosquitto`` binary on free loopback ports. Two profiles:
+directory and runs the ``mosquitto`` binary on free loopback ports (or on an
+address and port given, under a launcher such as ``ip netns exec``: the multi-host
+tests). Two profiles:
 
 * ``"dev"`` -- one plain loopback listener, **anonymous allowed, no ACL**. Only for
   tests and the local demo; it never leaves 127.0.0.1.
@@ -397,9 +399,10 @@ class LocalBroker:
     """A Mosquitto we start, on free loopback ports, in a temporary directory.
 
     Use as a context manager; ``.url`` is ``mqtt://127.0.0.1:PORT`` and, with TLS,
-    ``.tls_url`` is ``mqtts://127.0.0.1:TLS_PORT``. Stopping keeps the directory (so
-    :meth:`restart` and :meth:`start` keep persistent sessions); leaving the
-    ``with`` block or :meth:`close` also removes a directory we created.
+    ``.tls_url`` is ``mqtts://127.0.0.1:TLS_PORT`` (``bind`` names another address).
+    Stopping keeps the directory (so :meth:`restart` and :meth:`start` keep
+    persistent sessions); leaving the ``with`` block or :meth:`close` also removes a
+    directory we created.
 
     Args:
         profile: ``"dev"`` (anonymous, no ACL: tests only) or ``"secure"`` (the
@@ -412,6 +415,14 @@ class LocalBroker:
         binary: the ``mosquitto`` executable (default: found on PATH or in /usr/sbin).
         startup_timeout: seconds to wait for the listeners to accept connections.
         extra_config: more configuration lines, appended verbatim.
+        bind: address the listeners bind (binary backend). Anything but loopback
+            opens the ``dev`` profile (anonymous, every topic) to that network: only
+            for a private test network (``cipherface.testing.netns``).
+        port: the plain listener's port (default: a free one on ``bind``); given, TLS
+            takes ``port + 1`` and a clash is an error, not a move to another port.
+        launcher: argv prefix the binary runs under, e.g. ``("ip", "netns", "exec",
+            "broker-host")`` to start it in another network namespace (``bind`` is
+            then an address of that namespace, and ``port`` should be given).
 
     Raises:
         BrokerUnavailableError: no binary / Docker, or the broker fails to start.
@@ -429,7 +440,14 @@ class LocalBroker:
         binary: str | None = None,
         startup_timeout: float = 10.0,
         extra_config: Sequence[str] = (),
+        bind: str = LOOPBACK,
+        port: int | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
+        if backend == "docker" and (bind != LOOPBACK or launcher or port is not None):
+            raise InvalidArgumentError("bind, port and launcher apply to the binary backend")
+        if launcher and port is None:
+            raise InvalidArgumentError("a launcher needs a port (free ports are found here)")
         self.profile: Profile = profile
         self.files = files or BrokerFiles()
         self.backend: Backend = backend
@@ -454,9 +472,13 @@ class LocalBroker:
         )
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "data").mkdir(mode=0o700, exist_ok=True)
-        self.host = LOOPBACK
-        self.port = free_port()
-        self.tls_port: int | None = free_port() if self.files.has_tls else None
+        self.host = bind
+        self._launcher = tuple(launcher)
+        self._fixed_port = port is not None
+        self.port = port if port is not None else free_port(bind)
+        self.tls_port: int | None = None
+        if self.files.has_tls:
+            self.tls_port = port + 1 if port is not None else free_port(bind)
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -468,12 +490,12 @@ class LocalBroker:
     # -------------------------------------------------------------- properties
     @property
     def url(self) -> str:
-        """``mqtt://127.0.0.1:PORT`` (the plain loopback listener)."""
+        """``mqtt://HOST:PORT`` (the plain listener; HOST is ``bind``, loopback by default)."""
         return f"mqtt://{self.host}:{self.port}"
 
     @property
     def tls_url(self) -> str | None:
-        """``mqtts://127.0.0.1:TLS_PORT``, or None without TLS."""
+        """``mqtts://HOST:TLS_PORT``, or None without TLS."""
         return None if self.tls_port is None else f"mqtts://{self.host}:{self.tls_port}"
 
     @property
@@ -493,7 +515,7 @@ class LocalBroker:
             port=self.port,
             tls_port=self.tls_port,
             files=self._container_files() if in_docker else self.files,
-            bind="0.0.0.0" if in_docker else LOOPBACK,  # noqa: S104 -- inside the container
+            bind="0.0.0.0" if in_docker else self.host,  # noqa: S104 -- inside the container
             # Root would otherwise drop to user "mosquitto", who cannot read our 0600 files.
             run_as="root" if in_docker or os.geteuid() == 0 else None,
             extra=self._extra,
@@ -535,11 +557,16 @@ class LocalBroker:
             except BrokerUnavailableError as exc:
                 # free_port() is racy: another process may take the port before
                 # Mosquitto binds it. Only a first start may move (restart keeps ports).
-                if self._started_once or attempt == 2 or "already in use" not in str(exc):
+                if (
+                    self._started_once
+                    or self._fixed_port
+                    or attempt == 2
+                    or "already in use" not in str(exc)
+                ):
                     raise
                 self.stop()
-                self.port = free_port()
-                self.tls_port = free_port() if self.tls_port is not None else None
+                self.port = free_port(self.host)
+                self.tls_port = free_port(self.host) if self.tls_port is not None else None
                 self._write_config()
                 continue
             self._started_once = True
@@ -550,7 +577,7 @@ class LocalBroker:
         stderr = (self.workdir / "mosquitto.stderr").open("ab")
         try:
             self._proc = subprocess.Popen(
-                [self._binary, "-c", str(self.config_path)],
+                [*self._launcher, self._binary, "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
