@@ -22,7 +22,9 @@ Commands (``cipherface COMMAND --help`` for each; docs/agents.md is the referenc
 Exit status: 0 for a successful command (a "no match" decision is a success),
 2 for a usage error, 3 for any other failure (one line ``error [code]: message``,
 the code of the :class:`~cipherface.errors.CipherFaceError`, ``io_error`` or
-``internal``; never a traceback unless ``-vv``), 130 when interrupted.
+``internal``; never a traceback unless ``-vv``), 4 when ``cloud`` stood down because
+another process took over its agent id (``session_taken_over``: a supervisor must
+not restart it, or the two take the id from each other), 130 when interrupted.
 Environment variables (:data:`cipherface.agents.deploy.ENV_VARS`) give the defaults
 of ``--broker``, ``--username``, ``--password``, ``--ca-file``, ``--keys``,
 ``--data``, ``--site`` and ``--gateway``.
@@ -48,13 +50,14 @@ from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
 from cipherface.agents.quota import IDENTIFY_PER_HOUR, VERIFY_PER_IDENTITY_PER_HOUR
-from cipherface.errors import InvalidArgumentError
+from cipherface.errors import InvalidArgumentError, SessionTakenOverError
 from cipherface.observe.logs import LOG_FORMATS, setup_logging
 from cipherface.store.cli import register_cli as register_gallery_cli
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
 EXIT_ERROR: Final = 3
+EXIT_REPLACED: Final = 4
 EXIT_INTERRUPTED: Final = 130
 
 Handler = Callable[[argparse.Namespace], int]
@@ -606,6 +609,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
     from cipherface.agents.observed import cloud_health, observe_cloud
 
     stop = _stop_on_signals()
+    agent.on_taken_over = stop.set
     observed = observe_cloud(agent, port=args.metrics_port, host=args.metrics_host)
     try:
         agent.start()
@@ -620,6 +624,14 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
     finally:
         observed.stop()
         agent.stop()
+    if agent.taken_over.is_set():
+        print(
+            f"error [{SessionTakenOverError.code}]: another process connected as {agent_id} and "
+            "took over its broker session; this worker stood down (exit status 4: do not "
+            "restart it while the other one runs, give each worker its own --agent-id)",
+            file=sys.stderr,
+        )
+        return EXIT_REPLACED
     return EXIT_OK
 
 

@@ -75,6 +75,7 @@ from cipherface.agents.mqtt import (
     publish_properties,
     wait_published,
 )
+from cipherface.agents.owner import IdWatch
 from cipherface.agents.quota import UNKNOWN_SCOPE, QuotaPolicy, Quotas
 from cipherface.crypto import sites
 from cipherface.crypto.ckks_gallery import CkksGallery
@@ -533,6 +534,12 @@ class CloudAgent:
         self._conn: Connection | None = None
         self._idle = threading.Condition()
         self._busy = 0
+        #: Set once another process took this agent id over while this one was away
+        #: (agents/owner.py): it stood down and no longer reconnects; stop it.
+        self.taken_over = threading.Event()
+        #: Called (MQTT network thread) when that happens: the CLI stops and exits 4.
+        self.on_taken_over: Callable[[], None] | None = None
+        self._owner = IdWatch(announce=self._announce)
         #: Called after each request with (topic, replies, seconds): metrics and the
         #: per-request log line (cipherface.observe, wired by the CLI).
         self.on_request: Callable[[str, list[Outgoing], float], None] | None = None
@@ -564,7 +571,7 @@ class CloudAgent:
 
     # ---------------------------------------------------------------- lifecycle
     def _status(self, state: Literal["online", "offline"]) -> bytes:
-        return encode(
+        return self._owner.mine(
             Status(site="cloud", gw=self.agent_id, state=state, role="cloud", version=__version__)
         )
 
@@ -582,12 +589,57 @@ class CloudAgent:
 
     def _on_connected(self, conn: Connection, session_present: bool) -> None:
         conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
+        if self._owner.watching:
+            # Back after a loss: the retained status says whether another process
+            # took our id meanwhile; announce only if not (agents/owner.py).
+            conn.subscribe([(self.status_topic, 1)])
+            self._owner.reconnected()
+            return
+        # First connection: a session kept from an earlier run may hold a plain
+        # subscription to our status; the self-test must hear only the shared one.
+        conn.unsubscribe([self.status_topic])
         if self._share_probe is not None and not self._share_seen.is_set():
             # Self-test: our own status, published next, must come back through a
             # shared subscription; brokers without $share accept the subscription
             # and never deliver on it.
             conn.subscribe([(self._share_probe, 1)], no_retained=True)
-        conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        self._announce()
+
+    def _announce(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+
+    def _watch_id(self, conn: Connection) -> None:
+        """Subscribe to our own status topic, after the self-test (agents/owner.py),
+        and wait (briefly) for our status to come back: the watch is then armed."""
+        self._owner.watch()
+        conn.subscribe([(self.status_topic, 1)])
+        if not self._owner.armed.wait(self._owner.check_s):
+            log.warning(
+                "cloud agent %s: its retained status did not come back from %s within %g s: "
+                "it will not notice another process taking its agent id over",
+                self.agent_id,
+                self.broker.url,
+                self._owner.check_s,
+            )
+
+    def _on_lost(self, conn: Connection) -> None:
+        # MQTT network thread, before paho reconnects.
+        if not self._owner.lost():
+            return
+        # Another process used our id while we were away and has just taken it back:
+        # the session is its own now (agents/owner.py).
+        self.taken_over.set()
+        log.error(
+            "cloud agent %s: another process serves under this agent id (a worker "
+            "replaced elsewhere, or two started with one id) and took it back: standing "
+            "down, not reconnecting; requests in hand go back to the broker",
+            self.agent_id,
+        )
+        conn.stand_down()
+        if self.on_taken_over is not None:
+            self.on_taken_over()
 
     def _check_share(self, conn: Connection) -> None:
         """Wait for the self-test message; without it, fall back to plain subscriptions."""
@@ -618,8 +670,9 @@ class CloudAgent:
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         # Network thread: hand off and return.
         if msg.topic == self.status_topic:
-            self._share_seen.set()  # the $share self-test came back
             self._conn_ack(msg)
+            if self._owner.message(bytes(msg.payload), retained=msg.retain):
+                self._share_seen.set()  # our status came back: the $share self-test passed
             return
         if msg.qos == 0:
             # Requests are QoS 1: QoS 0 has no flow control (the broker's in-flight cap
@@ -684,6 +737,7 @@ class CloudAgent:
             on_message=self._on_message,
             on_connected=self._on_connected,
             receive_maximum=self.receive_maximum,
+            on_lost=self._on_lost,
         )
         self._conn = conn
         try:
@@ -695,6 +749,7 @@ class CloudAgent:
             self._release_lock()
             raise
         self._check_share(conn)
+        self._watch_id(conn)
         log.info("cloud agent %s serving %s from %s", self.agent_id, self.filters(), self.data_dir)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -719,11 +774,15 @@ class CloudAgent:
             retire: also end the persistent session: this agent id will not come
                 back, so the broker must stop queueing its share of the requests
                 (Mosquitto keeps giving an absent member of a share group its turn).
+                Ignored once :attr:`taken_over`: the session is another process's.
         """
         conn = self._conn
         if conn is None:
             return
-        if graceful:
+        self._owner.close()
+        # Taken over: no connection to finish on, and the session is not ours to end
+        # (requests in hand go unacknowledged: the broker gives them to the new owner).
+        if graceful and not self.taken_over.is_set():
             self.wait_idle(self.publish_timeout)
             conn.stop(farewell=(self.status_topic, self._status("offline")), expire_session=retire)
         else:

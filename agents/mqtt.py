@@ -16,7 +16,11 @@ paho 2.x client that
   (unknown host), ``broker_refused`` (nothing listens), ``broker_unreachable`` (no
   answer in time);
 * logs losing and regaining the connection at WARNING (the default level), and
-  counts reconnections (``reconnects``) for the metrics.
+  counts reconnections (``reconnects``) for the metrics;
+* tells its owner when a live connection is lost (``on_lost``, before paho
+  reconnects), and can :meth:`~Connection.stand_down` from any thread, paho's
+  included: disconnect for good, no reconnection, the session left on the broker
+  (the cloud agent does when another process has taken its client id over).
 
 Nothing here knows the protocol: payloads are bytes.
 """
@@ -262,6 +266,8 @@ class Connection:
         on_connected: called after each successful CONNACK with ``(connection,
             session_present)`` (network thread): subscribe and announce here.
         receive_maximum: MQTT 5 ReceiveMaximum (QoS 1 messages in flight to us).
+        on_lost: called with the connection (network thread) when a live connection
+            is lost, before paho reconnects: :meth:`stand_down` there prevents it.
 
     Raises:
         InvalidArgumentError: an empty client id.
@@ -279,6 +285,7 @@ class Connection:
         on_message: MessageHandler | None = None,
         on_connected: ConnectedHook | None = None,
         receive_maximum: int = RECEIVE_MAXIMUM,
+        on_lost: Callable[[Connection], None] | None = None,
     ) -> None:
         if not client_id:
             raise InvalidArgumentError("an MQTT client id is required")
@@ -289,6 +296,7 @@ class Connection:
         self.receive_maximum = receive_maximum
         self._on_message = on_message
         self._on_connected = on_connected
+        self._on_lost = on_lost
         self._connack = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -424,6 +432,13 @@ class Connection:
         if self._started and was_connected:
             self.disconnects += 1
             self._lost_at = time.monotonic()
+            if self._on_lost is not None:
+                try:
+                    self._on_lost(self)
+                except Exception:  # a failing hook must not kill paho's thread
+                    log.exception("%s: on_lost hook failed", self.client_id)
+            if not self._started:
+                return  # the hook stood down
             log.warning(
                 "%s: lost the connection to %s (%s); reconnecting",
                 self.client_id,
@@ -492,6 +507,15 @@ class Connection:
             self._connack.wait(min(left, 0.1))
             self._connack.clear()
 
+    def stand_down(self) -> None:
+        """Disconnect for good without reconnecting, from any thread (paho's too).
+
+        The persistent session stays on the broker: it belongs to whoever took our
+        client id over. :meth:`stop` still ends the network thread.
+        """
+        self._started = False  # also keeps the disconnect from being logged as a loss
+        self.client.disconnect()  # paho's loop then ends instead of reconnecting
+
     def publish(
         self,
         topic: str,
@@ -549,6 +573,7 @@ class Connection:
                 of a shared subscription for it).
         """
         if not self._started:
+            self.client.loop_stop()  # after stand_down(): the thread is ending by itself
             return
         if farewell is not None and self.connected:
             try:

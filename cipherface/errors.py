@@ -317,6 +317,13 @@ class BrokerRefusedError(BrokerConnectionError):
     code = "broker_refused"
 
 
+class SessionTakenOverError(BrokerConnectionError):
+    """Another process connected under our client id (agent id) and took its broker
+    session over while we were away: we stood down instead of taking it back."""
+
+    code = "session_taken_over"
+
+
 class PublishDeniedError(CipherFaceError):
     """The broker refused a publish (MQTT 5 PUBACK reason: not authorised by its ACL,
     too large, quota exceeded)."""

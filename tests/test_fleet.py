@@ -294,6 +294,65 @@ def test_a_worker_killed_mid_stream_loses_nothing(
     assert {g for g, _ in results} == set(range(6))
 
 
+def test_a_worker_whose_id_is_taken_over_stands_down(broker: Any, tmp_path: Path) -> None:
+    """Two processes under one agent id (a worker partitioned off, replaced on another
+    host, then back): the one the broker disconnects with "session taken over" stops
+    instead of taking the id back, so the two do not kick each other off forever."""
+    agent_id, group = f"cloud-{secrets.token_hex(4)}", f"g{secrets.token_hex(4)}"
+    cfg = BrokerConfig(url=broker.url)
+    old = CloudAgent(broker=cfg, data_dir=tmp_path / "old", agent_id=agent_id,
+                     share_group=group, sites=["s"])  # fmt: skip
+    new = CloudAgent(broker=cfg, data_dir=tmp_path / "new", agent_id=agent_id,
+                     share_group=group, sites=["s"])  # fmt: skip
+    called = threading.Event()
+    old.on_taken_over = called.set
+    old.start()
+    try:
+        new.start()
+        assert old.taken_over.wait(10) and called.wait(5)
+        time.sleep(3.0)  # paho would have reconnected after 1 s
+        assert not new.taken_over.is_set()
+        assert new._conn is not None and new._conn.connected
+        assert old._conn is not None and not old._conn.connected
+        t0 = time.monotonic()
+        old.stop(retire=True)  # quick (nothing to finish on), and the session is not ours
+        assert time.monotonic() - t0 < 5
+        assert not new.taken_over.is_set() and new._conn.connected
+    finally:
+        old.stop()
+        new.stop(retire=True)
+
+
+def test_cloud_cli_exits_4_when_its_id_is_taken_over(broker: Any, tmp_path: Path) -> None:
+    agent_id = f"cloud-{secrets.token_hex(4)}"
+    log = tmp_path / "cloud.log"
+    cmd = [sys.executable, "-c", "import sys; from cipherface.agents.cli import main; "
+           "sys.exit(main())", "cloud", "--broker", broker.url, "--data", str(tmp_path / "d"),
+           "--agent-id", agent_id, "--sites", "s"]  # fmt: skip
+    cmd += ["--share-group", f"g{secrets.token_hex(4)}"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while b"serving" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        other = CloudAgent(broker=BrokerConfig(url=broker.url), data_dir=tmp_path / "other",
+                           agent_id=agent_id, sites=["s"], share_check_s=0)  # fmt: skip
+        other.start()
+        try:
+            assert proc.wait(30) == 4, log.read_text()
+        finally:
+            other.stop(retire=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"error [session_taken_over]: another process connected as {agent_id}" in text
+    assert text.count("standing down, not reconnecting") == 1, text
+
+
 # ------------------------------------------------------------ sharded galleries
 @pytest.fixture
 def shard_clouds(broker: Any, tmp_path: Path) -> Iterator[Callable[[list[str]], CloudAgent]]:
