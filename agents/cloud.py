@@ -193,7 +193,13 @@ class Outgoing:
 
 
 class _SiteKeys:
-    """The galleries of one data directory, opened on first use."""
+    """The galleries of one data directory, opened on first use.
+
+    With a PostgreSQL store the site keys are shared too: a ``key.publish`` is
+    recorded in the database (``cf_keys``), so every worker -- on any host, each with
+    its own data directory -- serves a key published through any one of them, and
+    agrees on which key is the site's current one (the last published).
+    """
 
     def __init__(self, root: Path, *, max_open: int = 64, store: str = "sqlite:") -> None:
         self.root = root
@@ -224,7 +230,27 @@ class _SiteKeys:
             write_atomic(path, public_key, mode=0o644)
         gallery = self._gallery(site, kid, create=not again)
         write_atomic(self.root / site / "current", kid.encode("ascii"), mode=0o644)
+        if self.shared:  # after the gallery exists: the other workers may open it now
+            from cipherface.store.postgres import publish_key
+
+            publish_key(self._dsn, site, kid, public_key)
         return gallery
+
+    @property
+    def _dsn(self) -> str:
+        return self.store.partition("#")[0]
+
+    def _shared_key(self, site: str, kid: str, path: Path) -> None:
+        """Fetch a key published through another worker into our key directory."""
+        from cipherface.store.postgres import published_key
+
+        public_key = published_key(self._dsn, site, kid) if self.shared else None
+        if public_key is None:
+            return
+        if sites.open_public(public_key).key_id != kid:  # the database's word is not enough
+            raise StorageCorruptError(f"the database's public key of {site}/{kid} is another key")
+        write_atomic(path, public_key, mode=0o644)
+        log.info("site %s: key %s loaded from the shared store", site, kid)
 
     def gallery(self, site: str, kid: str) -> Gallery:
         with self._lock:
@@ -242,6 +268,8 @@ class _SiteKeys:
         # yet gone), or retired through another PostgreSQL worker: never served again.
         refuse_retired(self.root, site, kid, store=self.store)
         path = self.key_dir(site, kid) / sites.PUBLIC_NAME
+        if not path.is_file():
+            self._shared_key(site, kid, path)
         if not path.is_file():
             raise KeyMismatchError(
                 f"site {site!r} has no key {kid}: the edge must publish it first (key.publish)"
@@ -272,6 +300,12 @@ class _SiteKeys:
         return existed
 
     def current(self, site: str) -> str | None:
+        if self.shared:
+            from cipherface.store.postgres import published_kids
+
+            published = published_kids(self._dsn, site)
+            if published:
+                return published[-1]
         try:
             kid = (self.root / site / "current").read_text(encoding="ascii").strip()
         except OSError:
@@ -280,14 +314,14 @@ class _SiteKeys:
 
     def kids(self, site: str) -> list[str]:
         base = self.root / site / "keys"
-        if not base.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in base.iterdir()
-            if (p / sites.PUBLIC_NAME).is_file()
-            and not is_retired(self.root, site, p.name, store=self.store)
-        )
+        found = set()
+        if base.is_dir():
+            found = {p.name for p in base.iterdir() if (p / sites.PUBLIC_NAME).is_file()}
+        if self.shared:
+            from cipherface.store.postgres import published_kids
+
+            found.update(published_kids(self._dsn, site))
+        return sorted(k for k in found if not is_retired(self.root, site, k, store=self.store))
 
     # ------------------------------------------------------------------ replies
     def _shared_replies(self) -> Engine:

@@ -57,7 +57,11 @@ CREATE TABLE IF NOT EXISTS cf_replies (
     site TEXT NOT NULL, gw TEXT NOT NULL, rid TEXT NOT NULL, reply BYTEA NOT NULL,
     stored_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (site, gw, rid));
 CREATE INDEX IF NOT EXISTS cf_replies_at ON cf_replies (stored_at);
+CREATE SEQUENCE IF NOT EXISTS cf_keys_seq;
+CREATE TABLE IF NOT EXISTS cf_keys (
+    name TEXT PRIMARY KEY, site TEXT NOT NULL, public_key BYTEA NOT NULL, seq BIGINT NOT NULL);
 """
+_LIVE_KEY = "NOT EXISTS (SELECT 1 FROM cf_retired r WHERE r.name = k.name)"
 #: Commits kept in ``cf_commits``: an anchor lagging further behind is checked by seq only.
 COMMIT_HISTORY = 100_000
 _GCOLS = "format, meta, ids_version, seq, nslots, slot_sum, block_sum, nblocks, chk"
@@ -485,6 +489,7 @@ def drop_gallery(dsn: str, name: str, *, retired_by: str | None = None) -> bool:
                     "ON CONFLICT (name) DO NOTHING",
                     (name, retired_by),
                 )
+                conn.execute("DELETE FROM cf_keys WHERE name = %s", (name,))
             got = conn.execute("SELECT gid FROM cf_galleries WHERE name = %s", (name,)).fetchone()
             if got is None:
                 return False
@@ -521,6 +526,57 @@ def is_retired(dsn: str, name: str) -> bool:
     )
 
 
+def publish_key(dsn: str, site: str, kid: str, public_key: bytes) -> None:
+    """Record a site's public key as published (``key.publish``, through any worker).
+
+    Workers that did not receive the publication load the key from here, and the
+    publication order says which key is the site's current one (the last published),
+    whichever worker is asked. Idempotent; a republication makes the key current again.
+
+    Args:
+        dsn: the database.
+        site: the site.
+        kid: the key's id (the caller checked that ``public_key`` has this id).
+        public_key: the key's bytes, as published.
+    """
+    name = f"{site}/{kid}"
+    PostgresEngine(dsn, name=name)._run(
+        lambda c: c.execute(
+            "INSERT INTO cf_keys (name, site, public_key, seq) "
+            "VALUES (%s, %s, %s, nextval('cf_keys_seq')) "
+            "ON CONFLICT (name) DO UPDATE SET seq = nextval('cf_keys_seq')",
+            (name, site, public_key),
+        ),
+        "recording its key",
+    )
+
+
+def published_key(dsn: str, site: str, kid: str) -> bytes | None:
+    """The public key of ``site``'s key ``kid`` as published, or None (never published
+    through a worker of this database, or retired)."""
+    name = f"{site}/{kid}"
+    row = PostgresEngine(dsn, name=name)._run(
+        lambda c: c.execute(
+            f"SELECT public_key FROM cf_keys k WHERE name = %s AND {_LIVE_KEY}",  # noqa: S608
+            (name,),
+        ).fetchone(),
+        "reading its key",
+    )
+    return None if row is None else bytes(row[0])
+
+
+def published_kids(dsn: str, site: str) -> list[str]:
+    """The ids of ``site``'s published, unretired keys, the current one last."""
+    rows = PostgresEngine(dsn, name=site)._run(
+        lambda c: c.execute(
+            f"SELECT name FROM cf_keys k WHERE site = %s AND {_LIVE_KEY} ORDER BY seq",  # noqa: S608
+            (site,),
+        ).fetchall(),
+        "listing its keys",
+    )
+    return [str(r[0]).rpartition("/")[2] for r in rows]
+
+
 def rename_gallery(dsn: str, old: str, new: str) -> None:
     """Give a gallery another name in one statement (import builds under a temp name)."""
     eng = PostgresEngine(dsn, name=old)
@@ -536,6 +592,9 @@ __all__ = [
     "is_retired",
     "mark_retired",
     "pg_error",
+    "publish_key",
+    "published_key",
+    "published_kids",
     "rename_gallery",
     "replies",
 ]

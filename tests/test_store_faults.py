@@ -370,7 +370,7 @@ def test_two_cloud_workers_share_one_postgres_gallery(
     site = f"s{secrets.token_hex(3)}"
     kid = cipher.key_id
     people = _people(5)
-    for w in (w1, w2):  # each worker receives the key (its file store holds keys)
+    for w in (w1, w2):  # both receive it (a worker also loads it from the database)
         assert isinstance(
             _ask(w, KeyPublish(site=site, gw="g", kid=kid, scheme="ckks",
                                public_key=cipher.public_key_bytes())), Result)  # fmt: skip
