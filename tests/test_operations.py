@@ -476,6 +476,10 @@ def test_systemd_units_parse_with_the_cli(monkeypatch: pytest.MonkeyPatch) -> No
         args = build_parser().parse_args(exec_start)
         assert args.metrics_port == int(env["CIPHERFACE_METRICS_PORT"])
         assert args.log_format == "json" and args.verbose == 1
+        if args.command == "cloud":  # a worker that stood down is not started again
+            from cipherface.agents.cli import EXIT_REPLACED
+
+            assert f"RestartPreventExitStatus={EXIT_REPLACED}" in lines
 
 
 def test_documented_dev_broker_config_ships_and_runs(tmp_path: Path) -> None:
