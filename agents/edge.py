@@ -986,7 +986,12 @@ class EdgeClient:
         return self._decide("identify", best if match else None, match, t0, label)
 
     def best_match(
-        self, vector: npt.ArrayLike, *, probe: bytes | None = None
+        self,
+        vector: npt.ArrayLike,
+        *,
+        probe: bytes | None = None,
+        decide: bool = True,
+        slots_out: list[Sequence[str | None]] | None = None,
     ) -> tuple[str | None, float | None]:
         """The gallery's best-scoring identity for an embedding, and its similarity.
 
@@ -1000,6 +1005,11 @@ class EdgeClient:
             probe: its identify encryption, made once for several galleries (shards);
                 ``vector`` must then be exactly what was encrypted (the canaries are
                 checked against it), and no jitter is added.
+            decide: with a guard, check the halt and the budget first and count the call
+                as one decision; False leaves both to a caller that gathers several
+                galleries into one decision (:class:`~cipherface.agents.shards.ShardedEdge`).
+            slots_out: gets the labels of the slots that were scored, once checked (a
+                caller gathering several galleries compares them).
 
         Returns:
             ``(identity, similarity)``, or ``(None, None)`` for an empty gallery.
@@ -1009,7 +1019,7 @@ class EdgeClient:
             GatewayHaltedError / DecisionBudgetError: the guard refuses to decide.
             ResultRejectedError / PeerReportedError / RequestTimeoutError: see :meth:`identify`.
         """
-        if self.guard is not None:
+        if self.guard is not None and decide:
             self.guard.admit()
         vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
         if probe is None:
@@ -1039,30 +1049,40 @@ class EdgeClient:
         except ResultForgedError as exc:
             self._forged(exc)
             raise
-        if self.guard is not None:
+        if result.ids is not None:  # checked: now the list this version's results use
+            with self._lock:
+                self._ids_cache = (result.ids_version, result.ids)
+        if self.guard is not None and decide:
             self.guard.decided()
+        if slots_out is not None:
+            slots_out.append(slots if result.count else ())
         return best
 
     def _result_slots(self, result: Result) -> tuple[str | None, ...] | None:
-        """The slot list the scores of ``result`` refer to, or None if it cannot be known."""
+        """The slot list the scores of ``result`` refer to, or None if it cannot be known.
+
+        A list that came with the result is cached only once the result checked out
+        (:meth:`best_match`): a malformed result must not leave its list behind for
+        the next, honest results of that version to be refused against.
+        """
         if result.ids is not None:
-            slots = result.ids
-            with self._lock:
-                self._ids_cache = (result.ids_version, slots)
-            return slots
-        with self._lock:
-            cache = self._ids_cache
-        if cache is None or cache[0] != result.ids_version:
-            self.ids()  # a large gallery's list comes apart (or our cache is stale): page it
+            return result.ids
+        listed = 0
+        for attempt in range(2):
             with self._lock:
                 cache = self._ids_cache
-        if cache is None or cache[0] != result.ids_version:
-            return None
-        if len(cache[1]) != result.count:
-            raise ResultRejectedError(
-                f"identify result has {result.count} scores for {len(cache[1])} known slots"
-            )
-        return cache[1]
+            if attempt or cache is None or cache[0] != result.ids_version:
+                self.ids()  # a large gallery's list comes apart (or our copy is off): page it
+                with self._lock:
+                    cache = self._ids_cache
+            if cache is None or cache[0] != result.ids_version:
+                return None
+            if len(cache[1]) == result.count:
+                return cache[1]
+            listed = len(cache[1])
+        raise ResultRejectedError(
+            f"identify result has {result.count} scores for {listed} listed slots"
+        )
 
 
 def _cloud_states(clouds: dict[str, str]) -> str:

@@ -17,14 +17,24 @@ identify probe); docs/deployment.md gives the numbers.
   the shard names: adding a shard moves only the identities it now wins (about
   ``1/(S+1)``), removing one moves only its own.
 * **Identify** asks every shard concurrently and takes the best decrypted score. A
-  shard that does not answer (timeout, error) makes the result *partial*:
-  :meth:`ShardedEdge.identify` raises :class:`~cipherface.errors.PartialResultError`
-  naming it -- access control fails closed -- unless ``allow_partial=True``, which
-  returns a :class:`ShardedMatch` with ``missing`` set. A partial result is never
-  reported as "no match".
+  shard that does not answer (timeout, an error reply, a malformed result) makes the
+  result *partial*: :meth:`ShardedEdge.identify` raises
+  :class:`~cipherface.errors.PartialResultError` naming it -- access control fails
+  closed -- unless ``allow_partial=True``, which returns a :class:`ShardedMatch` with
+  ``missing`` set. A partial result is never reported as "no match". A *forged* result
+  (the guard's canaries are off) is not a missing shard: it fails the whole identify
+  with :class:`~cipherface.errors.ResultForgedError`, as on one gallery.
+* **Trust**: with the key's guard (``guard=``) every shard is checked exactly as one
+  gallery is (sealed labels, canaries in every pack, jitter, decision noise); one
+  identify jitters and encrypts the probe once, counts as one decision and is refused
+  when the gateway is halted or out of budget.
 * **Rebalancing** (:meth:`ShardedEdge.rebalance`) enrolls the moved identities on
   their new shards first, identifies over the old and new shards meanwhile, and
-  deletes from the old shards last, so every identity stays answerable throughout.
+  deletes from the old shards last, so every identity stays answerable throughout. A
+  rebalance cut short (the edge killed) leaves copies on two shards: running it again
+  finishes it, and meanwhile :meth:`ShardedEdge.delete` erases an identity from
+  *every* shard and :meth:`ShardedEdge.enroll_bulk` from every shard but its own, so a
+  leftover copy can never bring back a deleted identity or an old template.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +54,56 @@ from cipherface.agents.edge import EdgeClient, _as_matrix
 from cipherface.agents.mqtt import BrokerConfig
 from cipherface.crypto import thresholds
 from cipherface.crypto.engine import EdgeCipher
-from cipherface.errors import CipherFaceError, InvalidArgumentError, PartialResultError
+from cipherface.crypto.guard import Guard
+from cipherface.crypto.trust import Canary
+from cipherface.errors import (
+    BrokerConnectionError,
+    InvalidArgumentError,
+    PartialResultError,
+    PeerReportedError,
+    PublishDeniedError,
+    RequestTimeoutError,
+    ResultForgedError,
+    ResultRejectedError,
+)
 from cipherface.protocol import Decision, validate_id
 
 log = logging.getLogger(__name__)
+
+#: What makes a shard *missing* from an identify: it did not answer, answered with an
+#: error, or its result was malformed (never decrypted). Anything else -- a forged
+#: result, a halted gateway, a spent budget, a bug -- fails the whole identify.
+_MISSING = (
+    RequestTimeoutError,
+    PeerReportedError,
+    BrokerConnectionError,
+    PublishDeniedError,
+    ResultRejectedError,
+)
+
+
+#: Labels of each shard's result compared with the other shards' (see :func:`_replayed`).
+REPLAY_SAMPLE = 64
+
+
+def _replayed(guard: Guard, labels: Mapping[str, Sequence[str | None]]) -> str | None:
+    """Why one shard's result looks like another's, or None.
+
+    Every enrollment payload mints canaries of its own, so no canary is ever listed by
+    two shards; a shard answering with another shard's result (which passes the
+    canaries: one probe serves every shard) shows the same labels in the same order.
+    The first :data:`REPLAY_SAMPLE` labels of each result are compared; a label two
+    shards share is only a replay if it is a canary (a person is on two shards while
+    a rebalance moves it).
+    """
+    seen: dict[str, str] = {}
+    for shard, slots in labels.items():
+        sample = [x for x in slots[: 4 * REPLAY_SAMPLE] if x is not None][:REPLAY_SAMPLE]
+        for label in dict.fromkeys(sample):
+            first = seen.setdefault(label, shard)
+            if first != shard and isinstance(guard.trust.open(label), Canary):
+                return f"shards {first} and {shard} list one canary: one answered for the other"
+    return None
 
 
 def shard_sites(site: str, count: int) -> list[str]:
@@ -106,6 +162,10 @@ class ShardedEdge:
         retries: extra attempts per shard.
         allow_partial: let :meth:`identify` return a partial answer instead of
             raising :class:`~cipherface.errors.PartialResultError`.
+        guard: the key's :class:`~cipherface.crypto.guard.Guard`, shared by every
+            shard (:func:`~cipherface.crypto.guard.load_guard`); None only for a key
+            made before trust secrets existed (unguarded: see docs/security.md).
+        on_forged: called with the error when a shard's result is refused as forged.
 
     Raises:
         InvalidArgumentError: no shards, a repeated or bad shard id.
@@ -121,6 +181,8 @@ class ShardedEdge:
         timeout: float = 15.0,
         retries: int = 2,
         allow_partial: bool = False,
+        guard: Guard | None = None,
+        on_forged: Callable[[ResultForgedError], None] | None = None,
     ) -> None:
         if not shards or len(set(shards)) != len(shards):
             raise InvalidArgumentError("shards must be a non-empty list of distinct site ids")
@@ -130,6 +192,8 @@ class ShardedEdge:
         self.timeout = timeout
         self.retries = retries
         self.allow_partial = allow_partial
+        self.guard = guard
+        self.on_forged = on_forged
         self.shards: tuple[str, ...] = tuple(validate_id(s, what="shard site") for s in shards)
         #: Shards still consulted by identify while a rebalance drains them.
         self._draining: tuple[str, ...] = ()
@@ -150,6 +214,8 @@ class ShardedEdge:
                     timeout=self.timeout,
                     retries=self.retries,
                     publish_decisions=False,  # decrypted-score decisions stay with the caller
+                    guard=self.guard,
+                    on_forged=self.on_forged,
                 )
                 found.start()
                 self._clients[shard] = found
@@ -190,47 +256,94 @@ class ShardedEdge:
             groups.setdefault(owner(ident, shards), []).append(i)
         return groups
 
+    def _everywhere(self) -> tuple[str, ...]:
+        """Every shard in use: the current list, then any still draining."""
+        return tuple(dict.fromkeys(self.shards + self._draining))
+
     def enroll_bulk(self, ids: Sequence[str], vectors: npt.ArrayLike) -> int:
-        """Enroll each identity on its shard; returns how many were enrolled."""
+        """Enroll each identity on its shard; returns how many were enrolled.
+
+        Afterwards the identities are erased from every other shard, so a copy a
+        rebalance cut short left behind cannot keep answering with an old template.
+        """
         vecs = np.asarray(vectors, dtype=np.float64)
         total = 0
         for shard, rows in self._by_owner(ids, self.shards).items():
             total += self._client(shard).enroll_bulk(
                 [ids[i] for i in rows], vecs[rows], progress=False
             )
+        for shard, rows in self._by_owner(ids, self.shards).items():
+            for other in self._everywhere():
+                if other != shard:
+                    self._client(other).delete([ids[i] for i in rows])
         return total
 
     def delete(self, ids: Sequence[str]) -> int:
-        """Erase identities from their shards; returns how many existed."""
-        total = 0
-        for shard, rows in self._by_owner(ids, self.shards).items():
-            total += self._client(shard).delete([ids[i] for i in rows])
-        return total
+        """Erase identities from every shard (their own, and any copy a rebalance cut
+        short left elsewhere); returns how many copies existed."""
+        names = list(ids)
+        if not names:
+            return 0
+        return sum(self._client(shard).delete(names) for shard in self._everywhere())
 
     def verify(self, identity: str, *, vector: npt.ArrayLike) -> Decision:
         """1:1 against the identity's own shard (one request, one shard)."""
         return self._client(self.owner(identity)).verify(identity, vector=vector)
 
     def identify_all(self, vector: npt.ArrayLike) -> ShardedMatch:
-        """Ask every shard; the best decrypted score and the shards that did not answer."""
-        shards = tuple(dict.fromkeys(self.shards + self._draining))
+        """Ask every shard; the best decrypted score and the shards that did not answer.
+
+        Raises:
+            ResultForgedError: a shard's result failed the guard's checks (never decided
+                on; the other shards' answers are dropped too).
+            GatewayHaltedError / DecisionBudgetError: the guard refuses to decide.
+        """
+        shards = self._everywhere()
         found: dict[str, tuple[str | None, float | None]] = {}
         missing: list[str] = []
+        fatal: list[BaseException] = []
 
+        guard = self.guard
+        if guard is not None:
+            guard.admit()
         vec = _as_matrix(vector, self.cipher.dim, "probe vector")[0]
+        if guard is not None:
+            vec = guard.jitter(vec)  # once for every shard: its canaries are checked on it
         probe = self.cipher.encrypt_probe(vec, op="identify")  # once, for every shard
 
+        labels: dict[str, list[Sequence[str | None]]] = {s: [] for s in shards}
+
         def ask(shard: str) -> tuple[str | None, float | None]:
-            return self._client(shard).best_match(vec, probe=probe)
+            return self._client(shard).best_match(
+                vec, probe=probe, decide=False, slots_out=labels[shard]
+            )
 
         with ThreadPoolExecutor(len(shards)) as pool:
             futures = {shard: pool.submit(ask, shard) for shard in shards}
             for shard, fut in futures.items():
                 try:
                     found[shard] = fut.result()
-                except CipherFaceError as exc:
+                except ResultForgedError as exc:
+                    fatal.insert(0, exc)  # a forged result is reported before anything else
+                except _MISSING as exc:
                     log.warning("shard %s did not answer identify: %s", shard, exc)
                     missing.append(shard)
+                except BaseException as exc:  # halted, budget, a bug: nothing is decided
+                    fatal.append(exc)
+        if not fatal and guard is not None:
+            replayed = _replayed(guard, {s: labels[s][0] for s in found if labels[s]})
+            if replayed is not None:
+                refused = guard.forged(replayed)
+                if self.on_forged is not None:
+                    try:
+                        self.on_forged(refused)
+                    except Exception:  # an alert hook must not change the outcome
+                        log.exception("on_forged hook failed")
+                fatal.append(refused)
+        if fatal:
+            raise fatal[0]
+        if guard is not None and found:
+            guard.decided()  # one identify, one decision, however many shards
         best: tuple[str | None, float | None] = (None, None)
         for ident, sim in found.values():
             if sim is not None and (best[1] is None or sim > best[1]):
@@ -270,6 +383,11 @@ class ShardedEdge:
         on the new shard, then deletes it from the old one; identify consults both
         shard lists until the move is done.
 
+        Safe to run again after it was cut short (the edge killed midway), from an
+        edge holding the old or the new list: it looks at every shard of both, and
+        any identity found on a shard that does not own it is enrolled on its owner
+        (unless the owner has it already) and then erased from the other shard.
+
         Args:
             shards: the new shard site ids.
             templates: the L2-normalised template of every identity enrolled now
@@ -286,38 +404,38 @@ class ShardedEdge:
         if not new or len(set(new)) != len(new):
             raise InvalidArgumentError("shards must be a non-empty list of distinct site ids")
         old = self.shards
-        held = {s: [i for i in self._client(s).ids() if i is not None] for s in old}
+        every = tuple(dict.fromkeys(old + new))
+        held = {s: {i for i in self._client(s).ids() if i is not None} for s in every}
         unknown = sorted({i for ids in held.values() for i in ids} - set(templates))
         if unknown:
             raise InvalidArgumentError(
                 f"{len(unknown)} enrolled identities have no template to move "
                 f"(first: {unknown[0]!r}); nothing was changed"
             )
-        moves = [
-            (ident, src, owner(ident, new))
-            for src, ids in held.items()
-            for ident in ids
-            if owner(ident, new) != src
+        strays = [  # (identity, the shard holding a copy it should not)
+            (ident, src) for src, ids in held.items() for ident in ids if owner(ident, new) != src
         ]
         for shard in new:
             if shard not in old:
                 self._client(shard).publish_key()
-        self._draining = old  # identify asks old and new shards from here on
+        self._draining = every  # identify asks old and new shards from here on
         self.shards = new
         by_dst: dict[str, list[str]] = {}
-        for ident, _, dst in moves:
-            by_dst.setdefault(dst, []).append(ident)
+        for ident in dict.fromkeys(i for i, _ in strays):
+            dst = owner(ident, new)
+            if ident not in held[dst]:
+                by_dst.setdefault(dst, []).append(ident)
         for dst, ids in by_dst.items():
             self._client(dst).enroll_bulk(
                 ids, np.stack([templates[i] for i in ids]), progress=False
             )
         by_src: dict[str, list[str]] = {}
-        for ident, src, _ in moves:
+        for ident, src in strays:
             by_src.setdefault(src, []).append(ident)
         for src, ids in by_src.items():
             self._client(src).delete(ids)
         self._draining = ()
-        return len(moves)
+        return len({i for i, _ in strays})
 
 
 __all__ = ["ShardedEdge", "ShardedMatch", "owner", "shard_sites"]
