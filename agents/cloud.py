@@ -164,6 +164,15 @@ WORKERS_MAX_BATCH: Final = 8
 #: Unacknowledged requests the broker may have in flight to the agent (MQTT 5): enough
 #: for a batch of verifies from many gateways while the previous batch is acknowledged.
 CLOUD_RECEIVE_MAXIMUM: Final = 100
+#: Request bytes the agent holds, received and not yet taken by a lane, before paho's
+#: network thread waits for the lanes (the broker then keeps the rest). The broker's
+#: flow control does not bound them: Mosquitto 2.0 honours ReceiveMaximum (and
+#: ``max_inflight_bytes``) only until the first acknowledgement, then sends everything
+#: queued (measured: 297 of 300 requests in the agent at once with ReceiveMaximum 100),
+#: so 100 enrollments of 64 MiB could otherwise all sit in memory.
+MAX_QUEUED_BYTES: Final = 256 * 1024 * 1024
+#: The longest the network thread waits for room (keepalive and PUBACKs wait with it).
+QUEUE_WAIT_S: Final = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -481,6 +490,8 @@ class CloudAgent:
         quotas: what each gateway may ask an hour (:mod:`cipherface.agents.quota`;
             default :class:`QuotaPolicy`; ``QuotaPolicy(identify_per_hour=0,
             verify_per_identity_per_hour=0)`` turns them off, e.g. for load tests).
+        max_queued_bytes: request bytes held waiting for the lanes before the agent
+            stops reading from the broker for a while (:data:`MAX_QUEUED_BYTES`).
 
     Raises:
         InvalidArgumentError: a bad agent id, site or share group.
@@ -507,6 +518,7 @@ class CloudAgent:
         share_check_s: float = 3.0,
         store: str = "sqlite:",
         quotas: QuotaPolicy | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         if max_batch is None:
             max_batch = WORKERS_MAX_BATCH if workers else DEFAULT_MAX_BATCH
@@ -574,6 +586,9 @@ class CloudAgent:
         #: Called (MQTT network thread) when that happens: the CLI stops and exits 4.
         self.on_taken_over: Callable[[], None] | None = None
         self._owner = IdWatch(announce=self._announce)
+        self.max_queued_bytes = max_queued_bytes
+        #: Bytes of the requests in the lanes' queues (``max_queued_bytes`` bounds it).
+        self.queued_bytes = 0
         #: Called after each request with (topic, replies, seconds): metrics and the
         #: per-request log line (cipherface.observe, wired by the CLI).
         self.on_request: Callable[[str, list[Outgoing], float], None] | None = None
@@ -594,6 +609,7 @@ class CloudAgent:
         conn = self._conn
         return {
             "queue_depth": queued,
+            "queued_bytes": self.queued_bytes,
             "in_progress": max(0, self._busy - queued),
             "galleries_open": len(galleries),
             "templates": templates,
@@ -723,9 +739,25 @@ class CloudAgent:
             )
             self._conn_ack(msg)
             return
+        size = len(msg.payload)
         with self._idle:
+            # Back pressure: wait (bounded) for the lanes to take what we hold; meanwhile
+            # nothing is read from the socket and the broker keeps the requests.
+            deadline = time.monotonic() + QUEUE_WAIT_S
+            while self.queued_bytes and self.queued_bytes + size > self.max_queued_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+            self.queued_bytes += size
             self._busy += 1
         self._lanes["slow" if self.serial else lane_for(msg.topic)].put(msg)
+
+    def _taken(self, batch: list[paho.MQTTMessage]) -> None:
+        """A lane took ``batch`` from its queue: room for more (see :meth:`_on_message`)."""
+        with self._idle:
+            self.queued_bytes = max(0, self.queued_bytes - sum(len(m.payload) for m in batch))
+            self._idle.notify_all()
 
     def _conn_ack(self, msg: paho.MQTTMessage) -> None:
         conn = self._conn
@@ -872,6 +904,7 @@ class CloudAgent:
                 inbox.get_nowait()
         with self._idle:
             self._busy = 0
+            self.queued_bytes = 0
             self._idle.notify_all()
         return not alive
 
@@ -925,6 +958,7 @@ class CloudAgent:
             if msg is None:
                 return
             batch, stop = drain(inbox, msg, limit)
+            self._taken(batch)
             try:
                 self._serve(batch)
             except Exception:  # never let one batch end the worker
@@ -1011,13 +1045,26 @@ class CloudAgent:
     def _verify_batch(
         self, site: str, kid: str | None, jobs: list[_Job]
     ) -> list[bytes | Exception]:
-        """Scores of verify jobs against one gallery (the engine's batch call if it has one)."""
+        """Scores of verify jobs against one gallery (the engine's batch call if it has one).
+
+        Never raises: a failure of the whole call becomes every job's error, so each
+        request is still answered and its reply-cache claim settled (an exception here
+        used to leave the batch unanswered, unacknowledged and claimed for 15 minutes).
+        """
         self.stats["batches"] += 1
         try:
-            assert kid is not None
-            gallery = self.keys.gallery(site, kid)
+            found = self._verify_batch_of(site, kid, jobs)
+            if len(found) != len(jobs):
+                raise RuntimeError(f"{len(found)} verify results for {len(jobs)} jobs")
+            return found
         except Exception as exc:  # every job of the batch gets the same error
             return [exc] * len(jobs)
+
+    def _verify_batch_of(
+        self, site: str, kid: str | None, jobs: list[_Job]
+    ) -> list[bytes | Exception]:
+        assert kid is not None
+        gallery = self.keys.gallery(site, kid)
         items = []
         for job in jobs:
             assert isinstance(job.req, Verify)

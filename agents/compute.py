@@ -27,8 +27,11 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import queue
+import select
 import signal
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -56,6 +59,31 @@ def _error(exc: Exception) -> list[Any]:
     return [1, type(exc).__name__, str(exc)]
 
 
+def _answer(frame: bytes, keys: collections.OrderedDict[str, CkksPublic]) -> bytes:
+    """One request frame -> its reply frame (``keys``: the public keys held, LRU)."""
+    try:
+        kid, key_file, raw_jobs = msgpack.unpackb(frame, raw=False)
+    except Exception:  # not our frame: an empty reply is out of step, and we are replaced
+        return bytes(msgpack.packb([], use_bin_type=True))
+    try:
+        # Same least-recently-used order as the agent's copy (_Worker.use_key).
+        pub = keys.pop(kid, None)
+        if pub is None:
+            if key_file is None:
+                raise errors.LocalError("compute worker: key not loaded")
+            pub = CkksKeys.from_public_bytes(key_file).public
+        keys[kid] = pub
+        while len(keys) > MAX_KEYS:
+            keys.popitem(last=False)
+        jobs = [_job(pub, *raw) for raw in raw_jobs]
+        reply = [
+            _error(r) if isinstance(r, Exception) else [0, r] for r in finish_many_verify(pub, jobs)
+        ]
+    except Exception as exc:  # the whole batch fails, the worker lives on
+        reply = [_error(exc) for _ in raw_jobs]
+    return bytes(msgpack.packb(reply, use_bin_type=True))
+
+
 def _serve(conn: multiprocessing.connection.Connection) -> None:
     """A worker's loop: one request frame in, one reply frame out, until EOF."""
     keys: collections.OrderedDict[str, CkksPublic] = collections.OrderedDict()
@@ -65,25 +93,7 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             frame = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the agent closed the pipe or died: nothing left to serve
-        kid, key_file, raw_jobs = msgpack.unpackb(frame, raw=False)
-        try:
-            # Same least-recently-used order as the agent's copy (_Worker.use_key).
-            pub = keys.pop(kid, None)
-            if pub is None:
-                if key_file is None:
-                    raise errors.LocalError("compute worker: key not loaded")
-                pub = CkksKeys.from_public_bytes(key_file).public
-            keys[kid] = pub
-            while len(keys) > MAX_KEYS:
-                keys.popitem(last=False)
-            jobs = [_job(pub, *raw) for raw in raw_jobs]
-            reply = [
-                _error(r) if isinstance(r, Exception) else [0, r]
-                for r in finish_many_verify(pub, jobs)
-            ]
-        except Exception as exc:  # the whole batch fails, the worker lives on
-            reply = [_error(exc) for _ in raw_jobs]
-        conn.send_bytes(msgpack.packb(reply, use_bin_type=True))
+        conn.send_bytes(_answer(frame, keys))
 
 
 def _job(pub: CkksPublic, template: bytes, probe: object, pos: int, live: bytes) -> PackJob:
@@ -144,6 +154,38 @@ class _Worker:
         self.proc.join(5)
 
 
+#: Bytes per write to a worker's pipe (Linux reports a Unix socket writable only while
+#: three quarters of its send buffer, ~200 KB, are free: such a write never blocks).
+_WRITE_CHUNK: Final = 32 * 1024
+
+
+def _write_frame(conn: multiprocessing.connection.Connection, data: bytes, timeout: float) -> bool:
+    """``conn.send_bytes(data)`` that gives up after ``timeout`` seconds (False).
+
+    A batch is larger than the pipe's buffer, so a plain send to a worker that is
+    stopped (SIGSTOP) or hung blocks for good, holding its caller and the jobs. This
+    writes :mod:`multiprocessing.connection`'s framing (a 4-byte big-endian length,
+    then the bytes) in chunks, each once the pipe has room; a frame cut short leaves
+    the pipe out of step, so the caller must replace the worker on False.
+    """
+    if len(data) > 0x7FFFFFFF:  # the 4-byte header's limit (a batch is a few MB at most)
+        raise ValueError(f"a {len(data)}-byte batch frame")
+    view = memoryview(struct.pack("!i", len(data)) + data)
+    fd = conn.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    deadline = time.monotonic() + timeout
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        for _, events in poller.poll(left * 1000):
+            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                raise BrokenPipeError("the worker's end of the pipe is closed")
+            view = view[os.write(fd, view[:_WRITE_CHUNK]) :]
+    return True
+
+
 def _encode_job(job: PackJob) -> list[Any]:
     return [
         np.ascontiguousarray(job.template, dtype="<u4").tobytes(),
@@ -153,13 +195,40 @@ def _encode_job(job: PackJob) -> list[Any]:
     ]
 
 
-def _decode_result(item: Any) -> bytes | Exception:
-    if item[0] == 0 and isinstance(item[1], bytes):
-        return item[1]
-    name, message = str(item[1]), str(item[2])
+def _decode_reply(reply: Any, count: int) -> list[bytes | Exception] | None:
+    """A worker's reply as one result or error per job; None when it is not ``count``
+    well-formed items (the worker is then out of step and replaced)."""
+    if not isinstance(reply, list) or len(reply) != count:
+        return None
+    out: list[bytes | Exception] = []
+    for item in reply:
+        if not isinstance(item, list) or not item or item[0] not in (0, 1):
+            return None
+        if item[0] == 0:
+            if len(item) != 2 or not isinstance(item[1], bytes):
+                return None
+            out.append(item[1])
+            continue
+        if len(item) != 3 or not all(isinstance(x, str) for x in item[1:]):
+            return None
+        exc = _error_of(item[1], item[2])
+        if exc is None:
+            return None
+        out.append(exc)
+    return out
+
+
+def _error_of(name: str, message: str) -> Exception | None:
+    """The agent-side exception for a worker's error: the same class when it is one of
+    ours (what :func:`finish_verify` raises), a plain one (an internal error) for any
+    other name; None for one of ours that needs more than a message, which no worker
+    raises (that worker is broken: its jobs are computed again in the agent)."""
     cls = getattr(errors, name, None)
     if isinstance(cls, type) and issubclass(cls, errors.CipherFaceError):
-        return cls(message)
+        try:
+            return cls(message)
+        except TypeError:
+            return None
     return RuntimeError(f"compute worker: {name}: {message}")
 
 
@@ -332,26 +401,33 @@ class ComputePool:
         key_file = None if w.use_key(kid) else key_file_bytes(pub.key_file())
         frame = msgpack.packb([kid, key_file, [_encode_job(j) for j in chunk]], use_bin_type=True)
         try:
-            w.conn.send_bytes(frame)
+            sent = _write_frame(w.conn, frame, self.job_timeout)
         except (OSError, ValueError) as exc:
             self._replace(w, f"refused a batch ({exc})")
             return False
-        return True
+        if not sent:  # stopped or hung: it reads nothing, and a blocking send never returns
+            self._replace(w, f"took no batch within {self.job_timeout:g} s")
+        return sent
 
     def _receive(self, w: _Worker, count: int) -> list[bytes | Exception] | None:
+        """The worker's results, or None (it failed, and is being replaced)."""
         try:
             if not w.conn.poll(self.job_timeout):
                 self._replace(w, f"did not answer within {self.job_timeout:g} s")
                 return None
-            reply = msgpack.unpackb(w.conn.recv_bytes(), raw=False)
-        except (EOFError, OSError, ValueError) as exc:
+            frame = w.conn.recv_bytes()
+        except (EOFError, OSError) as exc:
             self._replace(w, f"died ({type(exc).__name__})")
             return None
-        if not isinstance(reply, list) or len(reply) != count:
+        try:
+            got = _decode_reply(msgpack.unpackb(frame, raw=False), count)
+        except Exception:  # whatever a broken worker sends must not reach the caller
+            got = None
+        if got is None:
             self._replace(w, "answered out of step")
             return None
         self._idle.put(w)
-        return [_decode_result(item) for item in reply]
+        return got
 
 
 __all__ = ["JOB_TIMEOUT_S", "ComputePool", "worker_main"]

@@ -20,6 +20,8 @@ Metric names (every one also carries ``role`` = ``cloud`` or ``edge``):
 ``cipherface_request_seconds{op}``            histogram  time to serve (cloud) or to get
                                                          the reply (edge)
 ``cipherface_queue_depth``                    gauge      requests waiting (cloud)
+``cipherface_queued_bytes``                   gauge      their bytes (cloud; bounded by
+                                                         ``max_queued_bytes``)
 ``cipherface_in_progress``                    gauge      requests being served
 ``cipherface_galleries_open``                 gauge      galleries held open (cloud)
 ``cipherface_templates``                      gauge      live templates in them (cloud)
@@ -64,6 +66,7 @@ COUNTER_KEYS: Final = frozenset(
 GAUGE_KEYS: Final = frozenset(
     {
         "queue_depth",
+        "queued_bytes",
         "in_progress",
         "galleries_open",
         "templates",
