@@ -451,7 +451,7 @@ def test_a_rebalance_killed_midway_loses_nobody_and_brings_nobody_back(
                      names, people, b"")  # fmt: skip
     moved = [n for n in names if owner(n, new) != owner(n, old)]
     assert len(moved) >= 4
-    kw: dict[str, Any] = {"broker": dep.cfg, "cipher": cipher, "guard": guard, "timeout": TIMEOUT}
+    kw: dict[str, Any] = {"broker": dep.cfg, "cipher": cipher, "guard": guard, "timeout": 20.0}
     try:
         with ShardedEdge(shards=old, gateway="setup", **kw) as edge:
             edge.publish_key()
