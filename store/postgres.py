@@ -31,7 +31,7 @@ from cipherface.errors import (
 )
 from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
-from cipherface.store.replies import PRUNE_BATCH, ReplyKey
+from cipherface.store.replies import PRUNE_BATCH, ReplyKey, checked_reply, reply_check
 
 _T = TypeVar("_T")
 _SCHEMA = """
@@ -62,13 +62,29 @@ CREATE TABLE IF NOT EXISTS cf_keys (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, public_key BYTEA NOT NULL, seq BIGINT NOT NULL);
 """
 _LIVE_KEY = "NOT EXISTS (SELECT 1 FROM cf_retired r WHERE r.name = k.name)"
+# Each reply's row check and the gallery (gid) whose commit stored it: a reply whose
+# gallery is gone (retired, or lost and imported again under a new gid) answers nothing.
+_REPLY_COLUMNS = (
+    "ALTER TABLE cf_replies ADD COLUMN IF NOT EXISTS gid BIGINT",
+    "ALTER TABLE cf_replies ADD COLUMN IF NOT EXISTS chk BIGINT",
+    "CREATE INDEX IF NOT EXISTS cf_replies_gid ON cf_replies (gid)",
+)
 #: Commits kept in ``cf_commits``: an anchor lagging further behind is checked by seq only.
 COMMIT_HISTORY = 100_000
 _GCOLS = "format, meta, ids_version, seq, nslots, slot_sum, block_sum, nblocks, chk"
 _SELECT_GALLERY = f"SELECT gid, {_GCOLS} FROM cf_galleries WHERE name = %s"  # noqa: S608
-_FIND_REPLY = "SELECT reply FROM cf_replies WHERE site = %s AND gw = %s AND rid = %s"
+# A reply is live while the gallery that stored it exists (gid NULL: stored alone).
+_LIVE = "(r.gid IS NULL OR EXISTS (SELECT 1 FROM cf_galleries g WHERE g.gid = r.gid))"
+_FIND_REPLY = (
+    f"SELECT r.reply, r.chk, r.gid, {_LIVE} FROM cf_replies r "  # noqa: S608 - constants
+    "WHERE r.site = %s AND r.gw = %s AND r.rid = %s"
+)
+# A row of a gone gallery is replaced; a live one stays (rowcount 0: taken).
 _INSERT_REPLY = (
-    "INSERT INTO cf_replies (site, gw, rid, reply) VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING"
+    "INSERT INTO cf_replies AS r (site, gw, rid, reply, gid, chk) "  # noqa: S608 - constants
+    "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (site, gw, rid) DO UPDATE SET "
+    "reply = EXCLUDED.reply, gid = EXCLUDED.gid, chk = EXCLUDED.chk, stored_at = now() "
+    f"WHERE NOT {_LIVE}"
 )
 # One short statement a batch; SKIP LOCKED: workers pruning at once never wait on each other.
 _PRUNE_REPLIES = (
@@ -118,6 +134,7 @@ class _Shared:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(7305716)")  # one schema creator
                 conn.execute(_SCHEMA)
+                _check_old_replies(conn)
             got = (conn, threading.RLock())
             cls._conns[dsn] = got
             return got
@@ -320,10 +337,10 @@ class PostgresEngine(Engine):
                     # Under the gallery row's lock: a worker that committed this request
                     # first has committed its reply too, and we see it here.
                     cur.execute(_FIND_REPLY, reply[0])
-                    earlier = cur.fetchone()
+                    earlier = self._checked(reply[0], cur.fetchone())
                     if earlier is not None:
                         raise AlreadyAnsweredError(
-                            f"gallery {self.label}: answered before", reply=bytes(earlier[0])
+                            f"gallery {self.label}: answered before", reply=earlier
                         )
                 if got[0] != expect_seq:
                     raise StorageConflictError(
@@ -365,7 +382,7 @@ class PostgresEngine(Engine):
                     (*_gvals(gallery), self.gid),
                 )
                 if reply is not None:
-                    cur.execute(_INSERT_REPLY, (*reply[0], reply[1]))
+                    cur.execute(_INSERT_REPLY, self._reply_row(reply[0], reply[1]))
                     if cur.rowcount != 1:
                         raise _ReplyTaken
 
@@ -374,13 +391,13 @@ class PostgresEngine(Engine):
                 apply(conn)
             except _ReplyTaken:  # a commit of another gallery stored it first
                 assert reply is not None
-                got = conn.execute(_FIND_REPLY, reply[0]).fetchone()
+                got = self._checked(reply[0], conn.execute(_FIND_REPLY, reply[0]).fetchone())
                 if got is None:  # pruned meanwhile: nothing was changed, retryable
                     raise StorageConflictError(
                         f"gallery {self.label}: the request was answered elsewhere; retry"
                     ) from None
                 raise AlreadyAnsweredError(
-                    f"gallery {self.label}: answered before", reply=bytes(got[0])
+                    f"gallery {self.label}: answered before", reply=got
                 ) from None
 
         if self.anchor is not None:  # a commit whose anchor failed is written first
@@ -390,18 +407,34 @@ class PostgresEngine(Engine):
         if self.anchor is not None:  # after COMMIT, before the acknowledgement
             self.anchor.advance(gallery.seq, gallery.check, self.gid)
 
+    def _reply_row(self, key: ReplyKey, data: bytes) -> tuple[Any, ...]:
+        """``_INSERT_REPLY``'s values: the reply belongs to this gallery (None: to none)."""
+        return (*key, data, self.gid, reply_check(key, self.gid, data))
+
+    def _checked(self, key: ReplyKey, got: Any) -> bytes | None:
+        """The reply a ``_FIND_REPLY`` row holds, checked; None when there is none or its
+        gallery is gone (its change went with it: the request may run again).
+
+        Raises:
+            StorageCorruptError: the row fails its check.
+        """
+        if got is None:
+            return None
+        data = checked_reply(self.label, key, got[2], got[0], got[1])
+        return data if got[3] else None
+
     def find_reply(self, key: ReplyKey) -> bytes | None:
         got = self._run(lambda c: c.execute(_FIND_REPLY, key).fetchone(), "reading a reply")
-        return None if got is None else bytes(got[0])
+        return self._checked(key, got)
 
     def put_reply(self, key: ReplyKey, data: bytes) -> bytes | None:
         def go(conn: Any) -> bytes | None:
             for _ in range(2):  # the row we collided with may be pruned in between
-                if conn.execute(_INSERT_REPLY, (*key, data)).rowcount == 1:
+                if conn.execute(_INSERT_REPLY, self._reply_row(key, data)).rowcount == 1:
                     return None
-                got = conn.execute(_FIND_REPLY, key).fetchone()
+                got = self._checked(key, conn.execute(_FIND_REPLY, key).fetchone())
                 if got is not None:
-                    return bytes(got[0])
+                    return got
             raise StorageConflictError(f"gallery {self.label}: storing a reply raced; retry")
 
         return self._run(go, "storing a reply")
@@ -449,6 +482,25 @@ def replies(dsn: str) -> PostgresEngine:
     return PostgresEngine(dsn, name="replies")
 
 
+def _check_old_replies(conn: Any) -> None:
+    """Add the reply columns to a database made before them; the replies stored then
+    get their checks (once, under the schema lock: the columns are new)."""
+    new = conn.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE "
+        "table_schema = current_schema() AND table_name = 'cf_replies' AND column_name = 'chk')"
+    ).fetchone()[0]
+    for ddl in _REPLY_COLUMNS:
+        conn.execute(ddl)
+    if not new:
+        return
+    rows = conn.execute("SELECT site, gw, rid, reply FROM cf_replies").fetchall()
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE cf_replies SET chk = %s WHERE site = %s AND gw = %s AND rid = %s",
+            [(reply_check((s, g, r), None, bytes(b)), s, g, r) for s, g, r, b in rows],
+        )
+
+
 def _gvals(g: GalleryRow) -> tuple[Any, ...]:
     return (
         g.format,
@@ -493,7 +545,7 @@ def drop_gallery(dsn: str, name: str, *, retired_by: str | None = None) -> bool:
             got = conn.execute("SELECT gid FROM cf_galleries WHERE name = %s", (name,)).fetchone()
             if got is None:
                 return False
-            for t in ("cf_blocks", "cf_slots", "cf_commits"):
+            for t in ("cf_blocks", "cf_slots", "cf_commits", "cf_replies"):
                 conn.execute(f"DELETE FROM {t} WHERE gid = %s", (got[0],))  # noqa: S608
             conn.execute("DELETE FROM cf_galleries WHERE gid = %s", (got[0],))
             return True

@@ -11,13 +11,18 @@ and a commit whose key is taken changes nothing and raises
 that ran the same request at once: the second one sends the first one's bytes).
 
 Tables: ``replies`` in each SQLite gallery database, ``cf_replies`` in PostgreSQL
-(every gallery, every worker); see docs/storage.md.
+(every gallery, every worker); see docs/storage.md. Every row carries a 63-bit BLAKE2b
+check of its key, its gallery and its bytes (:func:`reply_check`): a damaged reply is
+``storage_corrupt``, never sent to a gateway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Final
+
+from cipherface.errors import StorageCorruptError
+from cipherface.store.rows import row_check
 
 #: ``(site, gateway, request id)``: the request's dedup key (protocol ``dedup_key``).
 ReplyKey = tuple[str, str, str]
@@ -27,6 +32,27 @@ REPLY_TTL_S: Final = 24 * 3600.0
 PRUNE_BATCH: Final = 1000
 #: Expired rows a SQLite commit that stores a reply also deletes (bounded upkeep).
 PRUNE_PER_COMMIT: Final = 64
+
+
+def reply_check(key: ReplyKey, gid: int | None, data: bytes) -> int:
+    """The row check of a stored reply: its key, its gallery (PostgreSQL ``gid``; None
+    on SQLite and for a reply no gallery holds) and its bytes."""
+    return row_check("reply", *key, gid, data)
+
+
+def checked_reply(label: str, key: ReplyKey, gid: int | None, data: object, chk: object) -> bytes:
+    """A stored reply's bytes, once its row passed its check.
+
+    Raises:
+        StorageCorruptError: the row fails its check (a flipped byte, a lost check):
+            the bytes are never sent.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview) or not isinstance(chk, int):
+        raise StorageCorruptError(f"gallery {label}: a stored reply cannot be read")
+    out = bytes(data)
+    if reply_check(key, gid, out) != chk:
+        raise StorageCorruptError(f"gallery {label}: a stored reply fails its check")
+    return out
 
 
 class Reply:
@@ -57,4 +83,12 @@ class Reply:
         return f"Reply({self.key!r}, count={self.count})"
 
 
-__all__ = ["PRUNE_BATCH", "PRUNE_PER_COMMIT", "REPLY_TTL_S", "Reply", "ReplyKey"]
+__all__ = [
+    "PRUNE_BATCH",
+    "PRUNE_PER_COMMIT",
+    "REPLY_TTL_S",
+    "Reply",
+    "ReplyKey",
+    "checked_reply",
+    "reply_check",
+]

@@ -28,7 +28,14 @@ from cipherface.errors import (
 )
 from cipherface.store.anchor import ANCHOR_NAME, Anchor
 from cipherface.store.base import BlockRef, Engine, GalleryRow, SlotRow, Snapshot, StagedBlock
-from cipherface.store.replies import PRUNE_BATCH, PRUNE_PER_COMMIT, REPLY_TTL_S, ReplyKey
+from cipherface.store.replies import (
+    PRUNE_BATCH,
+    PRUNE_PER_COMMIT,
+    REPLY_TTL_S,
+    ReplyKey,
+    checked_reply,
+    reply_check,
+)
 
 log = logging.getLogger(__name__)
 DB_NAME = "gallery.sqlite3"
@@ -51,14 +58,16 @@ CREATE TABLE blocks (
 _HISTORY = "CREATE TABLE IF NOT EXISTS commits (seq INTEGER PRIMARY KEY, chk INTEGER NOT NULL)"
 COMMIT_HISTORY = 100_000
 # Replies of the requests commits carried out (cipherface.store.replies), kept
-# REPLY_TTL_S; created on open in galleries made before it existed.
+# REPLY_TTL_S, each with its row check; created on open in galleries made before it.
 _REPLIES = (
     "CREATE TABLE IF NOT EXISTS replies (site TEXT NOT NULL, gw TEXT NOT NULL, "
-    "rid TEXT NOT NULL, reply BLOB NOT NULL, stored_at REAL NOT NULL, "
+    "rid TEXT NOT NULL, reply BLOB NOT NULL, stored_at REAL NOT NULL, chk INTEGER, "
     "PRIMARY KEY (site, gw, rid))",
     "CREATE INDEX IF NOT EXISTS replies_at ON replies (stored_at)",
 )
-_FIND_REPLY = "SELECT reply FROM replies WHERE site = ? AND gw = ? AND rid = ?"
+# CAST: a value whose type changed (damage) is read as its bytes, then checked.
+_FIND_REPLY = "SELECT CAST(reply AS BLOB), chk FROM replies WHERE site = ? AND gw = ? AND rid = ?"
+_INSERT_REPLY = "INTO replies (site, gw, rid, reply, stored_at, chk) VALUES (?,?,?,?,?,?)"
 _PRUNE_REPLIES = (
     "DELETE FROM replies WHERE rowid IN (SELECT rowid FROM replies WHERE stored_at < ? LIMIT ?)"
 )
@@ -152,6 +161,7 @@ class SqliteEngine(Engine):
             db.execute(_HISTORY)
             for ddl in _REPLIES:
                 db.execute(ddl)
+            _check_old_replies(db)
             self._ino = os.stat(self.path).st_ino  # the file this connection writes
             return db
         except sqlite3.Error as exc:
@@ -335,10 +345,10 @@ class SqliteEngine(Engine):
                             f"gallery {self.label}: stored seq {cur} is not {expect_seq}"
                         )
                     if reply is not None:
-                        earlier = db.execute(_FIND_REPLY, reply[0]).fetchone()
+                        earlier = self._checked(reply[0], db.execute(_FIND_REPLY, reply[0]))
                         if earlier is not None:
                             raise AlreadyAnsweredError(
-                                f"gallery {self.label}: answered before", reply=bytes(earlier[0])
+                                f"gallery {self.label}: answered before", reply=earlier
                             )
                     db.executemany(
                         "INSERT OR REPLACE INTO slots (slot, ident, dead, chk) VALUES (?,?,?,?)",
@@ -361,9 +371,8 @@ class SqliteEngine(Engine):
                     if reply is not None:
                         now = time.time()
                         db.execute(
-                            "INSERT INTO replies (site, gw, rid, reply, stored_at) "
-                            "VALUES (?,?,?,?,?)",
-                            (*reply[0], reply[1], now),
+                            "INSERT " + _INSERT_REPLY,
+                            (*reply[0], reply[1], now, reply_check(reply[0], None, reply[1])),
                         )
                         # Bounded upkeep: a gallery that is written keeps its table short.
                         db.execute(_PRUNE_REPLIES, (now - REPLY_TTL_S, PRUNE_PER_COMMIT))
@@ -377,29 +386,41 @@ class SqliteEngine(Engine):
             for a in self.anchors:  # after COMMIT, before the acknowledgement
                 a.advance(gallery.seq, gallery.check)
 
+    def _checked(self, key: ReplyKey, cur: sqlite3.Cursor) -> bytes | None:
+        """The reply a ``_FIND_REPLY`` cursor found, checked (None: none stored).
+
+        Raises:
+            StorageCorruptError: the row fails its check (its files are preserved).
+        """
+        got = cur.fetchone()
+        if got is None:
+            return None
+        try:
+            return checked_reply(self.label, key, None, got[0], got[1])
+        except StorageCorruptError:
+            self.preserve_evidence()
+            raise
+
     def find_reply(self, key: ReplyKey) -> bytes | None:
         with self._mu:
             try:
-                got = self._conn().execute(_FIND_REPLY, key).fetchone()
+                return self._checked(key, self._conn().execute(_FIND_REPLY, key))
             except sqlite3.Error as exc:
                 raise self._err(exc, "reading a reply") from exc
-        return None if got is None else bytes(got[0])
 
     def put_reply(self, key: ReplyKey, data: bytes) -> bytes | None:
         with self._mu:
             db = self._conn()
             try:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO replies (site, gw, rid, reply, stored_at) "
-                    "VALUES (?,?,?,?,?)",
-                    (*key, data, time.time()),
+                    "INSERT OR IGNORE " + _INSERT_REPLY,
+                    (*key, data, time.time(), reply_check(key, None, data)),
                 )
                 if cur.rowcount == 1:
                     return None
-                got = db.execute(_FIND_REPLY, key).fetchone()
+                return self._checked(key, db.execute(_FIND_REPLY, key))
             except sqlite3.Error as exc:
                 raise self._err(exc, "storing a reply") from exc
-        return None if got is None else bytes(got[0])
 
     def prune_replies(self, max_age_s: float) -> int:
         total, cutoff = 0, time.time() - max_age_s
@@ -487,6 +508,26 @@ def _put_gallery(db: sqlite3.Connection, g: GalleryRow, *, insert: bool) -> None
         )
         if cur.rowcount != 1:
             raise StorageCorruptError("gallery row missing")
+
+
+def _check_old_replies(db: sqlite3.Connection) -> None:
+    """Give the replies of a gallery made before reply rows had checks theirs (once)."""
+    cols = [r[1] for r in db.execute("PRAGMA table_info(replies)")]
+    if "chk" in cols:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE replies ADD COLUMN chk INTEGER")
+        rows = db.execute("SELECT rowid, site, gw, rid, CAST(reply AS BLOB) FROM replies")
+        db.executemany(
+            "UPDATE replies SET chk = ? WHERE rowid = ?",
+            [(reply_check((s, g, r), None, bytes(b)), i) for i, s, g, r, b in rows.fetchall()],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
