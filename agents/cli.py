@@ -49,7 +49,11 @@ from cipherface import __version__
 from cipherface.agents.deploy import ENV_HELP, register_cli
 from cipherface.agents.inputs import describe_failure, load_npy, load_npz
 from cipherface.agents.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, BrokerConfig
-from cipherface.agents.quota import IDENTIFY_PER_HOUR, VERIFY_PER_IDENTITY_PER_HOUR
+from cipherface.agents.quota import (
+    IDENTIFY_PER_HOUR,
+    VERIFY_PER_IDENTITY_PER_HOUR,
+    WRITES_PER_HOUR,
+)
 from cipherface.errors import InvalidArgumentError, SessionTakenOverError
 from cipherface.observe.logs import LOG_FORMATS, setup_logging
 from cipherface.store.cli import register_cli as register_gallery_cli
@@ -212,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="verifies reading one pack (CKKS; one identity for the Paillier family) each "
         "gateway may make an hour (0: no limit; "
         f"default {VERIFY_PER_IDENTITY_PER_HOUR}, env CIPHERFACE_QUOTA_VERIFY)",
+    )
+    p.add_argument(
+        "--quota-writes",
+        type=int,
+        default=_env("CIPHERFACE_QUOTA_WRITES") or str(WRITES_PER_HOUR),
+        metavar="N",
+        help="enroll/delete/key.retire requests each gateway may make an hour, each "
+        f"storing its reply for a day (0: no limit; default {WRITES_PER_HOUR}, env "
+        "CIPHERFACE_QUOTA_WRITES)",
     )
     p.add_argument(
         "--agent-id",
@@ -600,6 +613,7 @@ def _cmd_cloud(args: argparse.Namespace) -> int:
         quotas=QuotaPolicy(
             identify_per_hour=args.quota_identify,
             verify_per_identity_per_hour=args.quota_verify,
+            writes_per_hour=args.quota_writes,
         ),
         max_batch=args.max_batch,
         fast_threads=args.fast_threads,

@@ -86,6 +86,7 @@ from cipherface.errors import (
     AlreadyAnsweredError,
     CipherFaceError,
     DecodeError,
+    ExpiredError,
     GalleryError,
     InvalidArgumentError,
     KeyFileError,
@@ -141,6 +142,10 @@ DEFAULT_AGENT_ID: Final = "cloud-local"
 #: Replies of writes kept this long, for redeliveries and retries (in the gallery store).
 PERSISTED_REPLY_TTL_S: Final = REPLY_TTL_S
 PRUNE_EVERY_S: Final = 3600.0  # how often a running agent drops expired stored replies
+#: A write sent (``ts``) longer ago is refused as ``expired``: its stored reply may be
+#: pruned, and running it again could undo a later write (an enroll after its delete
+#: brings the identity back). An hour under the TTL, for clocks that disagree.
+WRITE_MAX_AGE_S: Final = PERSISTED_REPLY_TTL_S - 3600.0
 _MUTATING: Final = (Enroll, Delete, KeyRetire)
 # Reply-cache entries are tagged with the topic they go to (results vs errors).
 _RESULT_TAG: Final = b"R"
@@ -1103,6 +1108,12 @@ class CloudAgent:
             log.info("refused a request from %s/%s: %s", rt.site, rt.gateway, exc)
             return [self._error_retry(exc, rt.site, rt.gateway, corr, kid, correlation)[0]]
         echo = correlation if correlation is not None else correlation_data(req.id)
+        if isinstance(req, _MUTATING) and now_ms() - req.ts > WRITE_MAX_AGE_S * 1000:
+            old = ExpiredError(
+                f"{req.TYPE} {req.id} was sent {(now_ms() - req.ts) // 1000} s ago; writes "
+                f"older than {WRITE_MAX_AGE_S:.0f} s are refused: send it as a new request"
+            )
+            return [self._error_retry(old, req.site, req.gw, req.id, req.kid, echo)[0]]
         key = dedup_key(req)
         now = time.monotonic()
         claim = self._cache.claim(key, now=now)
@@ -1113,7 +1124,12 @@ class CloudAgent:
         if claim.state == "in_progress":
             self.stats["duplicates"] += 1
             return []  # the first copy is being served and will be answered
-        stored = self._stored_reply(req) if isinstance(req, _MUTATING) else None
+        try:
+            stored = self._stored_reply(req) if isinstance(req, _MUTATING) else None
+        except StorageCorruptError as exc:  # never run a write whose stored reply is damaged
+            log.error("%s from %s/%s: %s", req.TYPE, req.site, req.gw, exc)
+            self._cache.release(key)
+            return [self._error_retry(exc, req.site, req.gw, req.id, req.kid, echo)[0]]
         if stored is not None:
             self.stats["duplicates"] += 1
             self._cache.put(key, _RESULT_TAG + stored, now=time.monotonic())
@@ -1347,13 +1363,19 @@ class CloudAgent:
     # --------------------------------------------------------- stored replies
     def _stored_reply(self, req: Request) -> bytes | None:
         """The reply of a write carried out before (by any worker sharing the store, or
-        this one before a restart), or None."""
+        this one before a restart), or None.
+
+        Raises:
+            StorageCorruptError: the stored reply, or the gallery holding it, is damaged.
+        """
         try:
             return reply_file(self.data_dir, req.site, req.gw, req.id).read_bytes()
         except OSError:
             pass
         try:
             return self.keys.find_reply(req.site, self._answering_kid(req), dedup_key(req))
+        except StorageCorruptError:
+            raise  # a damaged reply (or gallery): answered as such, nothing runs
         except Exception as exc:
             # The gallery does not open or the store does not answer: running the request
             # reports it (and its commit finds a stored reply in any case).

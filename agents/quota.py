@@ -1,4 +1,4 @@
-"""Query quotas the cloud enforces on each gateway: what one key holder may ask, per hour.
+"""Quotas the cloud enforces on each gateway: what one key holder may ask, per hour.
 
 A gateway holds its site's secret key, so every score the cloud returns to it is
 readable: a key holder that crafts probes reads templates (docs/security.md, "What a
@@ -15,7 +15,12 @@ its own account, so the gateway in the topic is authenticated):
   them, read the whole pack), the identity in a Paillier-family one. A bucket per
   identity let a key holder spread those ``d`` verifies over the pack's 28 people and
   read it within the bursts (tests/test_trust_review.py). Verifies of identities that
-  are not enrolled share one bucket per gateway, so made-up names cannot fill the book.
+  are not enrolled share one bucket per gateway, so made-up names cannot fill the book;
+* **writes** (enroll, delete, key.retire) per ``(site, gateway)``: each one's reply is
+  stored for a day (:mod:`cipherface.store.replies`), a delete of absent ids included,
+  so without a bound one gateway's small deletes fill the store (measured: 260 a second
+  through one worker, ~400-550 bytes each on disk, ~10 GB a day). Retries answered from
+  the store are not counted.
 
 Each quota is a token bucket (``per_hour`` tokens an hour, at most ``burst`` saved),
 counted by the process that answers (a fleet of ``W`` workers sharing a ``$share``
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from cipherface.errors import InvalidArgumentError, RateLimitedError
-from cipherface.protocol.messages import Identify, Request, Verify
+from cipherface.protocol.messages import Delete, Enroll, Identify, KeyRetire, Request, Verify
 
 #: Defaults: a camera that identifies once a second around the clock, a door that
 #: verifies one person of a pack every 30 s for an hour (bursts: 5 min of identify, a
@@ -41,6 +46,11 @@ from cipherface.protocol.messages import Identify, Request, Verify
 IDENTIFY_PER_HOUR: Final = 3600
 VERIFY_PER_IDENTITY_PER_HOUR: Final = 120
 VERIFY_BURST: Final = 60
+#: Writes a gateway may make an hour (a stored reply each, kept a day), and at once:
+#: enrolls carry thousands of templates and deletes lists of ids, so an honest site
+#: needs few requests; the bound is ~87,000 stored replies a gateway and worker a day.
+WRITES_PER_HOUR: Final = 3600
+WRITES_BURST: Final = 600
 #: The verify scope of identities a gallery does not hold (one bucket per gateway).
 UNKNOWN_SCOPE: Final = "?"
 #: Buckets kept; beyond that, full buckets (no state worth keeping) are dropped first.
@@ -57,6 +67,9 @@ class QuotaPolicy:
         verify_per_identity_per_hour: verifies of one scope (a CKKS pack, a Paillier
             identity: see the module docstring) per (site, gateway) an hour.
         verify_burst: verifies of one scope a gateway may make at once.
+        writes_per_hour: enroll, delete and key.retire requests per (site, gateway) an
+            hour (each stores its reply for a day).
+        writes_burst: writes a gateway may make at once.
 
     Raises:
         InvalidArgumentError: a negative limit, or a burst below 1 for a limit in force.
@@ -66,11 +79,14 @@ class QuotaPolicy:
     identify_burst: int = 300
     verify_per_identity_per_hour: int = VERIFY_PER_IDENTITY_PER_HOUR
     verify_burst: int = VERIFY_BURST
+    writes_per_hour: int = WRITES_PER_HOUR
+    writes_burst: int = WRITES_BURST
 
     def __post_init__(self) -> None:
         for rate, burst in (
             (self.identify_per_hour, self.identify_burst),
             (self.verify_per_identity_per_hour, self.verify_burst),
+            (self.writes_per_hour, self.writes_burst),
         ):
             if rate < 0 or (rate and burst < 1):
                 raise InvalidArgumentError("quota rates must be >= 0 and bursts >= 1")
@@ -114,7 +130,7 @@ class Quotas:
         """Count one request against its gateway's quota.
 
         Args:
-            req: a decoded request (only identify and verify are counted).
+            req: a decoded request (identify, verify and the writes are counted).
             scope: for a verify, what its result reveals (the gallery's
                 ``quota_scope(identity)``: a pack, an identity, or one shared scope for
                 identities not enrolled); None: the identity.
@@ -130,6 +146,9 @@ class Quotas:
             key = ("verify", req.site, req.gw, req.identity if scope is None else scope)
             rate, burst = p.verify_per_identity_per_hour, p.verify_burst
             what = "verifies reading one pack (or identity)"
+        elif isinstance(req, Enroll | Delete | KeyRetire) and p.writes_per_hour:
+            key = ("writes", req.site, req.gw)
+            rate, burst, what = p.writes_per_hour, p.writes_burst, "writes"
         else:
             return
         per_s = rate / 3600.0
@@ -159,11 +178,10 @@ class Quotas:
             if len(self._buckets) <= self._max * 0.9:
                 return
             b = self._buckets[key]
-            rate, burst = (
-                (p.identify_per_hour, p.identify_burst)
-                if key[0] == "identify"
-                else (p.verify_per_identity_per_hour, p.verify_burst)
-            )
+            rate, burst = {
+                "identify": (p.identify_per_hour, p.identify_burst),
+                "writes": (p.writes_per_hour, p.writes_burst),
+            }.get(key[0], (p.verify_per_identity_per_hour, p.verify_burst))
             if b.tokens + (now - b.at) * rate / 3600.0 >= burst:
                 del self._buckets[key]
         while len(self._buckets) > self._max:
@@ -175,6 +193,8 @@ __all__ = [
     "UNKNOWN_SCOPE",
     "VERIFY_BURST",
     "VERIFY_PER_IDENTITY_PER_HOUR",
+    "WRITES_BURST",
+    "WRITES_PER_HOUR",
     "QuotaPolicy",
     "Quotas",
 ]
