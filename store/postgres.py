@@ -484,14 +484,20 @@ def replies(dsn: str) -> PostgresEngine:
 
 def _check_old_replies(conn: Any) -> None:
     """Add the reply columns to a database made before them; the replies stored then
-    get their checks (once, under the schema lock: the columns are new)."""
-    new = conn.execute(
-        "SELECT NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE "
-        "table_schema = current_schema() AND table_name = 'cf_replies' AND column_name = 'chk')"
-    ).fetchone()[0]
+    get their checks (once, under the schema lock). Nothing when they exist: an ALTER
+    would take an exclusive lock on ``cf_replies`` at every worker's start."""
+    have = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE "
+            "table_schema = current_schema() AND table_name = 'cf_replies'"
+        ).fetchall()
+    }
+    if {"gid", "chk"} <= have:
+        return
     for ddl in _REPLY_COLUMNS:
         conn.execute(ddl)
-    if not new:
+    if "chk" in have:
         return
     rows = conn.execute("SELECT site, gw, rid, reply FROM cf_replies").fetchall()
     with conn.cursor() as cur:
