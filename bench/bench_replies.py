@@ -61,7 +61,10 @@ def prune(st: GalleryStore, loc: str, n: int) -> dict[str, float]:
     rows = [("site", "old", f"{i:032x}", REPLY) for i in range(n)]
     if loc.startswith("sqlite:"):
         db = sqlite3.connect(Path(loc[len("sqlite:") :].partition("#")[0]) / "gallery.sqlite3")
-        db.executemany("INSERT INTO replies VALUES (?,?,?,?,?)", [(*r, old) for r in rows])
+        db.executemany(
+            "INSERT INTO replies (site, gw, rid, reply, stored_at) VALUES (?,?,?,?,?)",
+            [(*r, old) for r in rows],
+        )
         db.commit()
         db.close()
     else:
@@ -70,7 +73,9 @@ def prune(st: GalleryStore, loc: str, n: int) -> dict[str, float]:
         with psycopg.connect(loc.partition("#")[0], autocommit=True) as conn:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO cf_replies VALUES (%s,%s,%s,%s,now() - interval '2 days')", rows
+                    "INSERT INTO cf_replies (site, gw, rid, reply, stored_at) "
+                    "VALUES (%s,%s,%s,%s,now() - interval '2 days')",
+                    rows,
                 )
     t = time.perf_counter()
     done = st.prune_replies(REPLY_TTL_S)
