@@ -18,9 +18,9 @@ its own account, so the gateway in the topic is authenticated):
   are not enrolled share one bucket per gateway, so made-up names cannot fill the book;
 * **writes** (enroll, delete, key.retire) per ``(site, gateway)``: each one's reply is
   stored for a day (:mod:`cipherface.store.replies`), a delete of absent ids included,
-  so without a bound one gateway's small deletes fill the store (measured: 260 a second
-  through one worker, ~400-550 bytes each on disk, ~10 GB a day). Retries answered from
-  the store are not counted.
+  so without a bound one gateway's small deletes fill the store (measured with
+  ``bench/bench_reply_flood.py``: 260-2,200 a second through one worker, ~400-565
+  bytes each on disk, 9-75 GB a day). Retries answered from the store are not counted.
 
 Each quota is a token bucket (``per_hour`` tokens an hour, at most ``burst`` saved),
 counted by the process that answers (a fleet of ``W`` workers sharing a ``$share``
