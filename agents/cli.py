@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_workers,
         default=0,
         metavar="N|auto",
-        help="compute processes for verifies (SEAL holds the GIL: one process uses one "
-        "core); auto = one per core; 0 = in the agent's own process (default)",
+        help="compute processes for verifies and identify probes (SEAL holds the GIL: one "
+        "process uses one core); auto = one per core; 0 = in the agent's own process (default)",
     )
     p.add_argument(
         "--fast-threads",

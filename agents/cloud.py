@@ -42,6 +42,7 @@ Key rotation's requests (``gallery.export``, ``key.retire``) are served by
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
 import os
@@ -51,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import paho.mqtt.client as paho
 
@@ -483,9 +484,9 @@ class CloudAgent:
         fast_threads: fast-lane threads: while one waits for the engine (its kernels
             release the GIL, worker processes run without it), another decodes and
             publishes. Default: 2, or ``workers + 2`` with workers.
-        workers: compute processes for verifies (:mod:`cipherface.agents.compute`):
-            SEAL holds the GIL, so one process uses one core for them. 0 computes in
-            the agent's own process.
+        workers: compute processes for verifies and for re-randomising identify
+            probes (:mod:`cipherface.agents.compute`): SEAL holds the GIL, so one
+            process uses one core for them. 0 computes in the agent's own process.
         serial: the agent as it was before lanes and batches (benchmarks): one
             worker thread for every request, each reply's PUBACK awaited inline.
         receive_maximum: MQTT 5 ReceiveMaximum: requests the broker may have in flight
@@ -535,6 +536,9 @@ class CloudAgent:
         self.workers = workers
         #: The compute processes while started with ``workers`` > 0.
         self.pool: ComputePool | None = None
+        #: Counters of the pools of earlier starts (metrics counters never go back).
+        self._pool_counts: collections.Counter[str] = collections.Counter()
+        self._pool_lock = threading.Lock()  # a scrape sees a pool's counts once
         if fast_threads is None:
             fast_threads = workers + 2 if workers else 2
         self.fast_threads = max(1, fast_threads)
@@ -603,9 +607,10 @@ class CloudAgent:
         """The broker connection while started (to publish health), else None."""
         return self._conn
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, Any]:
         """Levels for metrics and health: requests queued and in progress, galleries
-        open, live templates in them, broker reconnections."""
+        open, live templates in them, broker reconnections, the compute pool
+        (:meth:`compute_levels`)."""
         queued = sum(q.qsize() for q in self._lanes.values())
         with self.keys._lock:
             galleries = list(self.keys._open.values())
@@ -622,6 +627,31 @@ class CloudAgent:
             "replies_refused": self.stats["replies_refused"],
             "broker_connected": int(conn is not None and conn.connected),
             "broker_reconnects": conn.reconnects if conn is not None else 0,
+            **self.compute_levels(),
+        }
+
+    def compute_levels(self) -> dict[str, Any]:
+        """The compute pool's levels: workers configured and running, workers
+        replaced, and jobs by kind (``verify``: verifies; ``identify``: identify probe
+        ciphertexts re-randomised), all and those done in this process because a
+        worker failed or none was running."""
+        with self._pool_lock:
+            pool = self.pool
+            counts = collections.Counter(self._pool_counts)
+            alive = 0
+            if pool is not None:
+                levels = pool.levels()
+                alive = levels.pop("alive")
+                counts.update(levels)
+        return {
+            "compute_workers": self.workers,
+            "compute_workers_alive": alive,
+            "compute_worker_restarts": counts["restarts"],
+            "compute_jobs": {"verify": counts["jobs"], "identify": counts["ciphertexts"]},
+            "compute_local_jobs": {
+                "verify": counts["local"],
+                "identify": counts["ciphertexts_local"],
+            },
         }
 
     # ---------------------------------------------------------------- lifecycle
@@ -914,7 +944,12 @@ class CloudAgent:
         return not alive
 
     def _close_pool(self) -> None:
-        pool, self.pool = self.pool, None
+        with self._pool_lock:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                levels = pool.levels()
+                del levels["alive"]
+                self._pool_counts.update(levels)
         if pool is not None:
             pool.close()
 
@@ -1264,7 +1299,14 @@ class CloudAgent:
             # Nothing enrolled yet: nobody to score (and no probe to decrypt).
             return result_for(req, ids_version=version, ids=[] if stale else None, count=0)
         _check_slots(len(slots))  # refuse before spending the compute
-        scores, count = gallery.identify(req.probe)
+        pool = self.pool
+        if pool is not None and isinstance(gallery, CkksGallery):
+            # The probe's 128 SEAL re-randomisations in the workers, off this GIL; their
+            # encryptions of zero are not refilled while the kernel runs here.
+            with pool.holding():
+                scores, count = gallery.identify(req.probe, rerandomise=pool.rerandomise)
+        else:
+            scores, count = gallery.identify(req.probe)
         if count != len(slots):
             raise RuntimeError(f"gallery returned {count} scores for {len(slots)} slots")
         if len(scores) > MAX_PAYLOAD_BYTES:

@@ -115,6 +115,20 @@ def ring_of(params: seal.Params) -> ntt.Ring:
 
 
 # ---------------------------------------------------------------------- keys
+#: When set and true, no :class:`ZeroPool` of this process fills (see :func:`hold_fills`).
+_fill_hold: Callable[[], bool] | None = None
+
+
+def hold_fills(held: Callable[[], bool] | None) -> None:
+    """Hold every :class:`ZeroPool` filler of this process while ``held()`` is true.
+
+    A compute worker of the cloud agent passes a flag the agent sets while it runs an
+    identify's 1:N kernel: encryptions of zero made then would take the cores from it.
+    """
+    global _fill_hold
+    _fill_hold = held
+
+
 class ZeroPool:
     """Fresh encryptions of zero, made ahead by a background thread, each used once.
 
@@ -179,7 +193,12 @@ class ZeroPool:
             self._wake.wait()
             self._wake.clear()
             while len(self._items) < self._size:
-                if self._busy or time.monotonic() - self._last_take < IDLE_BEFORE_FILL:
+                hold = _fill_hold
+                if (
+                    self._busy
+                    or time.monotonic() - self._last_take < IDLE_BEFORE_FILL
+                    or (hold is not None and hold())
+                ):
                     time.sleep(IDLE_BEFORE_FILL)
                     continue
                 z = self._make()
@@ -674,6 +693,24 @@ def finish_verify(pub: CkksPublic, job: PackJob) -> bytes:
         )
 
 
+#: Re-randomises received size-2 ciphertexts of one key -> ``(count, 2, k, N)`` residues:
+#: here (:func:`rerandomise_many`), or in worker processes.
+Rerandomise = Callable[[CkksPublic, Sequence[object], str], npt.NDArray[np.unsignedinteger[Any]]]
+
+
+def rerandomise_many(pub: CkksPublic, cts: Sequence[object], what: str) -> U64:
+    """:meth:`CkksPublic.rerandomise` of each received ciphertext, in this process.
+
+    Returns:
+        ``(len(cts), 2, k, N)`` residues.
+
+    Raises:
+        DecodeError: the first ciphertext (in order) that is not one of this key's.
+    """
+    with pub.zeros.busy():
+        return np.stack([pub.rerandomise(c, what) for c in cts])
+
+
 def finish_many_verify(pub: CkksPublic, jobs: Sequence[PackJob]) -> list[bytes | Exception]:
     """:func:`finish_verify` of each job, in this process; one bad job fails alone."""
     out: list[bytes | Exception] = []
@@ -868,4 +905,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["CkksEdgeCipher", "CkksKeys", "CkksPublic", "PackJob", "finish_verify"]
+__all__ = [
+    "CkksEdgeCipher",
+    "CkksKeys",
+    "CkksPublic",
+    "PackJob",
+    "Rerandomise",
+    "finish_verify",
+    "hold_fills",
+    "rerandomise_many",
+]

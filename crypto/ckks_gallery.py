@@ -27,11 +27,13 @@ from cipherface.crypto.ckks import (
     CkksPublic,
     Compute,
     PackJob,
+    Rerandomise,
     decode,
     finish_many,
     finish_many_verify,
     finish_verify,
     header,
+    rerandomise_many,
     ring_of,
 )
 from cipherface.crypto.store import GalleryStore, Reply, with_reply
@@ -198,11 +200,15 @@ class CkksGallery:
             self._cache[key] = arr
         return arr
 
-    def _receive(self, cts: object, count: int, what: str) -> U64:
-        """Re-randomise ``count`` received ciphertexts -> ``(count, 2, k, N)`` residues."""
+    @staticmethod
+    def _ciphertexts(cts: object, count: int, what: str) -> list[object]:
         if not isinstance(cts, list) or len(cts) != count:
             raise DecodeError(f"{what}: expected a list of {count} ciphertexts")
-        return np.stack([self.pub.rerandomise(c, what) for c in cts])
+        return cts
+
+    def _receive(self, cts: object, count: int, what: str) -> U64:
+        """Re-randomise ``count`` received ciphertexts -> ``(count, 2, k, N)`` residues."""
+        return rerandomise_many(self.pub, self._ciphertexts(cts, count, what), what)
 
     # ------------------------------------------------------------ enrollment
     def enroll(self, ids: Sequence[str], payload: bytes, *, reply: Reply | None = None) -> int:
@@ -384,18 +390,35 @@ class CkksGallery:
         done = iter((compute or finish_many_verify)(self.pub, jobs))
         return [next(done) if isinstance(o, bytes) else o for o in out]
 
-    def identify(self, probe: bytes) -> tuple[bytes, int]:
+    def identify(
+        self, probe: bytes, *, rerandomise: Rerandomise | None = None
+    ) -> tuple[bytes, int]:
         """Encrypted similarities against every slot (free/deleted slots: erased).
+
+        Args:
+            probe: the edge's identify probe (``d`` ciphertexts).
+            rerandomise: re-randomises the probe's ciphertexts, e.g. in worker
+                processes the cloud agent keeps; None does it here
+                (:func:`~cipherface.crypto.ckks.rerandomise_many`).
 
         Returns:
             ``(result bytes, slot count)``; the count equals ``len(self.ids())``.
+
+        Raises:
+            DecodeError / KeyMismatchError: bad probe.
         """
         obj = decode(probe, self.pub, "probe-identify", DecodeError)
         with self.pub.zeros.busy():
-            return self._identify(obj)
+            return self._identify(obj, rerandomise)
 
-    def _identify(self, obj: dict[str, object]) -> tuple[bytes, int]:
-        p = self._receive(obj.get("cts"), self.dim, "probe-identify").astype(np.uint32)
+    def _identify(
+        self, obj: dict[str, object], rerandomise: Rerandomise | None
+    ) -> tuple[bytes, int]:
+        what = "probe-identify"
+        cts = self._ciphertexts(obj.get("cts"), self.dim, what)
+        p = (rerandomise or rerandomise_many)(self.pub, cts, what).astype(np.uint32, copy=False)
+        if p.shape != (self.dim, 2, self.ring.k, self.params.n):  # a caller's function
+            raise RuntimeError(f"{what}: re-randomised to shape {p.shape}")
         with self._lock:
             live_blocks = self._live_blocks()
             blocks = [self._block("col", b) for b in live_blocks]

@@ -50,9 +50,12 @@ def _first_ever() -> bool:
     return True
 
 
-def main(conn: Any) -> None:
-    """A worker process's entry point (see the module docstring)."""
+def main(conn: Any, hold: Any = None) -> None:
+    """A worker process's entry point (see the module docstring; ``hold`` as in
+    :func:`cipherface.agents.compute.worker_main`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hold is not None:
+        compute.hold_fills(lambda: hold.value > 0)
     mode = os.environ.get("CF_FAULTY_WORKER", "")
     keys: collections.OrderedDict[str, Any] = collections.OrderedDict()
     conn.send_bytes(compute._READY)

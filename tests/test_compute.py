@@ -1,4 +1,5 @@
-"""Verify compute in worker processes (issue 11 item 3): same answers, nothing lost.
+"""Verify compute and identify probe re-randomisation in worker processes: same
+answers, nothing lost.
 
 Real worker processes (``spawn``), real CKKS galleries, real Mosquitto for the agent
 tests; a worker is killed with SIGKILL while it holds jobs.
@@ -27,8 +28,8 @@ from cipherface.agents.compute import ComputePool
 from cipherface.agents.edge import EdgeClient
 from cipherface.agents.mqtt import BrokerConfig
 from cipherface.agents.quota import QuotaPolicy
-from cipherface.crypto import sites
-from cipherface.crypto.ckks import PackJob, finish_many_verify
+from cipherface.crypto import ckks, sites
+from cipherface.crypto.ckks import PackJob, finish_many_verify, rerandomise_many
 from cipherface.crypto.ckks_gallery import CkksGallery
 from cipherface.crypto.engine import EdgeCipher
 from cipherface.errors import DecodeError, UnknownIdentityError
@@ -115,6 +116,169 @@ def test_a_worker_killed_holding_jobs_loses_none(tmp_path: Path, cipher: EdgeCip
         g.close()
 
 
+def _identify_cts(g: CkksGallery, probe: bytes) -> list[Any]:
+    return list(ckks.decode(probe, g.pub, "probe-identify", DecodeError)["cts"])
+
+
+def _with_cts(probe: bytes, cts: list[Any]) -> bytes:
+    obj = msgpack.unpackb(probe)
+    obj["cts"] = cts
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _best(cipher: EdgeCipher, result: bytes, count: int, live: int) -> tuple[int, np.ndarray]:
+    """The best of the ``live`` enrolled slots (the other slots decrypt to noise)."""
+    scores = cipher.decrypt_scores(result, op="identify", count=count)[:live]
+    return int(np.argmax(scores)), scores
+
+
+def test_identify_probe_rerandomised_in_workers_like_in_process(
+    tmp_path: Path, cipher: EdgeCipher, pool: ComputePool
+) -> None:
+    """An identify whose probe is re-randomised in the workers scores like one done in
+    process, costs the caller's thread a fraction of the SEAL time, and a probe SEAL
+    refuses fails with the same error as in process: the first bad ciphertext's."""
+    rng = np.random.default_rng(5)
+    people = unit(rng, 40)
+    g = sites.open_gallery(tmp_path / "g", cipher.public_key_bytes())
+    assert isinstance(g, CkksGallery)
+    try:
+        g.enroll([f"p{i}" for i in range(40)], cipher.encrypt_templates(people))
+        probe = cipher.encrypt_probe(near(people[11], rng), op="identify")
+        here, count = g.identify(probe)
+        before = dict(pool.stats)
+        there, count2 = g.identify(probe, rerandomise=pool.rerandomise)
+        assert count2 == count and here != there  # fresh randomness in each
+        (i1, s1), (i2, s2) = _best(cipher, here, count, 40), _best(cipher, there, count, 40)
+        assert i1 == i2 == 11
+        assert np.abs(s1 - s2).max() < 1e-4
+        assert pool.stats["ciphertexts"] == before["ciphertexts"] + DIM
+        assert pool.stats["ciphertexts_local"] == 0
+
+        # The caller's thread: ~all of the SEAL work in process, little through workers.
+        cts, what = _identify_cts(g, probe), "probe-identify"
+        t = time.thread_time()
+        rerandomise_many(g.pub, cts, what)
+        here_cpu = time.thread_time() - t
+        t = time.thread_time()
+        got = pool.rerandomise(g.pub, cts, what)
+        there_cpu = time.thread_time() - t
+        assert got.shape == (DIM, 2, 2, 4096) and got.dtype == np.uint32
+        assert there_cpu < here_cpu / 3, (here_cpu, there_cpu)
+
+        # Bad ciphertexts in two chunks: the first one's error, as in process.
+        bad = list(cts)
+        bad[21] = bad[21][:40] + b"\x00" * 64
+        bad[100] = 7
+        junk = _with_cts(probe, bad)
+        with pytest.raises(DecodeError) as in_process:
+            g.identify(junk)
+        with pytest.raises(DecodeError) as in_workers:
+            g.identify(junk, rerandomise=pool.rerandomise)
+        assert str(in_workers.value) == str(in_process.value)
+        assert "probe-identify" in str(in_process.value)
+        later = _with_cts(probe, [*cts[:100], 7, *cts[101:]])
+        with pytest.raises(DecodeError) as in_process:
+            g.identify(later)
+        with pytest.raises(DecodeError) as in_workers:
+            g.identify(later, rerandomise=pool.rerandomise)
+        assert str(in_workers.value) == str(in_process.value)
+        assert pool.stats["ciphertexts_local"] == 0 and pool.stats["restarts"] == 0
+        # The workers still answer after the errors.
+        again, _ = g.identify(probe, rerandomise=pool.rerandomise)
+        assert _best(cipher, again, count, 40)[0] == 11
+    finally:
+        g.close()
+
+
+def test_workers_make_no_zeros_ahead_while_an_identify_holds_them(
+    tmp_path: Path, cipher: EdgeCipher, pool: ComputePool
+) -> None:
+    """After an identify's probe took encryptions of zero from the workers, they make
+    new ones only once the agent stops holding them (its 1:N kernel wants the cores):
+    the workers' CPU stays flat while held and rises after."""
+    g = sites.open_gallery(tmp_path / "g", cipher.public_key_bytes())
+    assert isinstance(g, CkksGallery)
+    try:
+        v = unit(np.random.default_rng(7), 1)
+        g.enroll(["x"], cipher.encrypt_templates(v))
+        cts = _identify_cts(g, cipher.encrypt_probe(v[0], op="identify"))
+        with pool.holding():
+            pool.rerandomise(g.pub, cts, "probe-identify")
+            pool.rerandomise(g.pub, cts, "probe-identify")  # every worker's pool below full
+            before = _cpu(pool.pids())
+            time.sleep(1.0)
+            held = _cpu(pool.pids()) - before
+        before = _cpu(pool.pids())
+        time.sleep(1.5)
+        free = _cpu(pool.pids()) - before
+        assert held < 0.03 and free > held + 0.05, (held, free)
+    finally:
+        g.close()
+
+
+def _cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of processes (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def test_a_worker_killed_during_identify_loses_nothing(tmp_path: Path, cipher: EdgeCipher) -> None:
+    """SIGKILL of the only worker while identifies re-randomise their probes in it:
+    every identify still answers right (the chunks it held, and those sent while no
+    worker ran, are done in the caller's process), the worker is replaced, and later
+    identifies use the new worker again."""
+    rng = np.random.default_rng(6)
+    people = unit(rng, 20)
+    g = sites.open_gallery(tmp_path / "g", cipher.public_key_bytes())
+    assert isinstance(g, CkksGallery)
+    try:
+        g.enroll([f"p{i}" for i in range(20)], cipher.encrypt_templates(people))
+        probe = cipher.encrypt_probe(near(people[4], rng), op="identify")
+        with ComputePool(1) as one:
+            [victim] = one.pids()
+            best: list[int] = []
+            failures: list[BaseException] = []
+            stop = threading.Event()
+
+            def identify_loop() -> None:
+                while not stop.is_set():
+                    try:
+                        result, count = g.identify(probe, rerandomise=one.rerandomise)
+                        best.append(_best(cipher, result, count, 20)[0])
+                    except BaseException as exc:  # the test fails below
+                        failures.append(exc)
+                        return
+
+            runner = threading.Thread(target=identify_loop)
+            runner.start()
+            deadline = time.monotonic() + 60
+            while not best and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)  # inside an identify: each takes 0.1 s or more
+            os.kill(victim, signal.SIGKILL)
+            assert one.wait_workers(1, 60)
+            done = len(best)
+            while len(best) < done + 2 and time.monotonic() < deadline and not failures:
+                time.sleep(0.05)
+            stop.set()
+            runner.join(60)
+            assert not failures, failures
+            assert len(best) >= done + 2 and set(best) == {4}, best
+            assert one.stats["restarts"] == 1 and one.pids() != [victim]
+            assert 0 < one.stats["ciphertexts_local"] < one.stats["ciphertexts"]
+            local = one.stats["ciphertexts_local"]
+            result, count = g.identify(probe, rerandomise=one.rerandomise)
+            assert _best(cipher, result, count, 20)[0] == 4
+            assert one.stats["ciphertexts_local"] == local  # the new worker did it all
+    finally:
+        g.close()
+
+
 def test_in_process_jobs_still_fail_alone(cipher: EdgeCipher) -> None:
     pub = sites.open_public(cipher.public_key_bytes()).obj
     bad = PackJob(template=np.zeros((2, 2, 4096), np.uint32), probe=b"junk", pos=0, live=(True,))
@@ -173,6 +337,9 @@ def test_agent_with_workers_loses_nothing_when_one_is_killed(
                         gateway="admin", timeout=10.0) as admin:  # fmt: skip
             admin.publish_key()
             admin.enroll_bulk([f"p{i}" for i in range(12)], people, progress=False)
+            # Identify: the probe re-randomised in the workers, the 1:N kernel here.
+            assert admin.identify(vector=people[5]).identity == "p5"
+            assert agent.pool.stats["ciphertexts"] >= DIM
         with ThreadPoolExecutor(4) as threads:
             running = [threads.submit(gateway, g) for g in range(4)]
             deadline = time.monotonic() + 60
