@@ -31,6 +31,13 @@ Metric names (every one also carries ``role`` = ``cloud`` or ``edge``):
 ``cipherface_replies_refused_total``          counter    replies the broker refused (cloud)
 ``cipherface_broker_connected``               gauge      1 while connected
 ``cipherface_broker_reconnects_total``        counter    connections regained after a loss
+``cipherface_compute_workers``                gauge      compute processes configured
+``cipherface_compute_workers_alive``          gauge      compute processes running
+``cipherface_compute_worker_restarts_total``  counter    compute processes replaced
+``cipherface_compute_jobs_total{kind}``       counter    ``verify``: verifies; ``identify``:
+                                                         identify probe ciphertexts
+``cipherface_compute_local_jobs_total{kind}`` counter    of those, done in the agent's
+                                                         process (a worker failed)
 ``cipherface_info{version,agent}``            gauge      1
 ============================================  =========  ===============================
 """
@@ -61,8 +68,11 @@ COUNTER_KEYS: Final = frozenset(
         "replies_refused",
         "broker_reconnects",
         "forged_results",
+        "compute_worker_restarts",
     }
 )
+#: Keys of the ``state()`` mapping whose value maps a ``kind`` label to a counter.
+KIND_COUNTER_KEYS: Final = frozenset({"compute_jobs", "compute_local_jobs"})
 GAUGE_KEYS: Final = frozenset(
     {
         "queue_depth",
@@ -72,10 +82,12 @@ GAUGE_KEYS: Final = frozenset(
         "templates",
         "broker_connected",
         "gateway_halted",
+        "compute_workers",
+        "compute_workers_alive",
     }
 )
 
-State = Callable[[], Mapping[str, float]]
+State = Callable[[], Mapping[str, Any]]
 
 
 class _StateCollector(Collector):
@@ -91,6 +103,12 @@ class _StateCollector(Collector):
             return
         for key in sorted(values):
             name = f"cipherface_{key}"
+            if key in KIND_COUNTER_KEYS:
+                kinds = CounterMetricFamily(name, key.replace("_", " "), labels=["role", "kind"])
+                for kind, value in sorted(dict(values[key]).items()):
+                    kinds.add_metric([self.role, str(kind)], float(value))
+                yield kinds
+                continue
             if key in COUNTER_KEYS:
                 family: Any = CounterMetricFamily(name, key.replace("_", " "), labels=["role"])
             elif key in GAUGE_KEYS:
@@ -108,8 +126,8 @@ class AgentMetrics:
         role: ``cloud`` or ``edge``.
         agent: the agent id (cloud) or ``<site>/<gateway>`` (edge), for ``cipherface_info``.
         version: the software version.
-        state: returns the scrape-time values (keys of :data:`COUNTER_KEYS` and
-            :data:`GAUGE_KEYS`; others are ignored).
+        state: returns the scrape-time values (keys of :data:`COUNTER_KEYS`,
+            :data:`GAUGE_KEYS` and :data:`KIND_COUNTER_KEYS`; others are ignored).
     """
 
     def __init__(self, *, role: str, agent: str, version: str, state: State) -> None:

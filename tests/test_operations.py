@@ -163,6 +163,9 @@ def test_metrics_scraped_from_a_running_cloud(running: RunningCloud, tmp_path: P
     assert metric(text, "cipherface_broker_connected", role="cloud") == 1
     assert "cipherface_queue_depth{" in text and "cipherface_duplicates_total{" in text
     assert "cipherface_broker_reconnects_total{" in text
+    # No --workers: the pool's metrics say so (0 configured, none running).
+    assert metric(text, "cipherface_compute_workers", role="cloud") == 0
+    assert metric(text, "cipherface_compute_workers_alive", role="cloud") == 0
     assert re.search(r'cipherface_info\{.*role="cloud".*\} 1\.0', text), text
 
 
@@ -662,3 +665,78 @@ def test_peer_chosen_error_codes_cannot_grow_the_metrics(tmp_path: Path) -> None
     assert len(errors) == 2, errors
     assert metric(text, "cipherface_errors_total", code="other") == 500
     assert metric(text, "cipherface_errors_total", code="unknown_identity") == 1
+
+
+# ------------------------------------------------------------ compute workers
+def _healthz(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+        return dict(json.loads(r.read()))
+
+
+def test_compute_pool_metrics_follow_a_killed_worker(broker: Any, tmp_path: Path) -> None:
+    """A cloud with ``workers=2`` on its real /metrics endpoint: workers configured and
+    alive, jobs by kind; a worker killed with SIGKILL (while idle) shows as one fewer
+    alive, one restart, then two alive again; /healthz carries the same levels."""
+    import signal
+
+    from cipherface.agents.cloud import CloudAgent
+    from cipherface.agents.observed import observe_cloud
+    from cipherface.crypto.sites import generate_key_dir
+
+    generate_key_dir(tmp_path / "keys", dim=DIM)
+    cipher = load_edge_cipher(tmp_path / "keys")
+    site = f"cw{secrets.token_hex(3)}"
+    agent = CloudAgent(
+        broker=BrokerConfig(url=broker.url),
+        data_dir=tmp_path / "cloud",
+        agent_id=f"cloud-{secrets.token_hex(4)}",
+        sites=[site],
+        share_group=f"g{secrets.token_hex(4)}",
+        workers=2,
+    )
+    observed = observe_cloud(agent, port=free_port())
+    assert observed.server is not None
+    port = observed.server.port
+    agent.start()
+    try:
+        text = scrape(port)
+        assert metric(text, "cipherface_compute_workers", role="cloud") == 2
+        assert metric(text, "cipherface_compute_workers_alive", role="cloud") == 2
+        assert "cipherface_compute_worker_restarts_total{" in text
+        assert metric(text, "cipherface_compute_worker_restarts_total") == 0
+        people = np.random.default_rng(9).normal(size=(3, DIM))
+        with EdgeClient(broker=BrokerConfig(url=broker.url), cipher=cipher, site=site,
+                        gateway="gw1", timeout=20.0) as edge:  # fmt: skip
+            edge.publish_key()
+            edge.enroll_bulk(["ann", "ben", "cleo"], people, progress=False)
+            assert edge.verify("ben", vector=people[1]).match
+            assert edge.identify(vector=people[2]).identity == "cleo"
+        text = scrape(port)
+        assert metric(text, "cipherface_compute_jobs_total", kind="verify") >= 1
+        assert metric(text, "cipherface_compute_jobs_total", kind="identify") >= DIM
+        assert "cipherface_compute_local_jobs_total{" in text
+        assert metric(text, "cipherface_compute_local_jobs_total") == 0
+
+        assert agent.pool is not None
+        victim = agent.pool.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        seen: list[tuple[float, float]] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            text = scrape(port)
+            alive = metric(text, "cipherface_compute_workers_alive", role="cloud")
+            restarts = metric(text, "cipherface_compute_worker_restarts_total", role="cloud")
+            seen.append((alive, restarts))
+            if restarts == 1 and alive == 2:
+                break
+            time.sleep(0.05)
+        assert (1.0, 1.0) in seen, seen[:5]  # one fewer alive once the restart counted
+        assert seen[-1] == (2.0, 1.0), seen[-5:]  # then its successor runs
+        assert victim not in agent.pool.pids()
+        load = _healthz(port)["load"]
+        assert load["compute_workers"] == 2 and load["compute_workers_alive"] == 2
+        assert load["compute_worker_restarts"] == 1
+        assert load["compute_jobs"]["identify"] >= DIM
+    finally:
+        agent.stop(retire=True)
+        observed.stop()
