@@ -75,9 +75,9 @@ def export_tree(commit: str, dest: Path) -> Path:
         ["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    for room in ("crypto", "protocol", "agents"):
+    for room in ("crypto", "protocol", "agents", "faces", "cameras", "store", "testing", "observe"):
         link = dest / "cipherface" / room
-        if not link.exists():
+        if (dest / room).is_dir() and not link.exists():
             link.symlink_to(Path("..") / room)
     return dest
 
@@ -86,7 +86,11 @@ def start_cloud(tree: Path, url: str, data: Path, extra: list[str], log: Path) -
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, "-c", "from cipherface.agents.cli import main; main()", "cloud"]
     cmd += ["--broker", url, "--data", str(data), "--agent-id", "bench-cloud", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    # cwd: ``python -c`` puts the working directory first on sys.path, ahead of
+    # PYTHONPATH; run from this checkout, a baseline would import this tree's code.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=open(log, "wb")
+    )
     deadline = time.monotonic() + 30
     while b"serving" not in log.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -99,7 +103,10 @@ def children(pid: int) -> list[int]:
     """Live child processes of ``pid``."""
     kids: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
     return kids
 
 
