@@ -19,13 +19,8 @@ own encryptions of zero (:class:`~cipherface.crypto.ckks.ZeroPool`, made with it
 own SEAL randomness) and uses each once; it makes none ahead while the agent holds
 them (:meth:`ComputePool.holding`, around an identify: the 1:N kernel wants the cores).
 
-Wire between the agent and a worker: a :mod:`multiprocessing` pipe carrying msgpack
-frames (``send_bytes`` / ``recv_bytes``; never pickle). A request is ``[op, key id,
-key file or nil, body]``: the site's public key file goes once per worker and key;
-for ``verify`` the body is per job the pack's residues, the probe's ciphertext, the
-position and the live mask, and the reply per job the result bytes or the error's
-class name and message; for ``rerandomise`` the body is ``[what, ciphertexts]`` and
-the reply the residues of all of them (little-endian uint32) or the first error.
+The worker's side and the wire (msgpack frames over a pipe, never pickle) are in
+:mod:`cipherface.agents.compute_worker`.
 
 A worker that dies (even ``kill -9``), stops answering or reading (SIGSTOP: sends give
 up after the job timeout too) or answers garbage only costs time: the jobs it held
@@ -46,7 +41,6 @@ import multiprocessing.connection
 import os
 import queue
 import select
-import signal
 import struct
 import threading
 import time
@@ -58,12 +52,17 @@ import numpy as np
 import numpy.typing as npt
 
 from cipherface import errors
+from cipherface.agents.compute_worker import (
+    MAX_KEYS,
+    OP_RERANDOMISE,
+    OP_VERIFY,
+    READY,
+    worker_main,
+)
 from cipherface.crypto.ckks import (
-    CkksKeys,
     CkksPublic,
     PackJob,
     finish_many_verify,
-    hold_fills,
     rerandomise_many,
 )
 from cipherface.crypto.keyfile import key_file_bytes
@@ -74,98 +73,12 @@ log = logging.getLogger(__name__)
 JOB_TIMEOUT_S: Final = 30.0
 #: Seconds to wait for a new worker to import its modules and say it is ready.
 START_TIMEOUT_S: Final = 120.0
-MAX_KEYS: Final = 8  # public keys a worker keeps loaded (most recently used)
 #: Identify probe ciphertexts per worker request (~10 ms of SEAL): small enough that a
 #: verify waits at most about that long for a worker an identify holds.
 RERANDOMISE_CHUNK: Final = 8
 WATCH_S: Final = 0.5  # how often the watcher looks for workers that died while idle
-OP_VERIFY: Final = "verify"
-OP_RERANDOMISE: Final = "rerandomise"
-_READY: Final = b"ready"
 
 U32 = npt.NDArray[np.uint32]
-
-
-# ------------------------------------------------------------------ worker side
-def _error(exc: Exception) -> list[Any]:
-    return [1, type(exc).__name__, str(exc)]
-
-
-def _answer(frame: bytes, keys: collections.OrderedDict[str, CkksPublic]) -> bytes:
-    """One request frame -> its reply frame (``keys``: the public keys held, LRU)."""
-    try:
-        op, kid, key_file, body = msgpack.unpackb(frame, raw=False)
-    except Exception:  # not our frame: an empty reply is out of step, and we are replaced
-        return bytes(msgpack.packb([], use_bin_type=True))
-    reply: Any
-    try:
-        # Same least-recently-used order as the agent's copy (_Worker.use_key).
-        pub = keys.pop(kid, None)
-        if pub is None:
-            if key_file is None:
-                raise errors.LocalError("compute worker: key not loaded")
-            pub = CkksKeys.from_public_bytes(key_file).public
-        keys[kid] = pub
-        while len(keys) > MAX_KEYS:
-            keys.popitem(last=False)
-        if op == OP_VERIFY:
-            jobs = [_job(pub, *raw) for raw in body]
-            reply = [
-                _error(r) if isinstance(r, Exception) else [0, r]
-                for r in finish_many_verify(pub, jobs)
-            ]
-        elif op == OP_RERANDOMISE:
-            what, cts = body
-            # Each ciphertext: SEAL load + checks, a fresh encryption of zero of this
-            # process's own pool (used once), residues read back.
-            got = rerandomise_many(pub, cts, str(what))
-            reply = [0, np.ascontiguousarray(got, dtype="<u4").tobytes()]
-        else:
-            raise errors.LocalError(f"compute worker: unknown operation {op!r}")
-    except Exception as exc:  # the whole request fails, the worker lives on
-        reply = [_error(exc) for _ in body] if op == OP_VERIFY else _error(exc)
-    return bytes(msgpack.packb(reply, use_bin_type=True))
-
-
-def _serve(conn: multiprocessing.connection.Connection) -> None:
-    """A worker's loop: one request frame in, one reply frame out, until EOF."""
-    keys: collections.OrderedDict[str, CkksPublic] = collections.OrderedDict()
-    conn.send_bytes(_READY)
-    while True:
-        try:
-            frame = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # the agent closed the pipe or died: nothing left to serve
-        conn.send_bytes(_answer(frame, keys))
-
-
-def _job(pub: CkksPublic, template: bytes, probe: object, pos: int, live: bytes) -> PackJob:
-    k, n = len(pub.params.data_primes), pub.params.n
-    return PackJob(
-        template=np.frombuffer(template, dtype="<u4").reshape(2, k, n),
-        probe=probe,
-        pos=pos,
-        live=tuple(bool(b) for b in live),
-    )
-
-
-def worker_main(conn: multiprocessing.connection.Connection, hold: Any = None) -> None:
-    """Entry point of a worker process (started with ``spawn``: no inherited threads,
-    no copy of the agent's random state).
-
-    Args:
-        conn: the worker's end of the pipe.
-        hold: a shared integer the agent keeps above 0 while it runs an identify's
-            kernel: the worker makes no encryptions of zero ahead meanwhile.
-    """
-    # Ctrl-C reaches the whole process group: the agent decides when workers end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hold is not None:
-        hold_fills(lambda: hold.value > 0)
-    try:
-        _serve(conn)
-    finally:
-        conn.close()
 
 
 # ------------------------------------------------------------------- agent side
@@ -199,7 +112,7 @@ class _Worker:
 
     def wait_ready(self, timeout: float) -> bool:
         try:
-            return self.conn.poll(timeout) and self.conn.recv_bytes() == _READY
+            return self.conn.poll(timeout) and self.conn.recv_bytes() == READY
         except (EOFError, OSError):
             return False
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import msgpack
 
-from cipherface.agents import compute
+from cipherface.agents import compute_worker
+from cipherface.crypto.ckks import hold_fills
 
 
 def _spoil(mode: str, reply: bytes, conn: Any) -> bytes:
@@ -52,19 +53,19 @@ def _first_ever() -> bool:
 
 def main(conn: Any, hold: Any = None) -> None:
     """A worker process's entry point (see the module docstring; ``hold`` as in
-    :func:`cipherface.agents.compute.worker_main`)."""
+    :func:`cipherface.agents.compute_worker.worker_main`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hold is not None:
-        compute.hold_fills(lambda: hold.value > 0)
+        hold_fills(lambda: hold.value > 0)
     mode = os.environ.get("CF_FAULTY_WORKER", "")
     keys: collections.OrderedDict[str, Any] = collections.OrderedDict()
-    conn.send_bytes(compute._READY)
+    conn.send_bytes(compute_worker.READY)
     while True:
         try:
             frame = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        reply = compute._answer(frame, keys)
+        reply = compute_worker.answer(frame, keys)
         if _first_ever():
             reply = _spoil(mode, reply, conn)
         conn.send_bytes(reply)
