@@ -13,11 +13,12 @@ written in the transaction of its change (:mod:`cipherface.store.replies`).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgpack
 
@@ -61,6 +62,18 @@ CREATE SEQUENCE IF NOT EXISTS cf_keys_seq;
 CREATE TABLE IF NOT EXISTS cf_keys (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, public_key BYTEA NOT NULL, seq BIGINT NOT NULL);
 """
+#: libpq settings of every connection, unless its URL sets them: a database host that
+#: vanishes (power, network: no FIN, no RST) fails the statement in flight within
+#: about 20 s and an idle connection within about 25 s, as ``storage_error``, instead
+#: of holding the worker's galleries for the kernel's 15 minutes of retransmissions.
+CONNECT_DEFAULTS: Final = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+}
 _LIVE_KEY = "NOT EXISTS (SELECT 1 FROM cf_retired r WHERE r.name = k.name)"
 # Each reply's row check and the gallery (gid) whose commit stored it: a reply whose
 # gallery is gone (retired, or lost and imported again under a new gid) answers nothing.
@@ -68,6 +81,20 @@ _REPLY_COLUMNS = (
     "ALTER TABLE cf_replies ADD COLUMN IF NOT EXISTS gid BIGINT",
     "ALTER TABLE cf_replies ADD COLUMN IF NOT EXISTS chk BIGINT",
     "CREATE INDEX IF NOT EXISTS cf_replies_gid ON cf_replies (gid)",
+)
+#: The relations :data:`_SCHEMA` and :data:`_REPLY_COLUMNS` make, and the columns the
+#: latter add, to tell whether they must run (see :func:`_schema_ready`).
+_OBJECTS: Final = tuple(
+    re.findall(r"(?:TABLE|INDEX|SEQUENCE) IF NOT EXISTS (\w+)", _SCHEMA + ";".join(_REPLY_COLUMNS))
+)
+_REPLY_ADDED: Final = tuple(re.findall(r"ADD COLUMN IF NOT EXISTS (\w+)", ";".join(_REPLY_COLUMNS)))
+_SCHEMA_READY = (
+    "SELECT (SELECT count(*) FROM pg_class c WHERE c.relname = ANY(%s) "
+    "AND c.relnamespace = current_schema()::regnamespace) = %s "
+    "AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = to_regclass('cf_replies') "
+    "AND a.attname = ANY(%s) AND NOT a.attisdropped) = %s "
+    "AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass('cf_blocks') "
+    "AND a.attname = 'data' AND a.attstorage = 'e')"
 )
 #: Commits kept in ``cf_commits``: an anchor lagging further behind is checked by seq only.
 COMMIT_HISTORY = 100_000
@@ -130,11 +157,14 @@ class _Shared:
             if got is not None and not got[0].closed:
                 return got
             pg = _psycopg()
-            conn = pg.connect(dsn, autocommit=True)
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(7305716)")  # one schema creator
-                conn.execute(_SCHEMA)
-                _check_old_replies(conn)
+            given = pg.conninfo.conninfo_to_dict(dsn)
+            extra = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+            conn = pg.connect(dsn, autocommit=True, **extra)
+            if not _schema_ready(conn):
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(7305716)")  # one schema creator
+                    conn.execute(_SCHEMA)
+                    _check_old_replies(conn)
             got = (conn, threading.RLock())
             cls._conns[dsn] = got
             return got
@@ -155,6 +185,19 @@ class _Shared:
             conns, cls._conns = list(cls._conns.values()), {}
         for conn, _ in conns:
             conn.close()
+
+
+def _schema_ready(conn: Any) -> bool:
+    """Whether every object of :data:`_SCHEMA` exists already (a catalog read, no lock).
+
+    The DDL is not free to run again: ``ALTER TABLE ... SET STORAGE`` waits for every
+    open reader of ``cf_blocks`` (a ``pg_dump`` holds one for the whole backup), and
+    every other worker's block read then queues behind it -- one worker reconnecting
+    during a backup froze the fleet until the backup ended.
+    """
+    args = (list(_OBJECTS), len(_OBJECTS), list(_REPLY_ADDED), len(_REPLY_ADDED))
+    got = conn.execute(_SCHEMA_READY, args).fetchone()
+    return bool(got and got[0])
 
 
 class PostgresEngine(Engine):
