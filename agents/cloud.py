@@ -549,6 +549,7 @@ class CloudAgent:
         if share_group is not None:
             validate_id(share_group, what="share group")
         self.share_group = share_group
+        self._group = share_group  # as configured (share_group is None after a fallback)
         self.share_check_s = share_check_s
         #: True once the start-up self-test found that the broker drops ``$share``
         #: subscriptions and the agent fell back to plain ones.
@@ -662,18 +663,28 @@ class CloudAgent:
 
     def filters(self) -> list[str]:
         """The subscription filters this agent uses."""
+        return self._filters(self.share_group)
+
+    def _filters(self, group: str | None) -> list[str]:
         if self.sites is None:
             bases = [REQUEST_FILTER]
         else:
             bases = [REQUEST_FILTER.replace("/+/req/", f"/{s}/req/", 1) for s in self.sites]
-        if self.share_group is None:
+        if group is None:
             return bases
         if self.sites is None:
-            return [cloud_request_filter(self.share_group)]
-        return [f"$share/{self.share_group}/{b}" for b in bases]
+            return [cloud_request_filter(group)]
+        return [f"$share/{group}/{b}" for b in bases]
 
     def _on_connected(self, conn: Connection, session_present: bool) -> None:
         conn.subscribe([(f, 1) for f in self.filters()], no_retained=True)
+        # A persistent session keeps the subscriptions of earlier runs: one made in the
+        # other mode (plain after --no-share or a fallback, or shared) would deal this
+        # worker every request, or a share of them, on top of what it asks for now.
+        other = None if self.share_group is not None else (self._group or CLOUD_SHARE_GROUP)
+        stale = [f for f in self._filters(other) if f not in self.filters()]
+        if stale:
+            conn.unsubscribe(stale)
         if self._owner.watching:
             # Back after a loss: the retained status says whether another process
             # took our id meanwhile; announce only if not (agents/owner.py).
