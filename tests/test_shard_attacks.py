@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -490,5 +491,60 @@ def test_a_rebalance_killed_midway_loses_nobody_and_brings_nobody_back(
             if change == "add" and n == changed:
                 continue
             assert holders.get(n) == [owner(n, new)], (n, holders.get(n))
+    finally:
+        cloud.stop(retire=True)
+
+
+@pytest.fixture(autouse=True)
+def _faults_only_when_asked(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("faults") and "faults" not in str(
+        request.config.getoption("markexpr", "")
+    ):
+        pytest.skip("long fault run: pytest -m faults tests/test_shard_attacks.py")
+
+
+@pytest.mark.faults
+def test_rebalances_killed_at_random_moments_long(broker: Any, tmp_path: Path) -> None:
+    """Six rebalances from 3 to 4 shards, each killed (-9) at a random moment (the
+    last one runs to its end): after every kill each sampled identity is identified
+    by name over the old and new shards (an edge on the old list alone no longer sees
+    those already moved: switch gateways first, docs/deployment.md 6c), and in the end
+    every identity sits on exactly its own shard (``pytest -m faults``)."""
+    keys = tmp_path / "keys"
+    sites.generate_key_dir(keys, dim=DIM)
+    cipher = sites.load_edge_cipher(keys)
+    guard = load_guard(keys, cipher)
+    assert guard is not None
+    site = f"k{secrets.token_hex(4)}"
+    four = shard_sites(site, 4)
+    old, new = four[:3], four
+    off = QuotaPolicy(identify_per_hour=0, verify_per_identity_per_hour=0)
+    cloud = CloudAgent(broker=BrokerConfig(url=broker.url), data_dir=tmp_path / "cloud",
+                       agent_id=f"cloud-{secrets.token_hex(4)}", sites=four,
+                       share_group=f"g{secrets.token_hex(4)}", quotas=off)  # fmt: skip
+    cloud.start()
+    people = unit(np.random.default_rng(43), 30)
+    names = [f"r{i:02d}" for i in range(30)]
+    dep = Deployment(cloud, BrokerConfig(url=broker.url), cipher, guard, keys, old, "",  # type: ignore[arg-type]
+                     names, people, b"")  # fmt: skip
+    kw: dict[str, Any] = {"broker": dep.cfg, "cipher": cipher, "guard": guard, "timeout": 20.0}
+    rng = np.random.default_rng(44)
+    try:
+        with ShardedEdge(shards=old, gateway="setup", **kw) as edge:
+            edge.publish_key()
+            assert edge.enroll_bulk(names, people) == 30
+        for round_ in range(6):
+            proc = _rebalance(dep, tmp_path, old, new, "none")
+            if round_ < 5:
+                time.sleep(float(rng.uniform(0.5, 6.0)))
+                proc.kill()
+            proc.wait(300)
+            with ShardedEdge(shards=new, gateway=f"check{round_}", **kw) as check:  # old + 1
+                for i in rng.choice(30, 6, replace=False):
+                    got = check.identify(people[i])
+                    assert not got.partial and got.identity == names[i], (round_, i, got)
+        with ShardedEdge(shards=new, gateway="final", **kw) as final:
+            holders = _holders(final, four)
+        assert all(holders.get(n) == [owner(n, new)] for n in names), holders
     finally:
         cloud.stop(retire=True)
