@@ -61,7 +61,7 @@ RETIRED_DIR = "retired"
 
 
 class KeyRegistry(Protocol):
-    """What the handlers need of the cloud agent's key registry (``_SiteKeys``)."""
+    """What the handlers need of the cloud agent's key registry (``SiteKeys``)."""
 
     root: Path
     store: str

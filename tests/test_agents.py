@@ -860,9 +860,9 @@ def test_refused_publishes_are_remembered_not_counted_as_delivered(broker: Any) 
 
 
 def test_cloud_keeps_a_bounded_number_of_galleries_open(tmp_path: Path) -> None:
-    from cipherface.agents.cloud import _SiteKeys
+    from cipherface.agents.site_keys import SiteKeys
 
-    keys = _SiteKeys(tmp_path, max_open=2)
+    keys = SiteKeys(tmp_path, max_open=2)
     made = []
     for i in range(3):
         d = tmp_path / f"k{i}"

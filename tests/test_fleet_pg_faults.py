@@ -246,56 +246,59 @@ def _run(fleet: Fleet, cipher: EdgeCipher, fault: str, *, size: int, rounds: int
         print(fault, {g: sorted(set(w.errors)) for g, w in writers.items()}, cut[:20])
 
 
-@pytest.mark.xfail(strict=True, reason="open (reported): a write answered with a retryable "
-                   "error still runs when the broker redelivers it before its exp")  # fmt: skip
-def test_a_write_refused_as_retryable_does_not_run_after_a_later_delete(
-    tmp_path: Path, cipher: EdgeCipher
+def test_a_write_refused_as_retryable_is_acknowledged_before_its_error_is_sent(
+    broker: Any, tmp_path: Path, cipher: EdgeCipher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Worker A answers a re-enroll of X with ``storage_error`` (the database is down)
-    and dies before acknowledging it; the gateway, told it failed, deletes X through
-    worker B (acknowledged). The broker then redelivers the re-enroll to A's successor
-    within its ``exp``: it runs, and the deleted X is back."""
+    """Worker A answers a re-enroll of X with ``storage_error`` (the database is down).
+    Had A acknowledged it only after publishing the error and died in between, the
+    broker would redeliver a write the gateway was told had failed, and it could run
+    after the gateway deleted X (a deleted identity back). So a refused write is
+    acknowledged *first*: a death in between loses only the error reply (a timeout at
+    the gateway, which retries or gives up). A write that succeeds keeps the opposite
+    order (its reply is published before the request is acknowledged). Real agent,
+    real Mosquitto, a private PostgreSQL; the connection's own ``ack``/``publish`` are
+    wrapped to record their order."""
+    from cipherface.agents import mqtt
     from cipherface.agents.cloud import CloudAgent
-    from cipherface.protocol import (
-        Delete,
-        Enroll,
-        KeyPublish,
-        Result,
-        decode,
-        encode,
-        request_topic,
-    )
-    from cipherface.protocol import Error as ErrorReply
 
-    def ask(agent: CloudAgent, msg: Any) -> Any:
-        [out] = agent.handle(request_topic(msg.site, msg.gw, msg.TYPE), encode(msg))
-        return decode(out.payload)
+    events: list[tuple[str, str]] = []
+    real_ack, real_publish = mqtt.Connection.ack, mqtt.Connection.publish
 
+    def ack(self: Any, mid: int, qos: int) -> None:
+        events.append(("ack", str(mid)))
+        real_ack(self, mid, qos)
+
+    def publish(self: Any, topic: str, *args: Any, **kw: Any) -> Any:
+        events.append(("publish", topic))
+        return real_publish(self, topic, *args, **kw)
+
+    monkeypatch.setattr(mqtt.Connection, "ack", ack)
+    monkeypatch.setattr(mqtt.Connection, "publish", publish)
     people = unit(np.random.default_rng(71), 2)
+    site = f"s{secrets.token_hex(3)}"
     with LoopbackPostgres() as pg:
         pg.sql("CREATE DATABASE w")
-        store = pg.url("w")
-        a = CloudAgent(broker=BrokerConfig(), data_dir=tmp_path / "a", store=store)
-        b = CloudAgent(broker=BrokerConfig(), data_dir=tmp_path / "b", store=store)
-        site, kid = "s1", cipher.key_id
-        key = KeyPublish(site=site, gw="g", kid=kid, scheme="ckks",
-                         public_key=cipher.public_key_bytes())  # fmt: skip
-        assert isinstance(ask(a, key), Result)
-        first = Enroll(site=site, gw="g", kid=kid, ids=("x",),
-                       payload=cipher.encrypt_templates(people[0][None, :]))  # fmt: skip
-        assert isinstance(ask(a, first), Result)
-        again = Enroll(site=site, gw="g", kid=kid, ids=("x",),
-                       payload=cipher.encrypt_templates(people[1][None, :]))  # fmt: skip
-        pg.stop()
-        refused = ask(a, again)
-        assert isinstance(refused, ErrorReply) and refused.retry  # the gateway gives up
-        pg.start()
-        a.keys.close()  # A dies (-9) before acknowledging: the broker will redeliver
-        gone = ask(b, Delete(site=site, gw="g", kid=kid, ids=("x",)))
-        assert isinstance(gone, Result) and gone.deleted == 1  # acknowledged
-        successor = CloudAgent(broker=BrokerConfig(), data_dir=tmp_path / "a2", store=store)
-        ask(successor, again)  # the redelivered copy, well within its exp
-        live = [i for i in b.keys.gallery(site, kid).ids() if i is not None]
-        for agent in (b, successor):
-            agent.keys.close()
-        assert live == [], f"deleted and acknowledged, yet back: {live}"
+        agent = CloudAgent(broker=BrokerConfig(url=broker.url), data_dir=tmp_path / "a",
+                           store=pg.url("w"), sites=[site], share_check_s=0,
+                           agent_id=f"a{secrets.token_hex(3)}")  # fmt: skip
+        agent.start()
+        edge = EdgeClient(broker=BrokerConfig(url=broker.url), cipher=cipher, site=site,
+                          gateway="g", timeout=10.0, retries=0)  # fmt: skip
+        edge.start()
+        try:
+            edge.publish_key()
+            edge.enroll("x", embeddings=people[0])
+            agent.wait_idle(5.0)
+            ok = [e for e in events if e[0] == "ack" or "/res/" in e[1] or "/err/" in e[1]]
+            assert ok[-2][0] == "publish" and ok[-1][0] == "ack", ok  # success: reply, then ack
+            events.clear()
+            pg.stop()
+            with pytest.raises(PeerReportedError) as refused:
+                edge.enroll("x", embeddings=people[1])
+            assert refused.value.retry, refused.value
+            agent.wait_idle(5.0)
+            seen = [e for e in events if e[0] == "ack" or "/err/" in e[1]]
+            assert [e[0] for e in seen[:2]] == ["ack", "publish"], seen  # refused: ack first
+        finally:
+            edge.close()
+            agent.stop(retire=True)
