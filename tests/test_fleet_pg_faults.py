@@ -155,7 +155,13 @@ def _faults_only_when_asked(request: pytest.FixtureRequest) -> None:
         pytest.skip("long fault run: pytest -m faults tests/test_fleet_pg_faults.py")
 
 
-@pytest.mark.parametrize("fault", FAULTS)
+# The default suite runs two faults (mid-commit cuts and a killed worker, ~30 s each
+# here); the control and the restarts run with the long variant (``pytest -m faults``).
+@pytest.mark.parametrize(
+    "fault",
+    [f if f in ("terminate", "worker-kill") else pytest.param(f, marks=pytest.mark.faults)
+     for f in FAULTS],
+)  # fmt: skip
 def test_concurrent_writes_through_two_workers_survive_database_and_worker_faults(
     fleet: Fleet, cipher: EdgeCipher, fault: str
 ) -> None:

@@ -423,7 +423,11 @@ def _holders(edge: ShardedEdge, shards: list[str]) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize(
     ("change", "pause"),
-    [("add", "delete1"), ("remove", "enroll_bulk2"), ("remove", "delete1")],
+    [  # one in the default suite (~20 s each); the others with ``pytest -m faults``
+        pytest.param("add", "delete1", marks=pytest.mark.faults),
+        ("remove", "enroll_bulk2"),
+        pytest.param("remove", "delete1", marks=pytest.mark.faults),
+    ],
 )
 def test_a_rebalance_killed_midway_loses_nobody_and_brings_nobody_back(
     broker: Any, tmp_path: Path, change: str, pause: str
