@@ -257,6 +257,28 @@ def postgres_bin() -> Path | None:
     return max(found, key=lambda p: int(p.parent.name)) if found else None
 
 
+def as_user(user: str) -> list[str]:
+    """``setpriv`` prefix running a command as OS ``user`` (it execs: signals reach it)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+
+
+def initdb(bin_dir: Path, directory: Path, user: str) -> Path:
+    """A new cluster in ``directory/data``, owned and initialised by OS ``user``; its path."""
+    shutil.chown(directory, user)
+    data = directory / "data"
+    subprocess.run([*as_user(user), str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=reject", "--no-sync", "--no-instructions"],
+                   capture_output=True, check=True, timeout=120, cwd=directory)  # fmt: skip
+    return data
+
+
+def log_tail(directory: Path, lines: int = 15) -> str:
+    """The end of ``directory/server.log`` on one line (for error messages)."""
+    path = directory / "server.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+
 class PrivatePostgres:
     """A throw-away PostgreSQL server on one host of a :class:`Lan`.
 
@@ -289,13 +311,7 @@ class PrivatePostgres:
     def start(self, *, timeout: float = 60.0) -> None:
         """Initialise the cluster and start the server; returns once it accepts logins."""
         assert self.bin is not None
-        shutil.chown(self.dir, self.user)
-        data = self.dir / "data"
-        # setpriv execs (no child in between): our signals reach the server itself.
-        as_user = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups"]
-        subprocess.run([*as_user, str(self.bin / "initdb"), "-D", str(data), "-U", "postgres",
-                        "--auth=reject", "--no-sync", "--no-instructions"],
-                       capture_output=True, check=True, timeout=120, cwd=self.dir)  # fmt: skip
+        data = initdb(self.bin, self.dir, self.user)
         hba = data / "pg_hba.conf"
         hba.write_text(f"host all postgres {self.host.lan.prefix} trust\n")
         log = (self.dir / "server.log").open("ab")
@@ -308,8 +324,8 @@ class PrivatePostgres:
             }
             options = [arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")]
             self._proc = self.host.popen(
-                [*as_user, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
-                 *options],
+                [*as_user(self.user), str(self.bin / "postgres"), "-D", str(data),
+                 "-p", str(self.port), *options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 cwd=self.dir,
             )  # fmt: skip
@@ -328,9 +344,7 @@ class PrivatePostgres:
 
     def log_tail(self, lines: int = 15) -> str:
         """The end of the server's log (for error messages)."""
-        path = self.dir / "server.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+        return log_tail(self.dir, lines)
 
     def close(self) -> None:
         """Stop the server (fast shutdown, then SIGKILL) and remove its directory."""
@@ -361,4 +375,14 @@ class PrivatePostgres:
         self.close()
 
 
-__all__ = ["PG_GLOB", "Host", "Lan", "PrivatePostgres", "postgres_bin", "unavailable"]
+__all__ = [
+    "PG_GLOB",
+    "Host",
+    "Lan",
+    "PrivatePostgres",
+    "as_user",
+    "initdb",
+    "log_tail",
+    "postgres_bin",
+    "unavailable",
+]

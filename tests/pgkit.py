@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from cipherface.agents.broker import free_port
-from cipherface.testing.netns import postgres_bin
+from cipherface.testing.netns import as_user, initdb, log_tail, postgres_bin
 
 
 class LoopbackPostgres:
@@ -39,13 +39,9 @@ class LoopbackPostgres:
         self.user = user
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cf-pg-"))
-        shutil.chown(self.dir, user)
-        self.data = self.dir / "data"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
-        subprocess.run([*self._as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U",
-                        "postgres", "--auth=reject", "--no-sync", "--no-instructions"],
-                       capture_output=True, check=True, timeout=120, cwd=self.dir)  # fmt: skip
+        self._as_user = as_user(user)
+        self.data = initdb(self.bin, self.dir, user)
         (self.data / "pg_hba.conf").write_text("host all postgres 127.0.0.1/32 trust\n")
 
     def url(self, database: str = "postgres") -> str:
@@ -119,9 +115,7 @@ class LoopbackPostgres:
             return cur.fetchall() if cur.description else []
 
     def log_tail(self, lines: int = 15) -> str:
-        path = self.dir / "server.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+        return log_tail(self.dir, lines)
 
     def close(self) -> None:
         self.stop()
